@@ -1,0 +1,327 @@
+"""Put an adapter on a UNet, train it, save it, load it, merge it.
+
+One API for every method: SingLoRA goes in through the attention-processor hook
+(`SingLoRAAttnProcessor`); the LoRA, LoRA+ and DoRA baselines go in through PEFT on the same
+projections. The saved adapter is `adapter_model.safetensors` + `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import SingLoRAConfig
+from .errors import UserError
+from .fileio import atomic_path, write_json_atomic
+from .processor import SingLoRAAttnProcessor
+from .singlora import ramp
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "dreambooth-singlora"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PEFT_NAME = "default"
+
+
+# --------------------------------------------------------------------------- placing
+
+def attention_modules(unet):
+    """(path, Attention) for every attention layer of the UNet, in module order."""
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in unet.named_modules() if isinstance(m, Attention)]
+
+
+def get_config(unet) -> SingLoRAConfig | None:
+    """The config of the adapter on `unet`, or None."""
+    return getattr(unet, "_dbsl_config", None)
+
+
+def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> None:
+    """Freeze `unet` and place the adapter `config` describes on its attention projections.
+
+    method "singlora": a `SingLoRAAttnProcessor` on every attention layer (self- and cross-);
+    "lora" / "loraplus" / "dora": PEFT LoRA (DoRA) layers on the same projections.
+    """
+    if get_config(unet) is not None:
+        raise UserError(f"this UNet already has a {get_config(unet).method} adapter; "
+                        "call remove_adapter(unet) first or start from a fresh UNet")
+    if getattr(unet, "peft_config", None):
+        raise UserError("this UNet already has PEFT adapters; start from a fresh UNet")
+    unet.requires_grad_(False)
+    attns = attention_modules(unet)
+    if not attns:
+        raise UserError(f"{type(unet).__name__} has no diffusers Attention layers to adapt")
+    if config.method == "singlora":
+        unet._dbsl_original_processors = {name: a.processor for name, a in attns}
+        ref = next(unet.parameters())
+        for _, attn in attns:
+            proc = SingLoRAAttnProcessor(attn, config.rank, config.alpha, config.init,
+                                         config.target_modules, use_xformers)
+            attn.set_processor(proc.to(device=ref.device))  # A stays fp32 whatever the UNet's dtype
+    else:
+        from peft import LoraConfig
+
+        # init "gaussian" as diffusers' DreamBooth LoRA script; B = 0 so the start is the base model
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.target_modules),
+                                    use_dora=config.method == "dora"), adapter_name=_PEFT_NAME)
+        for p in trainable_parameters(unet):
+            p.data = p.data.float()
+    unet._dbsl_config = config
+    set_step(unet, 0)
+
+
+add_singlora = add_adapter  # the name the paper's readers look for; every method goes through it
+
+
+def remove_adapter(unet) -> None:
+    """Take the adapter off again: stock processors / plain Linear layers, no adapter config."""
+    config = get_config(unet)
+    if config is None:
+        return
+    if config.method == "singlora":
+        for name, attn in attention_modules(unet):
+            attn.set_processor(unet._dbsl_original_processors[name])
+        del unet._dbsl_original_processors
+    else:
+        unet.unload_lora()
+    del unet._dbsl_config
+
+
+def singlora_layers(unet):
+    """(attention path, target, SingLoRA module) for every SingLoRA term on `unet`."""
+    out = []
+    for name, attn in attention_modules(unet):
+        proc = attn.processor
+        if isinstance(proc, SingLoRAAttnProcessor):
+            out += [(name, t, proc.adapters[t.replace(".", "_")]) for t in proc.targets]
+    return out
+
+
+def trainable_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def set_step(unet, step: int) -> float:
+    """Set the SingLoRA ramp from the optimizer step count; returns u. No-op (u = 1) for baselines."""
+    config = get_config(unet)
+    u = ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0
+    if _is_merged(unet) and u != unet._dbsl_u:
+        raise RuntimeError("the adapter is merged into the weights: unmerge_adapter(unet) before "
+                           "changing the ramp step")
+    for _, _, layer in singlora_layers(unet):
+        layer.set_ramp(u)
+    unet._dbsl_step, unet._dbsl_u = step, u
+    return u
+
+
+def set_use_xformers(unet, enabled: bool) -> None:
+    """Switch the SingLoRA processors between SDPA and xformers attention."""
+    for _, attn in attention_modules(unet):
+        if isinstance(attn.processor, SingLoRAAttnProcessor):
+            attn.processor.use_xformers = enabled
+
+
+# --------------------------------------------------------------------------- state
+
+def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter's trainable tensors under architecture-level names (no processor/PEFT internals)."""
+    config = get_config(unet)
+    if config is None:
+        raise UserError("this UNet has no adapter")
+    if config.method == "singlora":
+        return {f"{path}.{target}.A": layer.A for path, target, layer in singlora_layers(unet)}
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet, adapter_name=_PEFT_NAME)
+
+
+def load_adapter_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the adapter on `unet`, after checking every key and shape fits."""
+    own = adapter_state_dict(unet)
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"it lacks {missing[0]}" if missing else f"it has {extra[0]}, which this UNet lacks"
+        raise UserError(f"adapter does not fit this UNet ({len(missing)} missing, {len(extra)} unexpected "
+                        f"tensors; {what}): it was trained for another architecture or target_modules")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"adapter does not fit this UNet: {k} is {tuple(v.shape)}, this UNet needs "
+                            f"{tuple(own[k].shape)} (trained on another base model?)")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict | None = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json to `output_dir`, each atomically.
+
+    The config records method, rank, alpha, init, ramp, the step and u it ended at (so that
+    generation is exact), targets, base model and tool version; it is also stored in the
+    safetensors metadata, so the weights file alone is self-describing.
+    """
+    config = get_config(unet)
+    if config is None:
+        raise UserError("this UNet has no adapter to save")
+    if _is_merged(unet):
+        raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
+    step = getattr(unet, "_dbsl_step", 0)
+    meta = {"format": FORMAT, "version": __version__, **config.to_dict(), "step": step,
+            "u": ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0,
+            "base_model": base_model, **(extra or {})}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet).items()}
+    out = Path(output_dir)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", FORMAT: json.dumps(meta)})
+    write_json_atomic(out / CONFIG_NAME, meta)
+    return out
+
+
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter folder (or its .safetensors file): (config dict, tensors).
+
+    Raises UserError, naming the problem, for a missing folder or config, a pickle file, a file
+    that is not a dreambooth-singlora adapter, and corrupt or truncated files.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"refusing to load {path}: pickle files can run code; "
+                        f"give the folder with {WEIGHTS_NAME} instead")
+    folder = path.parent if path.suffix == ".safetensors" else path
+    weights = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise UserError(f"adapter folder {folder} does not exist (expected a folder with {WEIGHTS_NAME} "
+                        f"and {CONFIG_NAME})")
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        hint = (f"; found pickle file(s) {', '.join(pickles)}, which are never loaded (they can run code)"
+                if pickles else "")
+        raise UserError(f"{folder} has no {weights.name}{hint}")
+    cfg_file = folder / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise UserError(f"{folder} has no {CONFIG_NAME}: without it the adapter's method, rank and ramp are unknown")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{cfg_file} is not a {FORMAT} adapter config (a standard LoRA? load those with "
+                        "pipe.load_lora_weights)")
+    try:
+        tensors = load_file(str(weights))
+        with safetensors.safe_open(str(weights), "pt") as f:
+            file_meta = json.loads((f.metadata() or {}).get(FORMAT, "{}"))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise UserError(f"{weights} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    for key in ("method", "rank", "target_modules"):
+        if file_meta and file_meta.get(key) != meta.get(key):
+            raise UserError(f"{cfg_file} and {weights.name} disagree on {key} ({meta.get(key)!r} vs "
+                            f"{file_meta.get(key)!r}); the folder mixes two adapters")
+    if file_meta:  # the weights file is the commit point of a save: its step and u win
+        meta.update({k: file_meta[k] for k in ("step", "u") if k in file_meta})
+    return meta, tensors
+
+
+def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
+    """Place the adapter saved at `path` on a UNet without one; on any error the UNet is unchanged."""
+    meta, tensors = read_adapter(path)
+    try:
+        config = SingLoRAConfig.from_dict(meta)
+    except (UserError, TypeError) as e:
+        raise UserError(f"bad adapter config in {path}: {e}") from None
+    add_adapter(unet, config, use_xformers=use_xformers)
+    try:
+        load_adapter_state_dict(unet, tensors)
+        set_step(unet, int(meta.get("step", 0)))
+    except BaseException:
+        remove_adapter(unet)
+        raise
+    for p in trainable_parameters(unet):
+        p.requires_grad_(False)  # loaded for inference; the trainer resumes from its checkpoints
+    return config
+
+
+# --------------------------------------------------------------------------- merging
+
+def _is_merged(unet) -> bool:
+    return bool(getattr(unet, "_dbsl_merged", False))
+
+
+def merge_adapter(unet, *, safe: bool = True) -> None:
+    """Fold the adapter into the base weights, so inference costs what the base model costs.
+
+    safe=True computes the merged weights first and refuses (UserError, nothing changed)
+    if any is non-finite. Merging a merged UNet is a no-op with a warning.
+    """
+    config = get_config(unet)
+    if config is None:
+        raise UserError("this UNet has no adapter to merge")
+    if _is_merged(unet):
+        logger.warning("adapter already merged; nothing to do")
+        return
+    if config.method != "singlora":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        if safe:  # PEFT's safe_merge raises per layer; check all first so nothing changes on failure
+            for m in layers:
+                for name in m.active_adapters:
+                    w = m.get_base_layer().weight.float() + m.get_delta_weight(name).float()
+                    if not torch.isfinite(w).all():
+                        raise UserError("merge refused: the adapter gives non-finite weights; nothing changed")
+        for m in layers:
+            m.merge()
+    else:
+        merged = []
+        for path, target, layer in singlora_layers(unet):
+            weight = unet.get_submodule(path).get_submodule(target).weight
+            merged.append((weight, (weight.float() + layer.delta_weight()).to(weight.dtype)))
+            if safe and not torch.isfinite(merged[-1][1]).all():
+                raise UserError(f"merge refused: {path}.{target} would get non-finite weights; nothing changed")
+        with torch.no_grad():
+            for weight, new in merged:
+                weight.copy_(new)
+        for _, attn in attention_modules(unet):
+            attn.processor.merged = True
+    unet._dbsl_merged = True
+
+
+def unmerge_adapter(unet) -> None:
+    """Undo merge_adapter (exact up to the base weights' dtype rounding). Unmerged: no-op with a warning."""
+    config = get_config(unet)
+    if config is None or not _is_merged(unet):
+        logger.warning("adapter not merged; nothing to do")
+        return
+    if config.method != "singlora":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in unet.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.unmerge()
+    else:
+        with torch.no_grad():
+            for path, target, layer in singlora_layers(unet):
+                weight = unet.get_submodule(path).get_submodule(target).weight
+                weight.copy_((weight.float() - layer.delta_weight()).to(weight.dtype))
+        for _, attn in attention_modules(unet):
+            attn.processor.merged = False
+    unet._dbsl_merged = False
+
+
+def count_parameters(unet) -> int:
+    return sum(p.numel() for p in trainable_parameters(unet))
+
+
+def describe(config: SingLoRAConfig) -> str:
+    scale = config.alpha / config.rank
+    return f"{config.method} r={config.rank} alpha={config.alpha:g} (scale {scale:g}) on {', '.join(config.target_modules)}"

@@ -1,0 +1,87 @@
+"""The DreamBooth benchmark's subjects and prompts, read from the data files in prompts/.
+
+prompts/subjects.csv   subject,class,kind (kind: object | live), the 30 DreamBooth subjects
+prompts/object.txt     25 evaluation prompts for objects, "{}" where "sks <class>" goes
+prompts/live.txt       25 evaluation prompts for live subjects (dogs and cats)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import UserError
+
+IDENTIFIER = "sks"
+
+
+def prompts_dir() -> Path:
+    """prompts/ beside the package (or $DREAMBOOTH_SINGLORA_PROMPTS)."""
+    return Path(os.environ.get("DREAMBOOTH_SINGLORA_PROMPTS", Path(__file__).resolve().parents[1] / "prompts"))
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_name: str
+    live: bool
+
+    @property
+    def kind(self) -> str:
+        return "live" if self.live else "object"
+
+    def instance_prompt(self, identifier: str = IDENTIFIER) -> str:
+        return f"a photo of {identifier} {self.class_name}"
+
+    def class_prompt(self) -> str:
+        return f"a photo of {self.class_name}"
+
+    def eval_prompts(self, identifier: str = IDENTIFIER) -> list[str]:
+        """The 25 DreamBooth evaluation prompts for this subject, "sks <class>" filled in."""
+        return [t.format(f"{identifier} {self.class_name}") for t in prompt_templates(self.kind)]
+
+
+@lru_cache(maxsize=None)
+def _read_subjects(folder: str) -> dict[str, Subject]:
+    with open(Path(folder) / "subjects.csv", newline="", encoding="utf-8") as f:
+        return {r["subject"]: Subject(r["subject"], r["class"], r["kind"] == "live") for r in csv.DictReader(f)}
+
+
+def subjects() -> dict[str, Subject]:
+    """All 30 subjects, by name, in the table's order."""
+    return _read_subjects(str(prompts_dir()))
+
+
+def get_subject(name: str) -> Subject:
+    table = subjects()
+    if name not in table:
+        raise UserError(f"unknown subject {name!r}; valid: {', '.join(table)}")
+    return table[name]
+
+
+@lru_cache(maxsize=None)
+def _read_templates(path: str) -> tuple[str, ...]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return tuple(line for line in lines if line.strip())
+
+
+def prompt_templates(kind: str) -> list[str]:
+    """The 25 templates ("a {} in the jungle") for kind 'object' or 'live'."""
+    if kind not in ("object", "live"):
+        raise UserError(f"unknown prompt kind {kind!r}; valid: object, live")
+    return list(_read_templates(str(prompts_dir() / f"{kind}.txt")))
+
+
+def strip_identifier(prompt: str, identifier: str = IDENTIFIER) -> str:
+    """'a sks backpack in the jungle' -> 'a backpack in the jungle' (the CLIP-T text by default)."""
+    return " ".join(w for w in prompt.split() if w != identifier)
+
+
+def slugify(text: str, max_len: int = 80) -> str:
+    """A file-name-safe slug: lowercase ASCII letters, digits and '-', never a path."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "prompt"

@@ -1,0 +1,106 @@
+"""Tiny random-weight Stable Diffusion pipelines, built and saved locally.
+
+No model hub is reachable here, so tests, demos and GPU benchmarks build the models they need:
+- `build_tiny_pipeline(dir)`: a few-MB SD-1.5-shaped pipeline (UNet, VAE, CLIP text encoder,
+  the real CLIP tokenizer, SD1.5's scheduler) saved in diffusers layout, loaded back through
+  the same `from_pretrained` path users take with real weights.
+- `sd15_unet(device)`: the full SD1.5 UNet architecture (859,520,964 parameters), random weights.
+The tokenizer is real: its vocabulary ships inside open_clip (bpe_simple_vocab_16e6.txt.gz) and
+vocab.json / merges.txt are derived from it exactly as CLIP's SimpleTokenizer builds its own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+# SD1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), less the defaults.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+# SD1.5's scheduler config (scheduler/scheduler_config.json).
+SD15_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+)
+# cross_attention_dim 48 between the block widths 32 and 64: the tiny UNet's cross-attention keys
+# go 48 -> 32 (d_in > d_out) and 48 -> 64 (d_in < d_out), self-attention is square: all three cases.
+TINY_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=48, attention_head_dim=8, norm_num_groups=8,
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable-unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer(out_dir) -> Path:
+    """Write vocab.json, merges.txt and the tokenizer configs of OpenAI CLIP's tokenizer (49,408 tokens)."""
+    from open_clip.tokenizer import default_bpe
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = merges[1:49152 - 256 - 2 + 1]  # as SimpleTokenizer
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+    return out
+
+
+def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
+    """Build and save a tiny random-weight SD-1.5-shaped pipeline in diffusers layout; returns its folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77, projection_dim=48, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_src")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
+
+
+def sd15_unet(device="cpu", dtype=torch.float32):
+    """SD1.5's UNet architecture with random weights (for speed and memory measurements)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype)
