@@ -1,0 +1,19 @@
+"""Subject-fidelity evaluation (DreamBooth protocol): DINO, CLIP-I, CLIP-T and the real-image bound.
+
+    from eval import load_encoders, score_folder, write_score_outputs, write_report
+    encoders = load_encoders(["clip", "dino"], checkpoints={"clip": ..., "dino": ...})
+    result = score_folder("out/images", "dataset", encoders)
+    write_score_outputs(result, "out/eval", name="singlora")
+
+The protocol is ../shared/EVAL_PROTOCOL.md; docs/EVAL.md says how to run it.
+"""
+
+from .encoders import Encoder, available_encoders, image_encoder, load_encoder, load_encoders, register_encoder
+from .report import load_results, write_bound, write_report, write_score_outputs
+from .score import ReferenceCache, real_image_bound, scan_images, score_folder
+
+__all__ = [
+    "Encoder", "ReferenceCache", "available_encoders", "image_encoder", "load_encoder", "load_encoders",
+    "load_results", "real_image_bound", "register_encoder", "scan_images", "score_folder", "write_bound",
+    "write_report", "write_score_outputs",
+]

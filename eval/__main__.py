@@ -1,0 +1,7 @@
+"""python -m eval: see eval/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

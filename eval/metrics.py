@@ -1,0 +1,112 @@
+"""The benchmark's numbers, in plain torch / Python (no models here).
+
+Similarity is the raw cosine of L2-normalised features: no x100, no logit scale, no clamp.
+    DINO(g) / CLIP-I(g) = mean over the subject's real images r of cos(e(g), e(r))
+    CLIP-T(g)           = cos(e_img(g), e_txt(prompt))
+Aggregation: per (subject, prompt) the mean of its images; per subject the mean of its images;
+per group (all / object / live) the mean of the subject means and their sample standard
+deviation (n - 1). With the protocol's complete 30 x 25 x 4 run, the overall mean of subject
+means equals the mean over all 3,000 images; `image_mean` records the latter too.
+Real-image bound: per subject the mean cosine over ordered pairs of distinct real images
+(i != j), then the same group aggregation over subjects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+GROUPS = ("all", "object", "live")
+STD_DDOF = 1
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, D), (M, D) -> (N, M) raw cosine similarities, computed in fp32."""
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    return a @ b.T
+
+
+def image_scores(generated: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(N, D) generated, (M, D) real -> (N,): each generation's mean cosine to the M real images."""
+    if real.shape[0] == 0:
+        raise ValueError("no real images to compare with")
+    return cosine(generated, real).mean(dim=1)
+
+
+def text_scores(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """(N, D) image features, (N, D) features of each image's prompt -> (N,) cosines, row by row."""
+    assert images.shape == texts.shape, (images.shape, texts.shape)
+    return (F.normalize(images.float(), dim=-1) * F.normalize(texts.float(), dim=-1)).sum(dim=-1)
+
+
+def real_pair_mean(real: torch.Tensor) -> Optional[float]:
+    """(M, D) real-image features of one subject -> mean cosine over pairs i != j (None if M < 2)."""
+    m = real.shape[0]
+    if m < 2:
+        return None
+    sim = cosine(real, real)  # (M, M)
+    return float((sim.sum() - sim.diagonal().sum()) / (m * (m - 1)))
+
+
+def mean_std(values: Sequence[float], ddof: int = STD_DDOF) -> tuple:
+    """(mean, standard deviation with `ddof`) of a list; None where undefined."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = math.fsum(values) / n
+    if n - ddof <= 0:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - ddof))
+
+
+def _mean(values: Iterable[float]) -> Optional[float]:
+    values = list(values)
+    return math.fsum(values) / len(values) if values else None
+
+
+def summarize_subjects(subject_values: Mapping[str, Mapping], kinds: Mapping[str, str],
+                       metrics: Sequence[str]) -> dict:
+    """Per-subject numbers -> {group: {metric: {mean, std, n_subjects, n_images, image_mean}}}.
+
+    subject_values[s] holds a value per metric (None = not measured) and optionally 'n_images'
+    (used for n_images and for image_mean, the image-weighted mean). kinds[s] is 'object'/'live'.
+    """
+    out = {}
+    for group in GROUPS:
+        members = [s for s in subject_values if group == "all" or kinds[s] == group]
+        out[group] = {}
+        for m in metrics:
+            have = [s for s in members if subject_values[s].get(m) is not None]
+            mean, std = mean_std([subject_values[s][m] for s in have])
+            counts = [subject_values[s].get("n_images", 0) for s in have]
+            total = sum(counts)
+            image_mean = (math.fsum(subject_values[s][m] * c for s, c in zip(have, counts)) / total
+                          if total else None)
+            out[group][m] = dict(mean=mean, std=std, n_subjects=len(have), n_images=total, image_mean=image_mean)
+    return out
+
+
+def aggregate(records: Sequence[Mapping], metrics: Sequence[str], kinds: Mapping[str, str]) -> dict:
+    """Per-image records -> the protocol's aggregates.
+
+    records: dicts with 'subject', 'prompt' and one value per metric (one per generated image).
+    Returns {'prompts': {subject: {prompt: {n_images, <metric>: mean}}},
+             'subjects': {subject: {kind, n_images, n_prompts, <metric>: mean of its images}},
+             'groups': summarize_subjects(...) over the subject means}.
+    """
+    by_prompt = defaultdict(lambda: defaultdict(list))
+    by_subject = defaultdict(list)
+    for r in records:
+        by_prompt[r["subject"]][r["prompt"]].append(r)
+        by_subject[r["subject"]].append(r)
+
+    prompts = {s: {p: dict(n_images=len(rs), **{m: _mean(r[m] for r in rs) for m in metrics})
+                   for p, rs in ps.items()} for s, ps in by_prompt.items()}
+    subjects = {s: dict(kind=kinds[s], n_images=len(rs), n_prompts=len(by_prompt[s]),
+                        **{m: _mean(r[m] for r in rs) for m in metrics}) for s, rs in by_subject.items()}
+    return dict(prompts=prompts, subjects=subjects, groups=summarize_subjects(subjects, kinds, metrics))
