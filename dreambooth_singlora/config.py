@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
@@ -103,3 +104,114 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def from_args(cls, ns: argparse.Namespace):
     """Build the dataclass `cls` from the parsed flags (fields without a flag keep their default)."""
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+# --------------------------------------------------------------------------- training
+
+PRECISIONS = ("no", "fp16", "bf16")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainConfig(SingLoRAConfig):
+    """Everything a DreamBooth run needs. Flag names follow diffusers' train_dreambooth_lora.py."""
+
+    pretrained_model_name_or_path: typing.Optional[str] = field(default=None, metadata=_help(
+        "base model: a hub id (runwayml/stable-diffusion-v1-5) or a local diffusers folder"))
+    revision: typing.Optional[str] = field(default=None, metadata=_help("hub revision of the base model"))
+    variant: typing.Optional[str] = field(default=None, metadata=_help("weights variant, e.g. fp16"))
+    subject: typing.Optional[str] = field(default=None, metadata=_help(
+        "a DreamBooth subject (e.g. dog): fills instance_data_dir, instance_prompt and class_prompt "
+        "from --dataset_dir and prompts/subjects.csv"))
+    dataset_dir: typing.Optional[str] = field(default=None, metadata=_help(
+        "the DreamBooth dataset folder (<dataset_dir>/<subject>/*.jpg), used with --subject"))
+    identifier: str = field(default="sks", metadata=_help("the rare token that names the subject"))
+    instance_data_dir: typing.Optional[str] = field(default=None, metadata=_help("folder of the subject's photos"))
+    instance_prompt: typing.Optional[str] = field(default=None, metadata=_help(
+        "prompt of the subject's photos, e.g. 'a photo of sks dog'"))
+    class_data_dir: typing.Optional[str] = field(default=None, metadata=_help(
+        "folder of class images for prior preservation (generated there if too few; "
+        "default <output_dir>/class_images)"))
+    class_prompt: typing.Optional[str] = field(default=None, metadata=_help("prompt of the class, e.g. 'a photo of dog'"))
+    with_prior_preservation: bool = field(default=False, metadata=_help("add the prior-preservation loss"))
+    prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior-preservation loss"))
+    num_class_images: int = field(default=100, metadata=_help("class images for prior preservation"))
+    sample_batch_size: int = field(default=4, metadata=_help("batch size when generating class images"))
+    output_dir: str = field(default="outputs/dreambooth-singlora", metadata=_help(
+        "where the adapter, checkpoints, logs and samples go"))
+    seed: int = field(default=0, metadata=_help("seed: same seed, same run (on the same hardware)"))
+    resolution: int = field(default=512, metadata=_help("training resolution in pixels (multiple of 8)"))
+    center_crop: bool = field(default=False, metadata=_help(
+        "center-crop the photos; otherwise random crops (taken from cached latents, 8-pixel steps)"))
+    random_flip: bool = field(default=False, metadata=_help("random horizontal flips (flipped latents cached too)"))
+    train_batch_size: int = field(default=1, metadata=_help("instance images per step and process"))
+    max_train_steps: int = field(default=400, metadata=_help("optimizer steps"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for UNet activation memory"))
+    learning_rate: float = field(default=1e-4, metadata=_help("adapter learning rate"))
+    lr_scheduler: str = field(default="constant", metadata=_help("learning-rate schedule", choices=SCHEDULERS))
+    lr_warmup_steps: int = field(default=0, metadata=_help("warm-up steps of the schedule"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
+    adam_weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay"))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes 8-bit AdamW (needs bitsandbytes)"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
+    mixed_precision: typing.Optional[str] = field(default=None, metadata=_help(
+        "no, fp16 or bf16 (default: accelerate's config); frozen models run in it, the adapter stays fp32",
+        choices=PRECISIONS))
+    allow_tf32: bool = field(default=False, metadata=_help("allow TF32 matmuls on Ampere+ GPUs"))
+    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help(
+        "xformers attention (needs the xformers extra)"))
+    checkpointing_steps: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps"))
+    checkpoints_total_limit: typing.Optional[int] = field(default=2, metadata=_help(
+        "keep at most this many checkpoints (oldest removed first)"))
+    resume_from_checkpoint: typing.Optional[str] = field(default=None, metadata=_help(
+        "a checkpoint folder, or 'latest' (the newest complete one in <output_dir>/checkpoints; "
+        "starts fresh if there is none)"))
+    validation_prompt: typing.Optional[str] = field(default=None, metadata=_help(
+        "prompt for validation image grids (default: none)"))
+    num_validation_images: int = field(default=4, metadata=_help("images per validation"))
+    validation_steps: int = field(default=100, metadata=_help("validate every N steps"))
+    report_to: str = field(default="tensorboard", metadata=_help("tracker for accelerate ('tensorboard', 'none')"))
+    log_every: int = field(default=10, metadata=_help(
+        "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .prompts import get_subject  # late: prompts reads data files
+
+        if self.subject is not None:
+            subj = get_subject(self.subject)
+            if not self.dataset_dir:
+                raise UserError("--subject needs --dataset_dir (the DreamBooth dataset folder, "
+                                "<dataset_dir>/<subject>/*.jpg)")
+            self.instance_data_dir = self.instance_data_dir or str(Path(self.dataset_dir) / subj.name)
+            self.instance_prompt = self.instance_prompt or subj.instance_prompt(self.identifier)
+            self.class_prompt = self.class_prompt or subj.class_prompt()
+        if not self.pretrained_model_name_or_path:
+            raise UserError("--pretrained_model_name_or_path is required (a hub id or a local diffusers folder)")
+        if not self.instance_data_dir:
+            raise UserError("give --instance_data_dir (and --instance_prompt), or --subject with --dataset_dir")
+        if not self.instance_prompt:
+            raise UserError("--instance_prompt is required with --instance_data_dir, e.g. 'a photo of sks dog'")
+        if self.with_prior_preservation and not self.class_prompt:
+            raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog') or --subject")
+        if self.with_prior_preservation and not self.class_data_dir:
+            self.class_data_dir = str(Path(self.output_dir) / "class_images")
+        if self.resolution < 8 or self.resolution % 8:
+            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                     "validation_steps", "num_validation_images", "sample_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UserError("--checkpoints_total_limit must be >= 1 (or omitted for no limit)")
+
+    def adapter_config(self) -> SingLoRAConfig:
+        return SingLoRAConfig.from_dict({f.name: getattr(self, f.name) for f in fields(SingLoRAConfig)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"target_modules": list(self.target_modules)}

@@ -93,6 +93,8 @@ def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
                                    scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    sched = out / "scheduler" / "scheduler_config.json"  # SD1.5's file carries clip_sample=false for DDPM
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": False}, indent=2))
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()

@@ -1,0 +1,109 @@
+"""Reading a user's photos: any format PIL opens, any mode, any orientation, bad files skipped.
+
+Every image becomes an RGB PIL image with EXIF orientation applied: CMYK and palette images
+are converted, transparency is composited on white, 16-bit grayscale is scaled (not clipped)
+to 8 bits. Unreadable, truncated or empty files are skipped with a warning naming them;
+files that are not images (by extension) are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, orientation applied, transparency on white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit: scale to 0..255, don't clip
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def list_images(folder) -> list[Path]:
+    """Image files (by extension) directly in `folder`, sorted; UserError if the folder is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist (expected a folder of the subject's photos)")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(path) -> Image.Image | None:
+    """Open and fully decode one image as RGB; None (with a warning naming it) if it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (4096, 4096))  # JPEG: decode huge photos at a reduced scale
+                im.load()
+                return to_rgb(im)
+    except Exception as e:  # PIL raises many types for truncated / corrupt / bomb files
+        logger.warning("skipping %s: cannot read it as an image (%s: %s)", path, type(e).__name__, e)
+        return None
+
+
+def load_images(folder, what: str = "instance") -> tuple[list[Image.Image], list[Path]]:
+    """All readable images of `folder`; UserError if none is usable."""
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"{what} folder {folder} has no image files (.jpg, .png, .webp, ...)")
+    pairs = [(read_image(p), p) for p in paths]
+    good = [(im, p) for im, p in pairs if im is not None]
+    if not good:
+        raise UserError(f"no usable image in {what} folder {folder}: all {len(paths)} files failed to decode")
+    return [im for im, _ in good], [p for _, p in good]
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
+    """RGB image -> (3, H, W) in [-1, 1]: short side to `resolution`; center crop if `crop`,
+    else the long side is trimmed to a multiple of 8 (random crops are taken later, from latents)."""
+    img = resize_short_side(img, resolution)
+    if crop:
+        img = center_crop(img, resolution)
+    else:
+        w, h = img.size
+        img = img.crop(((w % 8) // 2, (h % 8) // 2, (w % 8) // 2 + w - w % 8, (h % 8) // 2 + h - h % 8))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return x / 127.5 - 1.0
+
+
+def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
+    """Paste same-size images into rows of `cols` on a white sheet (the last row may be short)."""
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return sheet

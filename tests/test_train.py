@@ -1,0 +1,255 @@
+"""The DreamBooth trainer end to end on a tiny random-weight pipeline (CPU, a few steps)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth_singlora import UserError, load_adapter
+from dreambooth_singlora.config import TrainConfig
+from dreambooth_singlora.data import load_images, to_rgb
+from dreambooth_singlora.train_dreambooth import list_checkpoints, main, train
+
+STEPS = 12
+
+
+def cfg_for(tiny_pipeline, dataset_dir, out, **kw):
+    base = dict(pretrained_model_name_or_path=str(tiny_pipeline), subject="dog", dataset_dir=dataset_dir,
+                output_dir=str(out), resolution=32, max_train_steps=STEPS, checkpointing_steps=4, log_every=2,
+                random_flip=True, report_to="none", ramp_steps=6)
+    return TrainConfig(**{**base, **kw})
+
+
+def cli_args(cfg: TrainConfig, **extra):
+    args = []
+    for k, v in {**cfg.to_dict(), **extra}.items():
+        if v is None or k in ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir"):
+            continue
+        if isinstance(v, bool):
+            args.append(f"--{k}" if v else f"--no-{k}")
+        elif isinstance(v, list):
+            args += [f"--{k}", *map(str, v)]
+        else:
+            args += [f"--{k}", str(v)]
+    return args
+
+
+def max_diff(a_dir, b_dir):
+    a, b = load_file(str(Path(a_dir) / "adapter_model.safetensors")), load_file(str(Path(b_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_pipeline, dataset_dir, tmp_path_factory):
+    """An uninterrupted 12-step run, in process."""
+    out = tmp_path_factory.mktemp("ref")
+    train(cfg_for(tiny_pipeline, dataset_dir, out, report_to="tensorboard"))
+    return out
+
+
+def test_run_writes_adapter_card_curve_logs(reference_run, tiny_unet):
+    out = reference_run
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["step"] == STEPS and meta["u"] == 1.0 and meta["method"] == "singlora"
+    for f in ("README.md", "loss_curve.png"):
+        assert (out / f).stat().st_size > 0
+    assert "dreambooth_singlora.generate" in (out / "README.md").read_text()
+    assert list((out / "logs").rglob("events.out.tfevents*")), "tensorboard logs"
+    # checkpoints: at most 2 kept, the newest at the last step
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-8", "checkpoint-12"]
+    # the adapter learned something and loads back
+    a = load_file(str(out / "adapter_model.safetensors"))
+    assert len(a) == 7 * 2 * 2  # 7 transformer blocks (2 down, 1 mid, 4 up) x (attn1, attn2) x (to_q, to_k)
+    config = load_adapter(tiny_unet, out)
+    assert config.rank == 8
+
+
+def test_same_seed_same_adapter_and_seed_matters(reference_run, tiny_pipeline, dataset_dir, tmp_path):
+    again = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "again"))
+    assert max_diff(reference_run, again) == 0.0
+    other = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "other", seed=1, max_train_steps=4))
+    ref4 = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ref4", max_train_steps=4))
+    assert max_diff(other, ref4) > 0
+
+
+def test_sigkill_then_resume_latest_equals_uninterrupted(reference_run, tiny_pipeline, dataset_dir, tmp_path):
+    """Kill -9 the real CLI mid-run, resume with --resume_from_checkpoint latest: same final adapter.
+    Tolerance: exact (0.0) - the data of step t is a function of (seed, t) and the optimizer state is restored."""
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2,
+                  max_train_steps=10_000)  # far more steps than we let it run
+    cmd = [sys.executable, "-m", "dreambooth_singlora.train_dreambooth", *cli_args(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpts / "checkpoint-4").is_dir():
+        assert proc.poll() is None, "trainer exited early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list_checkpoints(ckpts)
+    assert done and int(done[-1].name.split("-")[1]) < STEPS
+    resumed = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2,
+                            resume_from_checkpoint="latest"))
+    assert max_diff(reference_run, resumed) == 0.0
+
+
+def test_accelerate_launch_subprocess(tiny_pipeline, dataset_dir, tmp_path):
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "launched", max_train_steps=3, method="lora")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_singlora.train_dreambooth",
+           *cli_args(cfg)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "launched" / "adapter_config.json").read_text())
+    assert meta["method"] == "lora" and meta["step"] == 3
+
+
+def test_save_failure_keeps_last_good_checkpoint(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
+    """A full disk during a checkpoint save: the error surfaces, the previous checkpoint stays complete."""
+    import errno
+
+    import dreambooth_singlora.train_dreambooth as T
+
+    real, calls = T.save_adapter, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: the disk fills up mid-write
+            Path(a[1]).mkdir(parents=True, exist_ok=True)
+            (Path(a[1]) / "adapter_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "save_adapter", flaky)
+    with pytest.raises(OSError):
+        train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "full"))
+    done = list_checkpoints(tmp_path / "full" / "checkpoints")
+    assert [p.name for p in done] == ["checkpoint-4"]
+    monkeypatch.setattr(T, "save_adapter", real)
+    out = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "full", resume_from_checkpoint="latest"))
+    assert json.loads((out / "adapter_config.json").read_text())["step"] == STEPS
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
+    import dreambooth_singlora.train_dreambooth as T
+
+    real, n = T.compute_loss, [0]
+
+    def nan_after_5(*a, **k):
+        n[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if n[0] > 5 else loss
+
+    monkeypatch.setattr(T, "compute_loss", nan_after_5)
+    with pytest.raises(UserError, match="non-finite.*checkpoint-4"):
+        train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "nan"))
+    done = list_checkpoints(tmp_path / "nan" / "checkpoints")
+    assert [p.name for p in done] == ["checkpoint-4"]
+    assert all(torch.isfinite(t).all() for t in load_file(str(done[0] / "adapter_model.safetensors")).values())
+    assert not (tmp_path / "nan" / "adapter_model.safetensors").exists()
+
+
+def test_prior_preservation_generates_class_images_once(tiny_pipeline, dataset_dir, tmp_path):
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "prior", with_prior_preservation=True,
+                  num_class_images=3, max_train_steps=2, sample_batch_size=2)
+    train(cfg)
+    class_dir = tmp_path / "prior" / "class_images"
+    made = sorted(class_dir.glob("*.png"))
+    assert len(made) == 3
+    stamps = [p.stat().st_mtime_ns for p in made]
+    train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "prior", with_prior_preservation=True, num_class_images=3,
+                  max_train_steps=2, output_dir=str(tmp_path / "prior2"), class_data_dir=str(class_dir)))
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps  # reused, not redone
+
+
+# --------------------------------------------------------------------------- images of every kind
+
+def make_odd_images(folder: Path) -> dict:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = np.zeros((40, 40, 4), np.uint8)  # fully transparent -> white
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.full((30, 30), 32896, np.uint16)).save(folder / "gray16.png")  # mid-gray, 16 bit
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    Image.fromarray(rgb[:5, :7]).save(folder / "tiny.png")
+    Image.fromarray(np.zeros((3000, 4500, 3), np.uint8)).save(folder / "huge.jpg", quality=50)
+    good = (folder / "cmyk.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "corrupt.png").write_bytes(b"not an image at all")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return {"usable": 7, "bad": ["corrupt.png", "empty.jpg", "truncated.jpg"]}
+
+
+def test_images_of_every_kind_load_right(tmp_path, caplog):
+    expect = make_odd_images(tmp_path / "odd")
+    images, paths = load_images(tmp_path / "odd")
+    assert len(images) == expect["usable"] and all(im.mode == "RGB" for im in images)
+    for bad in expect["bad"]:
+        assert bad in caplog.text
+    assert "notes.txt" not in caplog.text and all(p.suffix != ".txt" for p in paths)
+    by_name = dict(zip([p.name for p in paths], images))
+    assert by_name["rotated.jpg"].size == (40, 60)  # EXIF orientation applied
+    assert np.asarray(by_name["rgba.png"]).min() == 255  # transparent -> white
+    assert abs(int(np.asarray(by_name["gray16.png"]).mean()) - 128) <= 1  # scaled, not clipped to 255
+    assert to_rgb(Image.new("CMYK", (4, 4))).mode == "RGB"
+
+
+def test_trains_on_odd_images(tiny_pipeline, tmp_path):
+    make_odd_images(tmp_path / "odd")
+    out = train(TrainConfig(pretrained_model_name_or_path=str(tiny_pipeline), instance_data_dir=str(tmp_path / "odd"),
+                            instance_prompt="a photo of sks thing", output_dir=str(tmp_path / "o"), resolution=32,
+                            max_train_steps=2, report_to="none"))
+    assert json.loads((out / "adapter_config.json").read_text())["step"] == 2
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2
+
+@pytest.mark.parametrize("args, message", [
+    (["--instance_data_dir", "{tmp}/missing", "--instance_prompt", "a sks dog"], "does not exist"),
+    (["--instance_data_dir", "{tmp}/empty", "--instance_prompt", "a sks dog"], "has no image files"),
+    (["--instance_data_dir", "{tmp}/broken", "--instance_prompt", "a sks dog"], "no usable image"),
+    (["--subject", "unicorn", "--dataset_dir", "{tmp}"], "unknown subject 'unicorn'"),
+    (["--subject", "dog"], "needs --dataset_dir"),
+    (["--instance_data_dir", "{tmp}/empty"], "--instance_prompt is required"),
+    (["--subject", "dog", "--dataset_dir", "{tmp}", "--resolution", "500"], "multiple of 8"),
+    (["--instance_data_dir", "{tmp}/empty", "--instance_prompt", "x", "--with_prior_preservation"], "needs --class_prompt"),
+    (["--subject", "dog", "--dataset_dir", "{tmp}", "--method", "adalora"], "invalid choice"),
+    (["--subject", "dog", "--dataset_dir", "{tmp}", "--rank", "0"], "rank must be a positive integer"),
+])
+def test_bad_input_one_line_nonzero_exit(args, message, tiny_pipeline, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_bytes(b"junk")
+    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--output_dir", str(tmp_path / "o"),
+            "--report_to", "none", *[a.format(tmp=tmp_path) for a in args]]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_bad_base_model_is_one_line_in_a_real_process(tmp_path, dataset_dir):
+    r = subprocess.run([sys.executable, "-m", "dreambooth_singlora.train_dreambooth", "--pretrained_model_name_or_path",
+                        str(tmp_path / "nope"), "--subject", "dog", "--dataset_dir", dataset_dir, "--output_dir",
+                        str(tmp_path / "o"), "--report_to", "none"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "cannot load base model" in r.stderr.strip().splitlines()[-1]
