@@ -76,8 +76,9 @@ def add_score_command(subparsers) -> None:
 
 def run_score(args) -> int:
     from .report import write_score_outputs
-    from .score import score_folder
+    from .score import check_folders, score_folder
 
+    check_folders(args.images, args.dataset_dir)  # fail before loading the encoders
     encoders = encoders_from_args(args)
     result = score_folder(args.images, args.dataset_dir, encoders, with_identifier=args.with_identifier,
                           identifier=args.identifier, subjects=args.subjects, progress=not args.no_progress)
@@ -126,12 +127,13 @@ def add_report_command(subparsers) -> None:
 def run_report(args) -> int:
     from .report import load_results, write_report
 
-    results = {}
+    named = {}
     for text in args.results:
         name, path = _parse_result_arg(text)
-        if name in results:
+        if name in named:
             raise UserError(f"method name {name!r} given twice in --results")
-        results[name] = load_results(path)
+        named[name] = path
+    results = {name: load_results(path) for name, path in named.items()}
     paths = write_report(results, args.output, reference=args.reference)
     for name, r in results.items():
         print(f"{name}:")

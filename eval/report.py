@@ -72,6 +72,10 @@ def metric_order(results: Mapping[str, dict]) -> list:
     return [m for m in METRIC_ORDER if m in seen] + [m for m in seen if m not in METRIC_ORDER]
 
 
+_RESULT_KEYS = ("metrics", "summary", "subjects", "prompts", "bound", "images", "real_images", "scored", "skipped",
+                "settings", "images_dir", "dataset_dir")
+
+
 def load_results(path) -> dict:
     """A `score` output: its folder (holding scores.json) or the JSON file itself."""
     p = Path(path)
@@ -86,6 +90,9 @@ def load_results(path) -> dict:
         raise UserError(f"could not read {str(p)!r}: {e}") from None
     if not isinstance(result, dict) or result.get("format") != FORMAT:
         raise UserError(f"{str(p)!r} is not a scores file of this tool (format {FORMAT!r})")
+    missing = [k for k in _RESULT_KEYS if k not in result]
+    if missing:
+        raise UserError(f"{str(p)!r} is incomplete (no {', '.join(missing)}): score the folder again")
     return result
 
 

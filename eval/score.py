@@ -107,8 +107,7 @@ def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: 
     """Walk a generations folder: (generations, problems, settings JSON found at its top level)."""
     root = Path(images_dir)
     if not root.is_dir():
-        raise UserError(f"images folder {str(images_dir)!r} does not exist or is not a folder "
-                        f"(expected {LAYOUT})")
+        raise UserError(f"images folder {str(images_dir)!r} does not exist or is not a folder (expected {LAYOUT})")
     expected = _resolve_subjects(expected_subjects)
     known = all_subjects()
     items, problems, settings, seen = [], [], {}, set()
@@ -179,6 +178,13 @@ def _scan_subject(folder: Path, subject, identifier: str, problems: list) -> lis
         if slug not in found:
             _problem(problems, "missing_prompt", f"{subject.name}/{slug}/", "no folder: prompt not scored")
     return items
+
+
+def check_folders(images_dir, dataset_dir) -> None:
+    """UserError unless both folders exist (cheap; run it before loading encoders)."""
+    if not Path(images_dir).is_dir():
+        raise UserError(f"images folder {str(images_dir)!r} does not exist or is not a folder (expected {LAYOUT})")
+    _check_dataset(dataset_dir)
 
 
 def real_image_paths(dataset_dir, subject: str) -> list:
