@@ -92,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         kw = {"help": f.metadata.get("help", ""), "default": default}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        if tp is bool:
+        if "action" in f.metadata:  # e.g. "append": a repeatable flag
+            kw.update(action=f.metadata["action"], type=typing.get_args(tp)[0], default=None)
+        elif tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (tuple, list):
             kw.update(nargs="+", type=typing.get_args(tp)[0])
@@ -103,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def from_args(cls, ns: argparse.Namespace):
     """Build the dataclass `cls` from the parsed flags (fields without a flag keep their default)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+    given = {f.name: getattr(ns, f.name, None) for f in fields(cls)}
+    return cls(**{k: v for k, v in given.items() if v is not None})  # None: the field's own default
 
 
 # --------------------------------------------------------------------------- training

@@ -1,0 +1,36 @@
+"""`dreambooth-singlora <command> ...`: train, generate, export, eval.
+
+Each command is the module of the same name (`python -m dreambooth_singlora.train_dreambooth`,
+`... .generate`, `... .export`, `python -m eval`); this entry point only dispatches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("dreambooth_singlora.train_dreambooth", "train an adapter on a subject (accelerate launch for many GPUs)"),
+    "generate": ("dreambooth_singlora.generate", "render images from a saved adapter"),
+    "export": ("dreambooth_singlora.export", "export an adapter as a standard (kohya / diffusers) LoRA"),
+    "eval": ("eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
+}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: dreambooth-singlora <command> [flags]   (<command> --help for its flags)\n\ncommands:\n"
+              + "\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
+            raise SystemExit(2)
+        return
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Export an adapter as a standard LoRA file that A1111, ComfyUI and diffusers load.
+
+    python -m dreambooth_singlora.export --adapter out/dog --format kohya --output dog.safetensors
+
+SingLoRA's update (alpha/r) u A[:d_out] A[:d_in]^T is exactly a LoRA with
+down = A[:d_in]^T (r x d_in), up = u A[:d_out] (d_out x r), alpha = alpha:
+- kohya:     lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha (A1111, ComfyUI, diffusers)
+- diffusers: unet.<path>.lora.down.weight / .lora.up.weight, the scale alpha/r folded into up
+LoRA and LoRA+ adapters export the same way; DoRA exports to diffusers layout with its magnitude vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import read_adapter
+from .errors import UserError, cli_entry
+from .fileio import atomic_path
+
+logger = logging.getLogger("dreambooth_singlora.export")
+FORMATS = ("kohya", "diffusers")
+
+
+def lora_pairs(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer path: (down (r, d_in), up (d_out, r))} such that delta W = (alpha / r) up @ down."""
+    pairs = {}
+    if meta["method"] == "singlora":
+        shapes = meta.get("shapes")
+        if not shapes:
+            raise UserError("this adapter's config has no layer shapes (saved by an older version); "
+                            "load it with load_adapter and save it again to export")
+        for key, A in tensors.items():
+            path = key[: -len(".A")]
+            d_out, d_in = shapes[path]
+            pairs[path] = (A[:d_in].T.contiguous(), (meta["u"] * A[:d_out]).contiguous())  # (r, d_in), (d_out, r)
+    else:
+        for key, down in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                path = key[: -len(".lora_A.weight")]
+                pairs[path] = (down, tensors[f"{path}.lora_B.weight"])
+    return pairs
+
+
+def to_standard_lora(adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the adapter at `adapter` as a standard LoRA in layout `fmt`."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    meta, tensors = read_adapter(adapter)
+    tensors = {k: v.float() for k, v in tensors.items()}
+    rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    dora = {k: v for k, v in tensors.items() if k.endswith("lora_magnitude_vector")}
+    if dora and fmt == "kohya":
+        raise UserError("DoRA has no exact kohya equivalent (its magnitude vectors rescale W0); "
+                        "use --format diffusers, which diffusers loads with DoRA intact")
+    out: dict[str, torch.Tensor] = {}
+    for path, (down, up) in lora_pairs(meta, tensors).items():
+        if fmt == "kohya":
+            name = "lora_unet_" + path.replace(".", "_")
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+        else:
+            out[f"unet.{path}.lora.down.weight"] = down
+            out[f"unet.{path}.lora.up.weight"] = up * (alpha / rank)
+    for key, m in dora.items():
+        out[f"unet.{key}"] = m
+    info = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": "sd_v1",
+            "dreambooth_singlora_method": meta["method"], "dreambooth_singlora_base_model": str(meta.get("base_model"))}
+    return {k: v.contiguous() for k, v in out.items()}, info
+
+
+def export_lora(adapter, fmt: str, output) -> Path:
+    """Write the standard-LoRA file (atomically); returns its path."""
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output must end in .safetensors (got {output.name}); pickles are never written")
+    tensors, info = to_standard_lora(adapter, fmt)
+    try:
+        with atomic_path(output) as tmp:
+            save_file(tensors, str(tmp), metadata=info)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    return output
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="dreambooth-singlora export", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter folder to export")
+    parser.add_argument("--format", default="kohya", choices=FORMATS, help="key layout of the LoRA file")
+    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    return parser
+
+
+@cli_entry
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    path = export_lora(args.adapter, args.format, args.output)
+    print(f"wrote {path} ({args.format} LoRA)")
+
+
+if __name__ == "__main__":
+    main()
