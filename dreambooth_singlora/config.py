@@ -176,6 +176,8 @@ class TrainConfig(SingLoRAConfig):
         "prompt for validation image grids (default: none)"))
     num_validation_images: int = field(default=4, metadata=_help("images per validation"))
     validation_steps: int = field(default=100, metadata=_help("validate every N steps"))
+    cuda_graphs: bool = field(default=True, metadata=_help(
+        "on one GPU, replay the UNet's forward/backward as CUDA graphs (same numbers, no launch overhead)"))
     report_to: str = field(default="tensorboard", metadata=_help("tracker for accelerate ('tensorboard', 'none')"))
     log_every: int = field(default=10, metadata=_help(
         "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps"))

@@ -101,6 +101,35 @@ def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
     return out
 
 
+def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:
+    """The full SD1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights,
+    saved in diffusers layout: what speed and memory benchmarks train on where no weights exist."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_src")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    pipe = StableDiffusionPipeline(vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=tokenizer,
+                                   unet=unet.to(dtype), scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
+
+
 def sd15_unet(device="cpu", dtype=torch.float32):
     """SD1.5's UNet architecture with random weights (for speed and memory measurements)."""
     from diffusers import UNet2DConditionModel

@@ -172,14 +172,15 @@ class TrainData:
         return latents, emb, self.gen
 
 
-def compute_loss(unet, noise_scheduler, latents, emb, gen, prior_loss_weight: float | None,
+def compute_loss(denoise, noise_scheduler, latents, emb, gen, prior_loss_weight: float | None,
                  dtype: torch.dtype) -> torch.Tensor:
-    """The diffusion loss of one batch (+ prior-preservation loss on its second half)."""
+    """The diffusion loss of one batch (+ prior-preservation loss on its second half).
+    `denoise(noisy, t, emb)` is the UNet's prediction (eager, or CUDA-graphed)."""
     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                       generator=gen, device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t).to(dtype)
-    pred = unet(noisy, t, emb).sample.float()
+    pred = denoise(noisy, t, emb).float()
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, t)
     if prior_loss_weight is None:
@@ -187,6 +188,27 @@ def compute_loss(unet, noise_scheduler, latents, emb, gen, prior_loss_weight: fl
     pred, pred_prior = pred.chunk(2)
     target, target_prior = target.chunk(2)
     return F.mse_loss(pred, target) + prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+
+
+class _Denoise(torch.nn.Module):
+    def __init__(self, unet, dtype):
+        super().__init__()
+        self.unet, self.dtype = unet, dtype
+
+    def forward(self, noisy, t, emb):  # (B,4,h,w), (B,), (B,77,D) -> (B,4,h,w)
+        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
+            return self.unet(noisy, t, emb, return_dict=False)[0]
+
+
+def graph_unet(unet, batch, dtype):
+    """The UNet's forward and backward captured as CUDA graphs (shapes are static in DreamBooth).
+
+    At batch 1 an eager step is bound by kernel launches, not by the GPU; replaying a graph
+    launches the whole forward (or backward) at once. Same kernels, same numbers."""
+    latents, emb, _ = batch
+    sample = (latents.to(dtype), torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device), emb.clone())
+    logger.info("capturing the UNet forward/backward as CUDA graphs (--no-cuda_graphs to turn off)")
+    return torch.cuda.make_graphed_callables(_Denoise(unet, dtype), sample)
 
 
 # --------------------------------------------------------------------------- optimizer, checkpoints
@@ -411,17 +433,23 @@ def train(cfg: TrainConfig) -> Path:
         logger.info("%s: %s trainable parameters, steps %d -> %d", cfg.method, f"{n_params:,}", step,
                     cfg.max_train_steps)
     params = trainable_parameters(base)
+    denoise = lambda noisy, t, e: unet(noisy, t, e).sample  # noqa: E731
+    graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
+        and not cfg.gradient_checkpointing
+    if graphed:
+        denoise = graph_unet(accelerator.unwrap_model(unet, keep_fp32_wrapper=False), data.batch(0, 0), dtype)
     prior_w = cfg.prior_loss_weight if cfg.with_prior_preservation else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     loss_sum, n_sum, t0 = torch.zeros((), device=accelerator.device), 0, time.time()
 
     # 5. the loop: sample, forward, backward, update; read the loss back only every log_every steps
     unet.train()
+    first_step, loop_start = step, _sync_time(accelerator.device)
     while step < cfg.max_train_steps:
         for micro in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(unet):
                 latents, emb, gen = data.batch(step, micro)
-                loss = compute_loss(unet, models.noise_scheduler, latents, emb, gen, prior_w, dtype)
+                loss = compute_loss(denoise, models.noise_scheduler, latents, emb, gen, prior_w, dtype)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -449,6 +477,7 @@ def train(cfg: TrainConfig) -> Path:
             validate(cfg, accelerator, models, base, step)
             unet.train()
     bar.close()
+    loop_seconds = _sync_time(accelerator.device) - loop_start
 
     # 6. the result: adapter, model card, loss curve (main process only)
     accelerator.wait_for_everyone()
@@ -456,9 +485,22 @@ def train(cfg: TrainConfig) -> Path:
         save_adapter(base, out, base_model=cfg.pretrained_model_name_or_path)
         plot_loss(history, out / "loss_curve.png")
         write_text_atomic(out / "README.md", model_card(cfg, step, n_params, time.time() - t0))
+        write_json_atomic(out / "train_stats.json", {
+            "steps_run": step - first_step, "loop_seconds": loop_seconds,
+            "it_per_s": (step - first_step) / loop_seconds if loop_seconds > 0 else None,
+            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "cuda_graphs": graphed, "trainable_parameters": n_params,
+            "num_processes": accelerator.num_processes})
         logger.info("adapter saved to %s", out)
     accelerator.end_training()
     return out
+
+
+def _sync_time(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def check_finite(loss: float, params, step: int, cfg: TrainConfig) -> None:

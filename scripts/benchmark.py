@@ -1,0 +1,118 @@
+"""Training speed and memory at full SD1.5 size, on the GPU (random weights: speed does not depend on them).
+
+    python scripts/benchmark.py --dataset_dir DIR --subject dog --output benchmark.json
+
+1. builds the SD1.5 architecture (UNet 859.5M, VAE, CLIP ViT-L text encoder) with random weights
+   and saves it in diffusers layout (fp16), as a user's local model folder would be;
+2. times the UNet alone (forward + backward to the adapter, batch 1, 512 px, bf16), eager and
+   CUDA-graphed, for the share of a training step that the UNet takes;
+3. runs the real trainer (`python -m dreambooth_singlora.train_dreambooth`, the command users run)
+   for each method, 400 steps, timing the whole process (start -> adapter saved) and reading the
+   loop's it/s and peak memory from the run's train_stats.json.
+Prints a Markdown table and writes every figure, with the commands, to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def unet_alone(model_dir: Path, method: str | None, graphed: bool, iters: int = 50) -> float:
+    """Samples/s of the frozen UNet forward + backward (to the adapter, or to the input without one)."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
+    from dreambooth_singlora.train_dreambooth import _Denoise
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to("cuda", torch.bfloat16)
+    x = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=method is None)
+    t, emb = torch.tensor([500], device="cuda"), torch.randn(1, 77, 768, device="cuda", dtype=torch.bfloat16)
+    if method:
+        add_adapter(unet, SingLoRAConfig(method=method))
+        set_step(unet, 1000)
+    f = _Denoise(unet, torch.bfloat16)
+    if graphed:
+        f = torch.cuda.make_graphed_callables(f, (x, t, emb))
+    for i in range(iters + 10):
+        if i == 10:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        f(x, t, emb).float().square().mean().backward()
+    torch.cuda.synchronize()
+    rate = iters / (time.perf_counter() - t0)
+    del unet, f
+    torch.cuda.empty_cache()
+    return rate
+
+
+def run_trainer(model_dir: Path, args, method: str, graphs: bool, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "dreambooth_singlora.train_dreambooth", "--pretrained_model_name_or_path",
+           str(model_dir), "--subject", args.subject, "--dataset_dir", args.dataset_dir, "--output_dir", str(out),
+           "--method", method, "--max_train_steps", str(args.steps), "--mixed_precision", "bf16",
+           "--report_to", "none", "--cuda_graphs" if graphs else "--no-cuda_graphs"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        print(r.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"trainer failed for {method}")
+    stats = json.loads((out / "train_stats.json").read_text())
+    return {"method": method, "cuda_graphs": graphs, "wall_seconds": round(wall, 1),
+            "it_per_s": round(stats["it_per_s"], 2), "peak_gpu_memory_gb": round(stats["peak_gpu_memory_gb"], 2),
+            "trainable_parameters": stats["trainable_parameters"],
+            "command": " ".join(c if " " not in c else repr(c) for c in cmd)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset_dir", required=True, help="DreamBooth dataset folder (<dir>/<subject>/*.jpg)")
+    p.add_argument("--subject", default="dog")
+    p.add_argument("--methods", nargs="+", default=["singlora", "lora", "dora"])
+    p.add_argument("--eager_methods", nargs="*", default=["singlora", "lora"], help="also run these without CUDA graphs")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--work_dir", default="/tmp/dbsl-bench")
+    p.add_argument("--output", default="benchmark.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmark.py measures GPU speed: run it on a machine with a CUDA GPU")
+    from dreambooth_singlora.testing import build_sd15_pipeline
+
+    work = Path(args.work_dir)
+    model = work / "sd15-random"
+    t0 = time.perf_counter()
+    if not (model / "model_index.json").is_file():
+        build_sd15_pipeline(model, device="cuda")
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+              "resolution": 512, "batch_size": 1, "precision": "bf16", "build_seconds": round(time.perf_counter() - t0, 1),
+              "unet_alone_samples_per_s": {}, "runs": []}
+    for method in (None, "singlora", "lora"):
+        for graphed in (False, True):
+            key = f"{method or 'frozen, grad to input'}{' graphed' if graphed else ' eager'}"
+            result["unet_alone_samples_per_s"][key] = round(unet_alone(model, method, graphed), 2)
+            print(key, result["unet_alone_samples_per_s"][key], flush=True)
+    runs = [(m, True) for m in args.methods] + [(m, False) for m in args.eager_methods]
+    for method, graphs in runs:
+        r = run_trainer(model, args, method, graphs, work / f"run-{method}-{'graphs' if graphs else 'eager'}")
+        alone = result["unet_alone_samples_per_s"].get(f"{method} {'graphed' if graphs else 'eager'}")
+        r["unet_share_of_step"] = round(r["it_per_s"] / alone, 2) if alone else None
+        result["runs"].append(r)
+        print(json.dumps(r), flush=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"\nGPU: {result['gpu']}, {args.steps} steps, batch 1, 512 px, bf16\n")
+    print("| method | CUDA graphs | loop it/s | whole run (s) | peak GPU memory (GB) | UNet share of step |")
+    print("|---|---|---|---|---|---|")
+    for r in result["runs"]:
+        print(f"| {r['method']} | {'on' if r['cuda_graphs'] else 'off'} | {r['it_per_s']} | {r['wall_seconds']} | "
+              f"{r['peak_gpu_memory_gb']} | {r['unet_share_of_step']} |")
+
+
+if __name__ == "__main__":
+    main()
