@@ -99,8 +99,9 @@ class Encoder:
 
     def __post_init__(self):
         self.image_metrics = tuple(self.image_metrics)
-        if self.text_fn is not None:
-            assert self.text_metric and self.text_pairs_with in self.image_metrics
+        if self.text_fn is not None and not (self.text_metric and self.text_pairs_with in self.image_metrics):
+            raise ValueError(f"encoder {self.name!r}: a text_fn needs text_metric and text_pairs_with, one of "
+                             f"{self.image_metrics}")
 
     @property
     def metrics(self) -> tuple:
@@ -194,6 +195,10 @@ def load_clip(checkpoint=None, device=None, *, model_name: str = CLIP_MODEL, pre
         tokenizer = clip_tokenizer(name)
     except Exception as e:  # any failure to get the weights is a setup problem the user must fix
         hint = " (no network? pass --clip_checkpoint, see docs/EVAL.md)" if checkpoint is None else ""
+        if "TorchScript" in str(e):
+            raise UserError(f"could not load CLIP from {where}: it is a TorchScript archive (OpenAI's original "
+                            "ViT-B-32.pt), which is not loaded because it can run code; use open_clip_model."
+                            "safetensors from timm/vit_base_patch32_clip_224.openai (see docs/EVAL.md)") from e
         raise UserError(f"could not load CLIP from {where}: {_first_line(e)}{hint}") from e
     model.eval()
     image_size = model.visual.image_size

@@ -156,6 +156,7 @@ def test_clip_tokenizer_77_tokens_keeps_end_token(tiny_encoders):
     assert feats.shape == (2, 32) and torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*TorchScript archive")
 def test_loader_errors_are_one_line(ckpts, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         E.load_clip(tmp_path / "nope.safetensors", device="cpu")
@@ -166,6 +167,9 @@ def test_loader_errors_are_one_line(ckpts, tmp_path):
     with pytest.raises(UserError, match="could not load DINO from .*dino.safetensors") as e:  # wrong architecture
         E.load_dino(ckpts["dino_file"], device="cpu", model_kwargs=dict(TINY_DINO, depth=1))
     assert "\n" not in str(e.value)
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ViT-B-32.pt"))  # like OpenAI's original file
+    with pytest.raises(UserError, match="TorchScript archive"):
+        E.load_clip(tmp_path / "ViT-B-32.pt", device="cpu", model_kwargs=TINY_CLIP)
     with pytest.raises(UserError, match="needs the dino encoder"):
         E.load_encoders(["clip"], dino_patch_tokens=True)
 
