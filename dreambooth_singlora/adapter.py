@@ -19,7 +19,7 @@ from . import __version__
 from .config import SingLoRAConfig
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
-from .processor import SingLoRAAttnProcessor
+from .processor import SingLoRAAttnProcessor, require_xformers
 from .singlora import ramp
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,16 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
                         "call remove_adapter(unet) first or start from a fresh UNet")
     if getattr(unet, "peft_config", None):
         raise UserError("this UNet already has PEFT adapters; start from a fresh UNet")
-    unet.requires_grad_(False)
     attns = attention_modules(unet)
     if not attns:
         raise UserError(f"{type(unet).__name__} has no diffusers Attention layers to adapt")
+    if use_xformers:
+        require_xformers()
+    # what remove_adapter puts back
+    unet._dbsl_original_processors = {name: a.processor for name, a in attns}
+    unet._dbsl_requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    unet.requires_grad_(False)
     if config.method == "singlora":
-        unet._dbsl_original_processors = {name: a.processor for name, a in attns}
         ref = next(unet.parameters())
         for _, attn in attns:
             proc = SingLoRAAttnProcessor(attn, config.rank, config.alpha, config.init,
@@ -76,6 +80,11 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
                                     use_dora=config.method == "dora"), adapter_name=_PEFT_NAME)
         for p in trainable_parameters(unet):
             p.data = p.data.float()
+        if use_xformers:  # PEFT's layers sit in to_q / to_k: only the attention itself changes
+            from diffusers.models.attention_processor import XFormersAttnProcessor
+
+            for _, attn in attns:
+                attn.set_processor(XFormersAttnProcessor())
     unet._dbsl_config = config
     set_step(unet, 0)
 
@@ -84,17 +93,23 @@ add_singlora = add_adapter  # the name the paper's readers look for; every metho
 
 
 def remove_adapter(unet) -> None:
-    """Take the adapter off again: stock processors / plain Linear layers, no adapter config."""
+    """Take the adapter off again, unmerging it first if merged: the UNet is as before add_adapter
+    (its processors, plain Linear layers, which parameters require grad), with no adapter config."""
     config = get_config(unet)
     if config is None:
         return
-    if config.method == "singlora":
-        for name, attn in attention_modules(unet):
-            attn.set_processor(unet._dbsl_original_processors[name])
-        del unet._dbsl_original_processors
-    else:
+    if _is_merged(unet):
+        unmerge_adapter(unet)
+    if config.method != "singlora":
         unet.unload_lora()
-    del unet._dbsl_config
+    for name, attn in attention_modules(unet):
+        attn.set_processor(unet._dbsl_original_processors[name])
+    for name, p in unet.named_parameters():
+        p.requires_grad_(unet._dbsl_requires_grad.get(name, p.requires_grad))
+    for attr in ("_dbsl_config", "_dbsl_original_processors", "_dbsl_requires_grad", "_dbsl_step", "_dbsl_u",
+                 "_dbsl_merged"):
+        if hasattr(unet, attr):
+            delattr(unet, attr)
 
 
 def singlora_layers(unet):
@@ -114,10 +129,11 @@ def trainable_parameters(unet) -> list[torch.nn.Parameter]:
 def set_step(unet, step: int) -> float:
     """Set the SingLoRA ramp from the optimizer step count; returns u. No-op (u = 1) for baselines."""
     config = get_config(unet)
+    if config is None:
+        raise UserError("this UNet has no adapter")
+    if _is_merged(unet):
+        raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before setting the step")
     u = ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0
-    if _is_merged(unet) and u != unet._dbsl_u:
-        raise RuntimeError("the adapter is merged into the weights: unmerge_adapter(unet) before "
-                           "changing the ramp step")
     for _, _, layer in singlora_layers(unet):
         layer.set_ramp(u)
     unet._dbsl_step, unet._dbsl_u = step, u
@@ -125,10 +141,19 @@ def set_step(unet, step: int) -> float:
 
 
 def set_use_xformers(unet, enabled: bool) -> None:
-    """Switch the SingLoRA processors between SDPA and xformers attention."""
-    for _, attn in attention_modules(unet):
-        if isinstance(attn.processor, SingLoRAAttnProcessor):
+    """Switch the adapted UNet's attention between SDPA and xformers (UserError if xformers is missing)."""
+    config = get_config(unet)
+    if config is None:
+        raise UserError("this UNet has no adapter")
+    if enabled:
+        require_xformers()
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    for name, attn in attention_modules(unet):
+        if config.method == "singlora":
             attn.processor.use_xformers = enabled
+        else:
+            attn.set_processor(XFormersAttnProcessor() if enabled else unet._dbsl_original_processors[name])
 
 
 # --------------------------------------------------------------------------- state
@@ -176,9 +201,9 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
     if _is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
     step = getattr(unet, "_dbsl_step", 0)
-    meta = {"format": FORMAT, "version": __version__, **config.to_dict(), "step": step,
-            "u": ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0,
-            "base_model": base_model, **(extra or {})}
+    meta = {**(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
+            "step": step, "u": ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0,
+            "base_model": base_model}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet).items()}
     out = Path(output_dir)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
@@ -200,8 +225,8 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = path.parent if path.suffix == ".safetensors" else path
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
     if not folder.is_dir():
-        raise UserError(f"adapter folder {folder} does not exist (expected a folder with {WEIGHTS_NAME} "
-                        f"and {CONFIG_NAME})")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"adapter folder {folder} {what} (expected a folder with {WEIGHTS_NAME} and {CONFIG_NAME})")
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = (f"; found pickle file(s) {', '.join(pickles)}, which are never loaded (they can run code)"
@@ -223,7 +248,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             file_meta = json.loads((f.metadata() or {}).get(FORMAT, "{}"))
     except Exception as e:  # safetensors raises several types for damaged files
         raise UserError(f"{weights} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    for key in ("method", "rank", "target_modules"):
+    for key in ("method", "rank", "alpha", "init", "ramp_steps", "target_modules"):
         if file_meta and file_meta.get(key) != meta.get(key):
             raise UserError(f"{cfg_file} and {weights.name} disagree on {key} ({meta.get(key)!r} vs "
                             f"{file_meta.get(key)!r}); the folder mixes two adapters")
@@ -272,15 +297,18 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
     if config.method != "singlora":
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-        if safe:  # PEFT's safe_merge raises per layer; check all first so nothing changes on failure
-            for m in layers:
-                for name in m.active_adapters:
-                    w = m.get_base_layer().weight.float() + m.get_delta_weight(name).float()
-                    if not torch.isfinite(w).all():
-                        raise UserError("merge refused: the adapter gives non-finite weights; nothing changed")
-        for m in layers:
-            m.merge()
+        done = []  # (layer, its weight before merging): PEFT's safe_merge checks one layer at a time
+        for m in (m for m in unet.modules() if isinstance(m, BaseTunerLayer)):
+            before = m.get_base_layer().weight.detach().clone() if safe else None
+            try:
+                m.merge(safe_merge=safe)
+            except ValueError:  # non-finite: put the layers merged so far back exactly
+                with torch.no_grad():
+                    for layer, weight in done:
+                        layer.unmerge()
+                        layer.get_base_layer().weight.copy_(weight)
+                raise UserError("merge refused: the adapter gives non-finite weights; nothing changed") from None
+            done.append((m, before))
     else:
         merged = []
         for path, target, layer in singlora_layers(unet):

@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .singlora import SingLoRA
+
+
+def require_xformers() -> None:
+    """Raise UserError, saying what to do, unless xformers can be imported."""
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"xformers attention was asked for, but xformers cannot be imported ({e}); install "
+                        "xformers built for your torch (pip install xformers) or leave it off (SDPA)") from None
 
 
 def _key(target: str) -> str:  # ModuleDict keys cannot hold "."
@@ -26,6 +36,8 @@ class SingLoRAAttnProcessor(nn.Module):
     def __init__(self, attn, rank: int, alpha: float, init: str, targets=("to_q", "to_k"),
                  use_xformers: bool = False):
         super().__init__()
+        if use_xformers:
+            require_xformers()
         self.targets = tuple(targets)
         self.adapters = nn.ModuleDict()
         for t in self.targets:
@@ -83,7 +95,9 @@ class SingLoRAAttnProcessor(nn.Module):
         if self.use_xformers:
             import xformers.ops
 
-            # xformers wants (B, N, H, hd); the bias, when present, (B, H, Nq, Nk) broadcastable
+            # xformers wants (B, N, H, hd) and a bias of the full (B, H, Nq, Nk): it does not broadcast
+            if attention_mask is not None:
+                attention_mask = attention_mask.expand(-1, -1, query.shape[2], -1)
             hidden_states = xformers.ops.memory_efficient_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                 attn_bias=attention_mask, scale=attn.scale).transpose(1, 2)
