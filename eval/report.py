@@ -177,6 +177,8 @@ def _scalars(obj, limit: int = 16) -> str:
     """The top-level scalar fields of a settings JSON, briefly."""
     if not isinstance(obj, dict):
         return f"a JSON {type(obj).__name__}"
+    if isinstance(obj.get("settings"), dict):  # generate's index.json: {"settings": {...}, "images": [...]}
+        obj = obj["settings"]
     items = [f"{k}={v}" for k, v in obj.items() if isinstance(v, (str, int, float, bool)) or v is None]
     more = len(obj) - len(items[:limit])
     return ", ".join(items[:limit]) + (f" (+{more} more fields)" if more > 0 else "") if items else f"{len(obj)} fields"
@@ -207,8 +209,12 @@ def _settings_lines(results: Mapping[str, dict]) -> list:
         gen = s.get("generation") or {}
         if not gen:
             lines.append("  - generation settings: none found in the images folder (record them: they move every number)")
+        by_summary = {}
         for fname, content in gen.items():
-            lines.append(f"  - generation settings `{fname}` (all of it in report.json): {_scalars(content)}")
+            by_summary.setdefault(_scalars(content), []).append(fname)
+        for summary, fnames in by_summary.items():
+            shown = ", ".join(f"`{f}`" for f in fnames[:3]) + (f" and {len(fnames) - 3} more" if len(fnames) > 3 else "")
+            lines.append(f"  - generation settings {shown} (all of it in report.json): {summary}")
     return lines
 
 

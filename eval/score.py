@@ -4,7 +4,8 @@ Layout of a generations folder (what `render` writes):
 
     <images>/<subject>/<prompt-slug>/<k>.png      prompt-slug = slugify(prompt with identifier),
                                                   e.g. dog/a-sks-dog-in-the-jungle/0.png
-    <images>/*.json                               generation settings, recorded as found
+    <images>/*.json, <images>/<subject>/*.json    generation settings (e.g. generate's index.json),
+                                                  recorded as found; contact_sheet.png is skipped
 
 Partial runs are scored as far as they go: every problem (a missing subject or prompt folder,
 an unknown subject, a slug that matches no prompt, an unreadable image, a stray file) is one
@@ -44,6 +45,7 @@ FORMAT = "dreambooth-singlora-eval/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGES_PER_PROMPT = 4
 LAYOUT = "<subject>/<prompt-slug>/<k>.png"
+OVERVIEW_FILES = ("contact_sheet.png",)  # written by `generate` beside the prompt folders; not scored
 _LOAD_CHUNK = 64  # generated images held in memory at once
 
 
@@ -117,10 +119,9 @@ def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: 
             continue
         if entry.is_file():
             if entry.suffix.lower() == ".json":
-                try:
-                    settings[name] = json.loads(entry.read_text(encoding="utf-8"))
-                except (OSError, ValueError) as e:
-                    _problem(problems, "bad_settings", name, f"not readable JSON ({e}); not recorded")
+                _read_settings(entry, name, settings, problems)
+            elif name in OVERVIEW_FILES:
+                continue
             elif _is_image(entry):
                 _problem(problems, "wrong_layout", name, f"image at the top level; expected {LAYOUT}")
             else:
@@ -134,14 +135,21 @@ def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: 
             _problem(problems, "not_requested", f"{name}/", "subject not in the requested subjects")
             continue
         seen.add(name)
-        items += _scan_subject(entry, known[name], identifier, problems)
+        items += _scan_subject(entry, known[name], identifier, problems, settings)
     for name in expected:
         if name not in seen:
             _problem(problems, "missing_subject", f"{name}/", "no folder: subject not scored")
     return items, problems, settings
 
 
-def _scan_subject(folder: Path, subject, identifier: str, problems: list) -> list:
+def _read_settings(path: Path, rel: str, settings: dict, problems: list) -> None:
+    try:
+        settings[rel] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        _problem(problems, "bad_settings", rel, f"not readable JSON ({e}); not recorded")
+
+
+def _scan_subject(folder: Path, subject, identifier: str, problems: list, settings: dict) -> list:
     by_slug = {slugify(p): p for p in subject.eval_prompts(identifier)}
     items, found = [], set()
     for entry in sorted(folder.iterdir()):
@@ -149,7 +157,11 @@ def _scan_subject(folder: Path, subject, identifier: str, problems: list) -> lis
         if entry.name.startswith("."):
             continue
         if entry.is_file():
-            if _is_image(entry):
+            if entry.suffix.lower() == ".json":  # e.g. generate's per-subject index.json
+                _read_settings(entry, rel, settings, problems)
+            elif entry.name in OVERVIEW_FILES:
+                continue
+            elif _is_image(entry):
                 _problem(problems, "wrong_layout", rel, f"image directly in the subject folder; expected {LAYOUT}")
             else:
                 _problem(problems, "ignored", rel, "not a prompt folder")

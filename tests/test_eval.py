@@ -351,8 +351,10 @@ def _rows(path):
 
 def test_cli_score_report_bound(tmp_path, dataset_dir, ckpts, capsys):
     images = make_generations(tmp_path / "images", dataset_dir, {"dog": 2, "backpack": 2})
-    (images / "index.json").write_text(json.dumps({"num_inference_steps": 50, "guidance_scale": 7.5,
-                                                   "resolution": 512, "images": ["..."]}))
+    for subject in ("dog", "backpack"):  # what `generate` writes beside the prompt folders
+        index = {"settings": {"num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0}, "images": ["..."]}
+        (images / subject / "index.json").write_text(json.dumps(index))
+        real_image(dataset_dir, subject, 0, 32).save(images / subject / "contact_sheet.png")
     enc_args = ["--clip_checkpoint", str(ckpts["clip_dir"]), "--dino_checkpoint", str(ckpts["dino_dir"]),
                 "--device", "cpu", "--no_progress"]
     out = tmp_path / "eval"
@@ -367,7 +369,8 @@ def test_cli_score_report_bound(tmp_path, dataset_dir, ckpts, capsys):
     assert r["summary"]["all"]["dino"]["n_subjects"] == 2 and r["summary"]["all"]["dino"]["n_images"] == 16
     assert r["summary"]["live"]["clip_i"]["n_subjects"] == 1 and r["summary"]["object"]["clip_i"]["n_images"] == 8
     assert all(-1 <= rec[m] <= 1 for rec in r["images"] for m in r["metrics"])
-    assert r["settings"]["generation"]["index.json"]["guidance_scale"] == 7.5
+    assert r["settings"]["generation"]["dog/index.json"]["settings"]["guidance_scale"] == 7.5
+    assert set(r["settings"]["generation"]) == {"dog/index.json", "backpack/index.json"}
     assert r["settings"]["encoders"]["clip"]["quick_gelu"] is True
     assert r["settings"]["protocol"]["clip_t_text"] == "prompt without the identifier"
     assert len(r["real_images"]["dog"]) == 5 and len(r["real_images"]["backpack"]) == 6
@@ -380,7 +383,8 @@ def test_cli_score_report_bound(tmp_path, dataset_dir, ckpts, capsys):
     summary = _rows(out / "report.csv")
     assert len(summary) == 3 * 3 + 3 * 2  # 3 groups x (3 metrics + 2 bound metrics)
     md = (out / "report.md").read_text()
-    assert "| tiny |" in md and "| Real images (upper bound) |" in md and "num_inference_steps=50" in md
+    assert "| tiny |" in md and "| Real images (upper bound) |" in md
+    assert md.count("num_inference_steps=50") == 1  # identical settings files shown once
     with Image.open(out / "report.png") as png:
         assert png.format == "PNG"
     page = (out / "report.html").read_text()
