@@ -19,7 +19,7 @@ from dreambooth_singlora.prompts import get_subject, slugify, strip_identifier
 from eval import encoders as E
 from eval import metrics as M
 from eval.cli import build_parser, main
-from eval.report import load_results, write_report
+from eval.report import write_report
 from eval.score import ReferenceCache, real_image_bound, score_folder
 from eval.testing import TINY_CLIP, TINY_DINO, save_tiny_clip, save_tiny_dino
 
