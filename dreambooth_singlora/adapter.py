@@ -122,6 +122,13 @@ def singlora_layers(unet):
     return out
 
 
+def layer_shapes(unet) -> dict[str, list[int]]:
+    """{"<attention path>.<target>": [d_out, d_in]} of every adapted projection (what export needs)."""
+    config = get_config(unet)
+    return {f"{name}.{t}": [attn.get_submodule(t).out_features, attn.get_submodule(t).in_features]
+            for name, attn in attention_modules(unet) for t in config.target_modules}
+
+
 def trainable_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
@@ -203,7 +210,7 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
     step = getattr(unet, "_dbsl_step", 0)
     meta = {**(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
             "step": step, "u": ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0,
-            "base_model": base_model}
+            "base_model": base_model, "shapes": layer_shapes(unet)}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet).items()}
     out = Path(output_dir)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
@@ -266,6 +273,11 @@ def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
         raise UserError(f"bad adapter config in {path}: {e}") from None
     add_adapter(unet, config, use_xformers=use_xformers)
     try:
+        saved, ours = meta.get("shapes"), layer_shapes(unet)
+        bad = [k for k in (saved or {}) if list(saved[k]) != ours.get(k)]
+        if bad:  # SingLoRA's A is (max(d_in, d_out), r): a changed d_in alone can hide from the tensor shapes
+            raise UserError(f"adapter does not fit this UNet: {bad[0]} is (d_out, d_in) = {tuple(saved[bad[0]])} "
+                            f"in the adapter, {tuple(ours.get(bad[0]) or ())} here (trained on another base model?)")
         load_adapter_state_dict(unet, tensors)
         set_step(unet, int(meta.get("step", 0)))
     except BaseException:
