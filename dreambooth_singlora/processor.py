@@ -46,12 +46,13 @@ class SingLoRAAttnProcessor(nn.Module):
         self.merged = False
         self.use_xformers = use_xformers
 
-    def delta(self, target: str, x: torch.Tensor) -> torch.Tensor | int:
-        """The adapter's contribution to projection `target` (0 when absent or merged into W)."""
+    def project(self, layer: nn.Module, target: str, x: torch.Tensor) -> torch.Tensor:
+        """layer(x), plus the SingLoRA term when `target` is adapted (and not merged into the weight)."""
+        y = layer(x)
         key = _key(target)
         if self.merged or key not in self.adapters:
-            return 0
-        return self.adapters[key](x)
+            return y  # no "+ 0": an unadapted projection costs what the stock processor's does
+        return y + self.adapters[key](x)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -74,13 +75,13 @@ class SingLoRAAttnProcessor(nn.Module):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states) + self.delta("to_q", hidden_states)  # (B, Nq, inner)
+        query = self.project(attn.to_q, "to_q", hidden_states)  # (B, Nq, inner)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states) + self.delta("to_k", encoder_hidden_states)  # (B, Nk, inner)
-        value = attn.to_v(encoder_hidden_states) + self.delta("to_v", encoder_hidden_states)
+        key = self.project(attn.to_k, "to_k", encoder_hidden_states)  # (B, Nk, inner)
+        value = self.project(attn.to_v, "to_v", encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -107,8 +108,7 @@ class SingLoRAAttnProcessor(nn.Module):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        out = attn.to_out[0](hidden_states)
-        hidden_states = out + self.delta("to_out.0", hidden_states)
+        hidden_states = self.project(attn.to_out[0], "to_out.0", hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)

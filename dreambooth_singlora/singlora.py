@@ -53,8 +53,9 @@ def singlora_matmul(x: torch.Tensor, A: torch.Tensor, d_in: int, d_out: int, sca
     A: (B, D, r) with x: (B, N, d_in) applies sample b's own adapter to x[b] (batched adapters).
     """
     if A.dim() == 2:
-        h = x @ A[:d_in]  # (..., r)
-        return (h * scale) @ A[:d_out].T  # (..., d_out)
+        D = A.shape[0]  # slice only the side that needs it: a full-range slice still costs a backward copy
+        h = x @ (A if d_in == D else A[:d_in])  # (..., r)
+        return (h * scale) @ (A if d_out == D else A[:d_out]).T  # (..., d_out)
     h = torch.bmm(x, A[:, :d_in])  # (B, N, r)
     return torch.bmm(h * scale, A[:, :d_out].transpose(1, 2))  # (B, N, d_out)
 
@@ -75,13 +76,20 @@ class SingLoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(max(d_in, d_out), rank))
         init_A_(self.A, d_in, init)
         self.register_buffer("u", torch.zeros(()), persistent=False)
+        self.register_buffer("coef", torch.zeros(()), persistent=False)  # scale * u, kept ready for forward
+        self._u_set = 0.0
 
     def set_ramp(self, u: float) -> None:
-        self.u.fill_(u)
+        if u != self._u_set:  # past the ramp u stays 1: no kernel launches per step
+            self.u.fill_(u)
+            self.coef.fill_(self.scale * u)
+            self._u_set = u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
-        A = self.A.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else self.A
-        return singlora_matmul(x, A, self.d_in, self.d_out, self.u * self.scale)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        # one cast of A (not one per matmul); its gradient flows back to the fp32 A
+        return singlora_matmul(x, self.A.to(dtype), self.d_in, self.d_out, self.coef)
 
     def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), fp32
         return delta_weight(self.A.float(), self.d_in, self.d_out, self.scale * self.u.float())
