@@ -1,5 +1,6 @@
 """`python -m eval <command>`: score generations, compare methods, measure the real-image bound.
 
+    python -m eval render --adapters DIR --output DIR [--subjects ...]   (accelerate launch for many GPUs)
     python -m eval score  --images DIR --dataset_dir DIR --output DIR [--encoders clip dino]
                           [--clip_checkpoint F] [--dino_checkpoint F] [--with_identifier] [--dino_patch_tokens]
     python -m eval report --results NAME=DIR [NAME=DIR ...] --output DIR [--reference]
@@ -171,7 +172,13 @@ def run_bound(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
-COMMANDS = [add_score_command, add_report_command, add_bound_command]
+def add_render_command(subparsers) -> None:
+    from .render import add_render_command as add
+
+    add(subparsers)
+
+
+COMMANDS = [add_render_command, add_score_command, add_report_command, add_bound_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,101 @@
+"""`python -m eval render`: the benchmark's images for a folder of per-subject adapters.
+
+    accelerate launch -m eval render --adapters runs/singlora --output images/singlora
+
+<adapters>/<subject>/ holds each subject's adapter (what `train_dreambooth --subject S
+--output_dir <adapters>/S` writes). For every subject: its 25 prompts x 4 images into
+<output>/<subject>/<prompt-slug>/<k>.png, the layout `python -m eval score` reads. The base
+pipeline is loaded once; each subject's adapter is loaded, merged, used and removed. Subjects are
+split over the processes accelerate launches; images already there are kept (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from dreambooth_singlora.adapter import WEIGHTS_NAME, load_adapter, merge_adapter, read_adapter, remove_adapter
+from dreambooth_singlora.errors import UserError
+from dreambooth_singlora.generate import GenerateConfig, SCHEDULERS, check_writable, generate_images, load_pipeline, write_index
+from dreambooth_singlora.prompts import IDENTIFIER, get_subject, subjects
+
+logger = logging.getLogger("eval.render")
+
+
+def find_adapters(adapters_dir, names=None) -> tuple[dict[str, Path], list[str]]:
+    """({subject: adapter folder}, problems) for the subjects asked for (default: all 30)."""
+    root = Path(adapters_dir)
+    if not root.is_dir():
+        raise UserError(f"adapters folder {root} does not exist (expected <adapters>/<subject>/{WEIGHTS_NAME})")
+    wanted = list(names) if names else list(subjects())
+    found, problems = {}, []
+    for name in wanted:
+        get_subject(name)  # unknown subject: one clear error
+        if (root / name / WEIGHTS_NAME).is_file():
+            found[name] = root / name
+        else:
+            problems.append(f"{name}: no adapter at {root / name / WEIGHTS_NAME}")
+    return found, problems
+
+
+def render(adapters_dir, output_dir, cfg: GenerateConfig, names=None, max_prompts: int | None = None) -> dict:
+    """Render every found subject's prompts; returns {"rendered": [...], "skipped": [...]}."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    found, problems = find_adapters(adapters_dir, names)
+    for p in problems:
+        logger.warning("skipping %s", p)
+    if not found:
+        raise UserError(f"no subject adapter found in {adapters_dir}: " + "; ".join(problems[:3]))
+    check_writable(output_dir)
+    first = next(iter(found.values()))
+    base = cfg.pretrained_model_name_or_path or read_adapter(first)[0].get("base_model")
+    pipe = load_pipeline(None, base, device=state.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+    done = []
+    with state.split_between_processes(sorted(found)) as mine:
+        for name in mine:
+            prompts = get_subject(name).eval_prompts(cfg.identifier)[:max_prompts]
+            load_adapter(pipe.unet, found[name])
+            merge_adapter(pipe.unet)
+            try:
+                generate_images(pipe, cfg, prompts, Path(output_dir) / name)
+            finally:
+                remove_adapter(pipe.unet)
+            write_index(cfg, prompts, Path(output_dir) / name)
+            done.append(name)
+    state.wait_for_everyone()
+    return {"rendered": done, "skipped": problems}
+
+
+def add_render_command(subparsers) -> None:
+    p = subparsers.add_parser("render", help="render the 25 prompts x 4 images of every subject's adapter",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", required=True, help="folder of per-subject adapter folders")
+    p.add_argument("--output", required=True, help="images folder (<output>/<subject>/<slug>/<k>.png)")
+    p.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="base model (default: the adapters')")
+    p.add_argument("--identifier", default=IDENTIFIER, help="the subject token used in training")
+    p.add_argument("--num_images_per_prompt", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default="ddim", choices=tuple(SCHEDULERS))
+    p.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts per subject (demos)")
+    p.add_argument("--no_resume", action="store_true", help="re-render images already in --output")
+    p.set_defaults(func=run_render)
+
+
+def run_render(args) -> int:
+    cfg = GenerateConfig(pretrained_model_name_or_path=args.pretrained_model_name_or_path or None,
+                         adapter=args.adapters, identifier=args.identifier,
+                         num_images_per_prompt=args.num_images_per_prompt,
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+                         output_dir=args.output, skip_existing=not args.no_resume)
+    result = render(args.adapters, args.output, cfg, args.subjects, args.max_prompts)
+    print(f"rendered {len(result['rendered'])} subjects into {args.output}; skipped {len(result['skipped'])}")
+    return 0

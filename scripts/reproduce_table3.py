@@ -1,0 +1,160 @@
+"""Reproduce the SingLoRA paper's Table 3 (DreamBooth on SD1.5): train, render, score, compare.
+
+    python scripts/reproduce_table3.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --dataset_dir ../shared/dreambooth/dataset --work_dir table3 --gpus 0 1 2 3
+
+Rows: LoRA r8, LoRA+ r8, DoRA r8, SingLoRA r8, SingLoRA r16, all on the UNet's to_q/to_k, 400 steps,
+"a photo of sks <class>". Stages, each resumable (rerun the same command after any interruption):
+1. train  <work>/adapters/<row>/<subject>/  one trainer process per (row, subject), up to one per GPU
+          at a time (--gpus); an interrupted subject resumes from its last checkpoint;
+2. render <work>/images/<row>/<subject>/<slug>/<k>.png  via `accelerate launch -m eval render`
+          (subjects split over the GPUs; images already there are kept);
+3. score  <work>/eval/<row>/  DINO, CLIP-I, CLIP-T (EVAL_PROTOCOL.md), real-image features shared;
+4. report <work>/table3.md (ours beside the paper's numbers) + report.md/csv/json/png/html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = {  # name: (method, rank)
+    "lora_r8": ("lora", 8), "loraplus_r8": ("loraplus", 8), "dora_r8": ("dora", 8),
+    "singlora_r8": ("singlora", 8), "singlora_r16": ("singlora", 16),
+}
+PAPER = {  # SingLoRA paper, Table 3: DINO, CLIP-I, CLIP-T
+    "lora_r8": (0.143, 0.677, 0.319), "loraplus_r8": (0.150, 0.688, 0.315), "dora_r8": (0.148, 0.687, 0.317),
+    "singlora_r8": (0.141, 0.677, 0.318), "singlora_r16": (0.151, 0.690, 0.317),
+}
+
+
+def trained(folder: Path, steps: int) -> bool:
+    cfg = folder / "adapter_config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("step") == steps
+
+
+def train_all(args, rows, subjects) -> None:
+    """Stage 1: one trainer process per (row, subject), at most one per GPU at a time."""
+    jobs = [(r, s) for r in rows for s in subjects
+            if not trained(args.work_dir / "adapters" / r / s, args.max_train_steps)]
+    print(f"[train] {len(jobs)} of {len(rows) * len(subjects)} adapters to train", flush=True)
+    slots = [str(g) for g in args.gpus] if args.gpus else [None]
+    running: dict[str, tuple] = {}
+    while jobs or running:
+        for slot in slots:
+            proc = running.get(slot)
+            if proc and proc[0].poll() is not None:
+                if proc[0].returncode != 0:
+                    raise SystemExit(f"[train] {proc[1]} / {proc[2]} failed (exit {proc[0].returncode}); "
+                                     f"log: {proc[3]}. Fix it and rerun: finished subjects are kept")
+                print(f"[train] done {proc[1]} / {proc[2]}", flush=True)
+                del running[slot]
+            if slot not in running and jobs:
+                row, subject = jobs.pop(0)
+                method, rank = ROWS[row]
+                out = args.work_dir / "adapters" / row / subject
+                out.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "dreambooth_singlora.train_dreambooth", "--pretrained_model_name_or_path",
+                       args.pretrained_model_name_or_path, "--subject", subject, "--dataset_dir", str(args.dataset_dir),
+                       "--output_dir", str(out), "--method", method, "--rank", str(rank),
+                       "--max_train_steps", str(args.max_train_steps), "--resolution", str(args.resolution),
+                       "--resume_from_checkpoint", "latest", "--seed", str(args.seed), *args.train_args]
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
+                log = out / "train.log"
+                running[slot] = (subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
+                                 row, subject, log)
+        time.sleep(0.2)
+
+
+def render_all(args, rows, subjects) -> None:
+    """Stage 2: `python -m eval render` per row, spread over the GPUs by accelerate."""
+    for row in rows:
+        n = max(1, len(args.gpus))
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if args.gpus:
+            launch += ["--gpu_ids", ",".join(map(str, args.gpus))]
+        cmd = [*launch, "-m", "eval", "render", "--adapters", str(args.work_dir / "adapters" / row),
+               "--output", str(args.work_dir / "images" / row), "--subjects", *subjects,
+               "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
+               "--num_images_per_prompt", str(args.num_images_per_prompt), "--seed", str(args.seed)]
+        if args.max_prompts:
+            cmd += ["--max_prompts", str(args.max_prompts)]
+        print(f"[render] {row}", flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def score_all(args, rows, subjects) -> dict:
+    """Stage 3: score every row with the same encoders and one cache of real-image features."""
+    from eval import ReferenceCache, load_encoders, score_folder, write_score_outputs
+
+    encoders = load_encoders(args.encoders, checkpoints={"clip": args.clip_checkpoint, "dino": args.dino_checkpoint})
+    cache = ReferenceCache(args.dataset_dir)
+    results = {}
+    for row in rows:
+        print(f"[score] {row}", flush=True)
+        results[row] = score_folder(args.work_dir / "images" / row, args.dataset_dir, encoders, subjects=subjects,
+                                    cache=cache)
+        write_score_outputs(results[row], args.work_dir / "eval" / row, name=row)
+    return results
+
+
+def table3(results: dict) -> str:
+    def val(r, m):
+        e = r["summary"]["all"].get(m) or {}
+        return "-" if e.get("mean") is None else f"{e['mean']:.3f}" + (f" ± {e['std']:.3f}" if e.get("std") else "")
+
+    lines = ["| row | DINO (ours) | DINO (paper) | CLIP-I (ours) | CLIP-I (paper) | CLIP-T (ours) | CLIP-T (paper) |",
+             "|---|---|---|---|---|---|---|"]
+    for row, r in results.items():
+        p = PAPER[row]
+        lines.append(f"| {row} | {val(r, 'dino')} | {p[0]:.3f} | {val(r, 'clip_i')} | {p[1]:.3f} | "
+                     f"{val(r, 'clip_t')} | {p[2]:.3f} |")
+    return "\n".join(lines) + "\n\nours: mean ± std across subject means (EVAL_PROTOCOL.md); paper: SingLoRA Table 3.\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--dataset_dir", type=Path, required=True)
+    p.add_argument("--work_dir", type=Path, default=Path("table3"))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--subjects", nargs="+", default=None, help="default: all 30")
+    p.add_argument("--stages", nargs="+", default=["train", "render", "score"], choices=["train", "render", "score"])
+    p.add_argument("--gpus", nargs="*", type=int, default=[], help="GPU ids to use (default: accelerate's device)")
+    p.add_argument("--max_train_steps", type=int, default=400)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_images_per_prompt", type=int, default=4)
+    p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts per subject (demos)")
+    p.add_argument("--encoders", nargs="+", default=["clip", "dino"])
+    p.add_argument("--clip_checkpoint", default=None)
+    p.add_argument("--dino_checkpoint", default=None)
+    p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra trainer flags (last)")
+    args = p.parse_args(argv)
+    from dreambooth_singlora.prompts import subjects as all_subjects
+
+    subjects = args.subjects or list(all_subjects())
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if "train" in args.stages:
+        train_all(args, args.rows, subjects)
+    if "render" in args.stages:
+        render_all(args, args.rows, subjects)
+    if "score" in args.stages:
+        from eval import write_report
+
+        results = score_all(args, args.rows, subjects)
+        write_report(results, args.work_dir / "report", reference=True)
+        (args.work_dir / "table3.md").write_text(table3(results))
+        print((args.work_dir / "table3.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
