@@ -19,6 +19,8 @@ lists where to get them.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -76,6 +78,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # PIL decodes/resizes without the GIL
+
+
+def parallel_map(fn, items) -> list:
+    """[fn(x) for x in items], on a few threads (image decoding and preprocessing)."""
+    return list(_POOL.map(fn, items))
+
+
 @dataclass
 class Encoder:
     """An image (and optionally text) feature extractor used for scoring.
@@ -113,7 +123,7 @@ class Encoder:
         """PIL images -> {metric: (N, D) fp32 L2-normalised features on the CPU}."""
         chunks: dict = {m: [] for m in self.image_metrics}
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.transform(im) for im in images[start:start + self.batch_size]])
+            batch = torch.stack(parallel_map(self.transform, images[start:start + self.batch_size]))
             out = self.image_fn(batch.to(self.device, torch.float32))
             for m in self.image_metrics:
                 chunks[m].append(F.normalize(out[m].float(), dim=-1).cpu())

@@ -37,7 +37,7 @@ from dreambooth_singlora.prompts import IDENTIFIER, get_subject, slugify, strip_
 from dreambooth_singlora.prompts import subjects as all_subjects
 
 from . import metrics as M
-from .encoders import Encoder
+from .encoders import Encoder, parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,14 @@ def load_image(path) -> Image.Image:
 
 
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _try_load(path):
+    """load_image, or the exception that says why the file is unreadable."""
+    try:
+        return load_image(path)
+    except _UNREADABLE as e:
+        return e
 
 
 def _problem(problems: list, kind: str, path: str, message: str) -> None:
@@ -323,12 +331,13 @@ def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_i
 
         for start in range(0, len(gens), _LOAD_CHUNK):
             chunk, images = [], []
-            for g in gens[start:start + _LOAD_CHUNK]:
-                try:
-                    images.append(load_image(g.path))
+            part = gens[start:start + _LOAD_CHUNK]
+            for g, im in zip(part, parallel_map(_try_load, [g.path for g in part])):
+                if isinstance(im, Exception):
+                    _problem(problems, "unreadable_image", g.rel, f"{type(im).__name__}: {im}; not scored")
+                else:
+                    images.append(im)
                     chunk.append(g)
-                except _UNREADABLE as e:
-                    _problem(problems, "unreadable_image", g.rel, f"{type(e).__name__}: {e}; not scored")
             scores = {}
             if chunk:
                 for e in encoders:
