@@ -71,6 +71,23 @@ def run_trainer(model_dir: Path, args, method: str, graphs: bool, out: Path) -> 
             "command": " ".join(c if " " not in c else repr(c) for c in cmd)}
 
 
+def compare_runs(work: Path, args, methods) -> dict:
+    """Same seed, CUDA graphs on vs off: the logged loss curve and the final adapter (what is learned)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for m in methods:
+        runs = {g: work / f"run-{m}-{g}" for g in ("graphs", "eager")}
+        hist = {g: json.loads((d / "checkpoints" / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())["history"]
+                for g, d in runs.items()}
+        a, b = (load_file(str(d / "adapter_model.safetensors")) for d in runs.values())
+        diff = max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
+        out[m] = {"max_abs_loss_difference": max(abs(x[1] - y[1]) for x, y in zip(hist["graphs"], hist["eager"])),
+                  "loss_points": len(hist["graphs"]), "final_loss": [hist["graphs"][-1][1], hist["eager"][-1][1]],
+                  "max_relative_adapter_difference": diff}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_dir", required=True, help="DreamBooth dataset folder (<dir>/<subject>/*.jpg)")
@@ -78,6 +95,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["singlora", "lora", "dora"])
     p.add_argument("--eager_methods", nargs="*", default=["singlora", "lora"], help="also run these without CUDA graphs")
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--skip_unet_alone", action="store_true", help="skip timing the UNet alone")
     p.add_argument("--work_dir", default="/tmp/dbsl-bench")
     p.add_argument("--output", default="benchmark.json")
     args = p.parse_args(argv)
@@ -93,7 +111,7 @@ def main(argv=None):
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
               "resolution": 512, "batch_size": 1, "precision": "bf16", "build_seconds": round(time.perf_counter() - t0, 1),
               "unet_alone_samples_per_s": {}, "runs": []}
-    for method in (None, "singlora", "lora"):
+    for method in () if args.skip_unet_alone else (None, "singlora", "lora"):
         for graphed in (False, True):
             key = f"{method or 'frozen, grad to input'}{' graphed' if graphed else ' eager'}"
             result["unet_alone_samples_per_s"][key] = round(unet_alone(model, method, graphed), 2)
@@ -105,6 +123,7 @@ def main(argv=None):
         r["unet_share_of_step"] = round(r["it_per_s"] / alone, 2) if alone else None
         result["runs"].append(r)
         print(json.dumps(r), flush=True)
+    result["graphs_vs_eager"] = compare_runs(work, args, [m for m in args.eager_methods if m in args.methods])
     Path(args.output).write_text(json.dumps(result, indent=2))
     print(f"\nGPU: {result['gpu']}, {args.steps} steps, batch 1, 512 px, bf16\n")
     print("| method | CUDA graphs | loop it/s | whole run (s) | peak GPU memory (GB) | UNet share of step |")
