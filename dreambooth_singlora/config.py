@@ -103,6 +103,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(f"--{f.name}", **kw)
 
 
+def dataclass_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser whose flags are the fields of the dataclass `cls`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, cls)
+    return parser
+
+
 def from_args(cls, ns: argparse.Namespace):
     """Build the dataclass `cls` from the parsed flags (fields without a flag keep their default)."""
     given = {f.name: getattr(ns, f.name, None) for f in fields(cls)}

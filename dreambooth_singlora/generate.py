@@ -10,7 +10,6 @@ Each image's k uses seed + k, whatever the batch size: same seed and settings, s
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
 from .adapter import get_config, load_adapter, merge_adapter, read_adapter, singlora_layers
-from .config import _help, add_arguments, from_args
+from .config import _help, dataclass_parser, from_args
 from .data import image_grid
 from .errors import UserError, cli_entry
 from .fileio import atomic_path, write_json_atomic
@@ -71,6 +70,10 @@ class GenerateConfig:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.adapter and not self.pretrained_model_name_or_path:
             raise UserError("give --adapter (a trained adapter folder) or --pretrained_model_name_or_path")
+
+    def settings(self) -> dict:
+        """What decides the images (recorded in each PNG and in index.json)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("prompt", "prompts_file", "output_dir")}
 
     def prompts(self) -> list[str]:
         """The prompts, in order: --prompt flags, then --prompts_file lines, then --subject's 25."""
@@ -183,7 +186,7 @@ def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None,
     prompts = prompts if prompts is not None else cfg.prompts()
     for p in dict.fromkeys(prompts):
         check_prompt_length(pipe.tokenizer, p)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompt", "prompts_file", "output_dir")}
+    settings = cfg.settings()
     todo = jobs if jobs is not None else plan(prompts, cfg.num_images_per_prompt)
     if cfg.skip_existing:
         todo = [j for j in todo if not (out / j[1] / f"{j[2]}.png").is_file()]
@@ -212,7 +215,7 @@ def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Pat
 
     out = Path(output_dir or cfg.output_dir)
     jobs = plan(prompts, cfg.num_images_per_prompt)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompt", "prompts_file", "output_dir")}
+    settings = cfg.settings()
     images = [{"prompt": p, "slug": s, "k": k, "seed": cfg.seed + k, "file": f"{s}/{k}.png"} for p, s, k in jobs]
     write_json_atomic(out / "index.json", {"settings": settings, "images": images})
     thumbs = []
@@ -237,16 +240,9 @@ def check_writable(folder) -> None:
         raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="dreambooth-singlora generate", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, GenerateConfig)
-    return parser
-
-
 @cli_entry
 def main(argv=None):
-    cfg = from_args(GenerateConfig, build_parser().parse_args(argv))
+    cfg = from_args(GenerateConfig, dataclass_parser(GenerateConfig, "dreambooth-singlora generate", __doc__).parse_args(argv))
     prompts = cfg.prompts()
     check_writable(cfg.output_dir)
     pipe = load_pipeline(cfg.adapter, cfg.pretrained_model_name_or_path, dtype=cfg.dtype, merge=cfg.merge,

@@ -75,8 +75,8 @@ def write_clip_tokenizer(out_dir) -> Path:
 
 def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
     """Build and save a tiny random-weight SD-1.5-shaped pipeline in diffusers layout; returns its folder."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -87,6 +87,14 @@ def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
         max_position_embeddings=77, projection_dim=48, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return save_pipeline(out, unet, vae, text_encoder)
+
+
+def save_pipeline(out: Path, unet, vae, text_encoder) -> Path:
+    """Save the parts with the real CLIP tokenizer and SD1.5's scheduler as a diffusers pipeline folder."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     tok_dir = write_clip_tokenizer(out / "_tokenizer_src")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -104,8 +112,8 @@ def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
 def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:
     """The full SD1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights,
     saved in diffusers layout: what speed and memory benchmarks train on where no weights exist."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -118,16 +126,7 @@ def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 
             hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
             max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
             bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
-    tok_dir = write_clip_tokenizer(out / "_tokenizer_src")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    pipe = StableDiffusionPipeline(vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=tokenizer,
-                                   unet=unet.to(dtype), scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out
+    return save_pipeline(out, unet.to(dtype), vae.to(dtype), text_encoder.to(dtype))
 
 
 def sd15_unet(device="cpu", dtype=torch.float32):

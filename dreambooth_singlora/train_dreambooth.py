@@ -11,7 +11,6 @@ checkpoint (`--resume_from_checkpoint latest`) with the same result it would hav
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter_state_dict,
                       read_adapter, save_adapter, set_step, trainable_parameters)
-from .config import TrainConfig, add_arguments, from_args
+from .config import TrainConfig, dataclass_parser, from_args
 from .data import image_grid, load_images, prepare
 from .errors import UserError, cli_entry
 from .fileio import atomic_path, write_json_atomic, write_text_atomic
@@ -515,16 +514,9 @@ def check_finite(loss: float, params, step: int, cfg: TrainConfig) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="dreambooth-singlora train", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, TrainConfig)
-    return parser
-
-
 @cli_entry
 def main(argv=None):
-    cfg = from_args(TrainConfig, build_parser().parse_args(argv))
+    cfg = from_args(TrainConfig, dataclass_parser(TrainConfig, "dreambooth-singlora train", __doc__).parse_args(argv))
     train(cfg)
 
 

@@ -51,15 +51,6 @@ def lora_layers(unet):
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny UNet runs fastest on one thread, and far faster than on two busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def make_unet(tiny_pipeline):
     """A factory of fresh tiny UNets with the same base weights (through from_pretrained)."""

@@ -21,15 +21,6 @@ ALL = ("to_q", "to_k", "to_v", "to_out.0")
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny UNet runs fastest on one thread, and far faster than on two busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(masked=False, dtype=torch.float32):
     """Latents (2, 4, 8, 8), timesteps, text states (2, 5, 48) and, if `masked`, a text mask (2, 5)."""
     g = torch.Generator().manual_seed(0)
