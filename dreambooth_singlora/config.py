@@ -184,6 +184,7 @@ class TrainConfig(SingLoRAConfig):
         "prompt for validation image grids (default: none)"))
     num_validation_images: int = field(default=4, metadata=_help("images per validation"))
     validation_steps: int = field(default=100, metadata=_help("validate every N steps"))
+    fused_adam: bool = field(default=True, metadata=_help("fused AdamW kernel on CUDA (one launch for all adapter tensors)"))
     cuda_graphs: bool = field(default=True, metadata=_help(
         "on one GPU, replay the UNet's forward/backward as CUDA graphs (same numbers, no launch overhead)"))
     report_to: str = field(default="tensorboard", metadata=_help("tracker for accelerate ('tensorboard', 'none')"))

@@ -223,7 +223,7 @@ def make_optimizer(cfg: TrainConfig, unet, device):
         opt_cls = bnb.optim.AdamW8bit
     else:
         opt_cls = torch.optim.AdamW
-        if device.type == "cuda":
+        if device.type == "cuda" and cfg.fused_adam:
             kw["fused"] = True  # one kernel for all adapter tensors
     if cfg.method == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
