@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -253,8 +253,7 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
     key = lambda m: (m.get("method"), m.get("rank"), list(m.get("target_modules") or []))  # noqa: E731
     batched = [n for n in adapters if first is not None and key(metas[n]) == key(metas[first])]
     alone = [n for n in adapters if n not in batched]
-    settings = {n: {k: v for k, v in asdict(replace(cfg, adapter=str(adapters[n]))).items()
-                    if k not in ("prompt", "prompts_file", "output_dir")} for n in adapters}
+    settings = {n: replace(cfg, adapter=str(adapters[n])).settings() for n in adapters}
     unet, n_images = pipe.unet, 0
 
     for name in alone:  # one subject at a time, merged: what eval's render does

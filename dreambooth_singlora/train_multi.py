@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .adapter import (adapter_state_dict, add_adapter, load_adapter_state_dict, read_adapter,
                       remove_adapter)
-from .config import TrainConfig, add_arguments
+from .config import TrainConfig, dataclass_parser
 from .errors import UserError, cli_entry
 from .fileio import write_json_atomic, write_text_atomic
 from .multi import add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, save_subject
@@ -452,15 +452,13 @@ def train_multi(cfgs: list[TrainConfig], output_dir=None, subjects_per_batch: in
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth-singlora train-multi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = dataclass_parser(TrainConfig, "dreambooth-singlora train-multi", __doc__)
     parser.add_argument("--subjects", nargs="+", required=True,
                         help="DreamBooth subjects (names from prompts/subjects.csv), or 'all' for the 30; "
                              "each trains on <dataset_dir>/<subject>/ into <output_dir>/<subject>/")
     parser.add_argument("--subjects_per_batch", type=int, default=None,
                         help="subjects trained together, one UNet batch (default: all); lower it if the GPU "
                              "runs out of memory. Ignored by lora/loraplus/dora, which run one subject at a time")
-    add_arguments(parser, TrainConfig)
     for action in parser._actions:
         if action.dest in NOT_IN_MULTI:
             action.help = argparse.SUPPRESS

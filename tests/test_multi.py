@@ -29,15 +29,6 @@ STEPS = 6
 SUBJECTS = ("dog", "cat")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny UNet runs fastest on one thread (the shared CI cores are busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def base(tiny_pipeline, dataset_dir, **kw):
     # max_grad_norm small enough that clipping acts every step; accumulation 2: micro-batches too
     return {**dict(pretrained_model_name_or_path=str(tiny_pipeline), dataset_dir=dataset_dir, resolution=32,
