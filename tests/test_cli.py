@@ -21,7 +21,8 @@ def test_unknown_command_is_one_error_line(capsys):
 
 
 @pytest.mark.parametrize("command, flag", [("train", "--max_train_steps"), ("generate", "--adapter_scale"),
-                                           ("export", "--format"), ("eval", "render")])
+                                           ("export", "--format"), ("eval", "render"),
+                                           ("train-multi", "--subjects"), ("generate-many", "--adapters")])
 def test_each_command_reaches_its_parser(command, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
