@@ -241,20 +241,41 @@ def save_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler, step: int, 
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(unet, tmp, base_model=cfg.pretrained_model_name_or_path)
-    sd = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
-               for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    write_json_atomic(tmp / "trainer_state.json", {
+        "step": step, "param_groups": save_optimizer_state(optimizer, tmp),
+        "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "history": history, "config": cfg.to_dict()})
+    return commit_checkpoint(tmp, final, list_checkpoints, cfg.checkpoints_total_limit)
+
+
+def save_optimizer_state(optimizer, folder: Path) -> list:
+    """Write the optimizer's tensors to <folder>/optimizer.safetensors; returns its param_groups (JSON)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    write_json_atomic(tmp / "trainer_state.json", {
-        "step": step, "param_groups": sd["param_groups"], "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
-        "history": history, "config": cfg.to_dict()})
+    sd = optimizer.state_dict()
+    save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
+               for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)},
+              str(folder / "optimizer.safetensors"))
+    return sd["param_groups"]
+
+
+def load_optimizer_state(optimizer, folder: Path, param_groups: list) -> None:
+    """The inverse of save_optimizer_state (safetensors: no pickle is ever loaded)."""
+    from safetensors.torch import load_file
+
+    state: dict = {}
+    for name, v in load_file(str(folder / "optimizer.safetensors")).items():
+        _, i, k = name.split(".", 2)
+        state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def commit_checkpoint(tmp: Path, final: Path, lister, limit: int | None) -> Path:
+    """Rename the fully written folder `tmp` to `final`, then keep only the newest `limit` checkpoints."""
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    if cfg.checkpoints_total_limit:
-        for old in list_checkpoints(root)[: -cfg.checkpoints_total_limit]:
+    if limit:
+        for old in lister(final.parent)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -292,14 +313,7 @@ def load_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler) -> tuple[in
             raise UserError(f"checkpoint {path} was trained with {key}={meta.get(key)!r}, this run has "
                             f"{ours.get(key)!r}: resume with the same settings or start a new --output_dir")
     load_adapter_state_dict(unet, tensors)
-    from safetensors.torch import load_file
-
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict = {}
-    for name, v in opt_tensors.items():
-        _, i, k = name.split(".", 2)
-        opt_state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    load_optimizer_state(optimizer, path, state["param_groups"])
     lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
     logger.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"]), state.get("history", [])

@@ -45,8 +45,9 @@ from .fileio import write_json_atomic, write_text_atomic
 from .multi import add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, save_subject
 from .prompts import get_subject, slugify, subjects
 from .singlora import ramp
-from .train_dreambooth import (TrainData, _jsonable, _sync_time, load_models, make_optimizer, model_card,
-                               plot_loss, train)
+from .train_dreambooth import (TrainData, _jsonable, _sync_time, commit_checkpoint, load_models,
+                               load_optimizer_state, make_optimizer, model_card, plot_loss, save_optimizer_state,
+                               train)
 
 logger = logging.getLogger("dreambooth_singlora.train_multi")
 CHECKPOINTS = "checkpoints"
@@ -182,22 +183,13 @@ def save_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, o
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in bank_state_dict(unet).items()}, str(tmp / BANK_NAME),
               metadata={"format": "pt", "subjects": json.dumps(names)})
-    sd = optimizer.state_dict()
-    save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
-               for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)},
-              str(tmp / "optimizer.safetensors"))
+    param_groups = save_optimizer_state(optimizer, tmp)
     shared = {k: v for k, v in cfg.to_dict().items() if k not in PER_SUBJECT}
     write_json_atomic(tmp / "trainer_state.json", {
-        "step": step, "subjects": names, "param_groups": sd["param_groups"],
+        "step": step, "subjects": names, "param_groups": param_groups,
         "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "histories": histories,
         "adapter": cfg.adapter_config().to_dict(), "config": shared})
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if cfg.checkpoints_total_limit:
-        for old in list_bank_checkpoints(ckroot)[: -cfg.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    return commit_checkpoint(tmp, final, list_bank_checkpoints, cfg.checkpoints_total_limit)
 
 
 def load_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, optimizer,
@@ -237,11 +229,7 @@ def load_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, o
     with torch.no_grad():
         for k, v in bank.items():
             own[k].copy_(v)
-    opt_state: dict = {}
-    for name, v in load_file(str(files[2])).items():
-        _, i, k = name.split(".", 2)
-        opt_state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    load_optimizer_state(optimizer, path, state["param_groups"])
     lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
     logger.info("resumed %s from %s at step %d", ", ".join(names), path, state["step"])
     return int(state["step"]), state.get("histories", {})
