@@ -6,7 +6,8 @@
 Rows: LoRA r8, LoRA+ r8, DoRA r8, SingLoRA r8, SingLoRA r16, all on the UNet's to_q/to_k, 400 steps,
 "a photo of sks <class>". Stages, each resumable (rerun the same command after any interruption):
 1. train  <work>/adapters/<row>/<subject>/  one trainer process per (row, subject), up to one per GPU
-          at a time (--gpus); an interrupted subject resumes from its last checkpoint;
+          at a time (--gpus); an interrupted subject resumes from its last checkpoint; with
+          --multi_subject the SingLoRA rows train all their subjects in one batched run;
 2. render <work>/images/<row>/<subject>/<slug>/<k>.png  via `accelerate launch -m eval render`
           (subjects split over the GPUs; images already there are kept);
 3. score  <work>/eval/<row>/  DINO, CLIP-I, CLIP-T (EVAL_PROTOCOL.md), real-image features shared;
@@ -38,8 +39,32 @@ def trained(folder: Path, steps: int) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("step") == steps
 
 
+def train_multi_rows(args, rows, subjects) -> list[str]:
+    """--multi_subject: each SingLoRA row's subjects trained together in one process (docs/MULTI.md);
+    returns the rows it handled. The adapters are those the per-subject runs would give."""
+    done = []
+    for row in rows:
+        method, rank = ROWS[row]
+        if method != "singlora":
+            continue
+        todo = [s for s in subjects if not trained(args.work_dir / "adapters" / row / s, args.max_train_steps)]
+        if todo:
+            print(f"[train] {row}: {len(todo)} subjects in one multi-subject run", flush=True)
+            env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(args.gpus[0])} if args.gpus else {}))
+            subprocess.run([sys.executable, "-m", "dreambooth_singlora.train_multi", "--subjects", *todo,
+                            "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--dataset_dir",
+                            str(args.dataset_dir), "--output_dir", str(args.work_dir / "adapters" / row), "--method",
+                            method, "--rank", str(rank), "--max_train_steps", str(args.max_train_steps),
+                            "--resolution", str(args.resolution), "--seed", str(args.seed),
+                            "--resume_from_checkpoint", "latest", *args.train_args], env=env, check=True)
+        done.append(row)
+    return done
+
+
 def train_all(args, rows, subjects) -> None:
     """Stage 1: one trainer process per (row, subject), at most one per GPU at a time."""
+    if args.multi_subject:
+        rows = [r for r in rows if r not in train_multi_rows(args, rows, subjects)]
     jobs = [(r, s) for r in rows for s in subjects
             if not trained(args.work_dir / "adapters" / r / s, args.max_train_steps)]
     print(f"[train] {len(jobs)} of {len(rows) * len(subjects)} adapters to train", flush=True)
@@ -127,6 +152,8 @@ def main(argv=None):
     p.add_argument("--subjects", nargs="+", default=None, help="default: all 30")
     p.add_argument("--stages", nargs="+", default=["train", "render", "score"], choices=["train", "render", "score"])
     p.add_argument("--gpus", nargs="*", type=int, default=[], help="GPU ids to use (default: accelerate's device)")
+    p.add_argument("--multi_subject", action="store_true",
+                   help="train each SingLoRA row's subjects together in one batched run (same adapters, faster)")
     p.add_argument("--max_train_steps", type=int, default=400)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

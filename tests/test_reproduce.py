@@ -27,7 +27,8 @@ def table3_run(tiny_pipeline, dataset_dir, tmp_path_factory):
     argv = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--dataset_dir", dataset_dir, "--work_dir",
             str(tmp / "work"), "--rows", "lora_r8", "singlora_r8", "--subjects", "dog", "backpack",
             "--max_train_steps", "2", "--resolution", "32", "--num_inference_steps", "2", "--max_prompts", "2",
-            "--clip_checkpoint", str(clip), "--dino_checkpoint", str(dino), "--train_args", "--report_to", "none"]
+            "--clip_checkpoint", str(clip), "--dino_checkpoint", str(dino), "--multi_subject",
+            "--train_args", "--report_to", "none"]
     load_script().main(argv)
     return tmp / "work", argv
 
