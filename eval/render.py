@@ -5,8 +5,9 @@
 <adapters>/<subject>/ holds each subject's adapter (what `train_dreambooth --subject S
 --output_dir <adapters>/S` writes). For every subject: its 25 prompts x 4 images into
 <output>/<subject>/<prompt-slug>/<k>.png, the layout `python -m eval score` reads. The base
-pipeline is loaded once; each subject's adapter is loaded, merged, used and removed. Subjects are
-split over the processes accelerate launches; images already there are kept (resumable).
+pipeline is loaded once; SingLoRA adapters render together, subjects mixed in each batch
+(`generate_many`), other methods one subject at a time, merged. Subjects are split over the
+processes accelerate launches; images already there are kept (resumable).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from dreambooth_singlora.adapter import WEIGHTS_NAME, load_adapter, merge_adapter, read_adapter, remove_adapter
+from dreambooth_singlora.adapter import WEIGHTS_NAME, read_adapter
 from dreambooth_singlora.errors import UserError
-from dreambooth_singlora.generate import GenerateConfig, SCHEDULERS, check_writable, generate_images, load_pipeline, write_index
+from dreambooth_singlora.generate import SCHEDULERS, GenerateConfig, check_writable, load_pipeline
+from dreambooth_singlora.multi import generate_many
 from dreambooth_singlora.prompts import IDENTIFIER, get_subject, subjects
 
 logger = logging.getLogger("eval.render")
@@ -53,20 +55,12 @@ def render(adapters_dir, output_dir, cfg: GenerateConfig, names=None, max_prompt
     first = next(iter(found.values()))
     base = cfg.pretrained_model_name_or_path or read_adapter(first)[0].get("base_model")
     pipe = load_pipeline(None, base, device=state.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
-    done = []
     with state.split_between_processes(sorted(found)) as mine:
-        for name in mine:
-            prompts = get_subject(name).eval_prompts(cfg.identifier)[:max_prompts]
-            load_adapter(pipe.unet, found[name])
-            merge_adapter(pipe.unet)
-            try:
-                generate_images(pipe, cfg, prompts, Path(output_dir) / name)
-            finally:
-                remove_adapter(pipe.unet)
-            write_index(cfg, prompts, Path(output_dir) / name)
-            done.append(name)
+        if mine:  # SingLoRA adapters of one rank render together, subjects mixed in each batch
+            generate_many(pipe, {n: found[n] for n in mine}, cfg, output_dir,
+                          prompts={n: get_subject(n).eval_prompts(cfg.identifier)[:max_prompts] for n in mine})
     state.wait_for_everyone()
-    return {"rendered": done, "skipped": problems}
+    return {"rendered": list(mine), "skipped": problems}
 
 
 def add_render_command(subparsers) -> None:
