@@ -100,6 +100,8 @@ def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
 
 def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
     """Paste same-size images into rows of `cols` on a white sheet (the last row may be short)."""
+    if not images:
+        raise UserError("no images to put on a sheet")
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
     w, h = images[0].size

@@ -382,6 +382,8 @@ def main(argv=None):
     base = args.pretrained_model_name_or_path or read_adapter(cfg.adapter)[0].get("base_model")
     pipe = load_pipeline(None, base, dtype=args.dtype, scheduler=args.scheduler,
                          use_xformers=args.enable_xformers_memory_efficient_attention)
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise UserError(f"--max_prompts must be >= 1, got {args.max_prompts}")
     prompts = {n: get_subject(n).eval_prompts(args.identifier)[:args.max_prompts] for n in adapters}
     result = generate_many(pipe, adapters, cfg, args.output_dir, prompts)
     print(f"{result['images']} images for {len(adapters)} subjects in {args.output_dir} "

@@ -108,23 +108,31 @@ class LatentCache:
         return (mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)) * self.scaling
 
 
+def sampling_pipeline(models: Models, unet):
+    """A StableDiffusionPipeline over the loaded parts with a DPM++ sampler (class images, validation)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                   unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(
+                                       models.noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def ensure_class_images(cfg: TrainConfig, accelerator, models: Models) -> None:
     """Generate the class images prior preservation needs with the base model, once; reuse them after."""
-    from diffusers import StableDiffusionPipeline
-
     from .data import list_images
 
     folder = Path(cfg.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    missing = cfg.num_class_images - len(list_images(folder))
+    start = len(list_images(folder))  # listed once, and every process has listed before any writes
+    accelerator.wait_for_everyone()
+    missing = cfg.num_class_images - start
     if missing <= 0:
         return
     logger.info("generating %d class images for %r in %s", missing, cfg.class_prompt, folder)
-    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                   unet=models.unet, scheduler=models.noise_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    start = len(list_images(folder))
+    pipe = sampling_pipeline(models, models.unet)
     indices = list(range(start, start + missing))
     with accelerator.split_between_processes(indices) as mine:
         for i in tqdm(range(0, len(mine), cfg.sample_batch_size), desc="class images",
@@ -132,7 +140,7 @@ def ensure_class_images(cfg: TrainConfig, accelerator, models: Models) -> None:
             batch = mine[i:i + cfg.sample_batch_size]
             gen = [torch.Generator(accelerator.device).manual_seed(cfg.seed * 100_003 + j) for j in batch]
             images = pipe([cfg.class_prompt] * len(batch), generator=gen, height=cfg.resolution,
-                          width=cfg.resolution).images
+                          width=cfg.resolution, num_inference_steps=25).images
             for j, im in zip(batch, images):
                 with atomic_path(folder / f"class-{j:05d}.png") as tmp:
                     im.save(tmp, format="PNG")
@@ -228,7 +236,8 @@ def make_optimizer(cfg: TrainConfig, unet, device):
     if cfg.method == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(unet, opt_cls, loraplus_lr_ratio=cfg.loraplus_lr_ratio, **kw)
+        return create_loraplus_optimizer(unet, opt_cls, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                         loraplus_weight_decay=cfg.adam_weight_decay, **kw)
     return opt_cls(trainable_parameters(unet), **kw)
 
 
@@ -241,24 +250,26 @@ def save_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler, step: int, 
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(unet, tmp, base_model=cfg.pretrained_model_name_or_path)
-    write_json_atomic(tmp / "trainer_state.json", {
-        "step": step, "param_groups": save_optimizer_state(optimizer, tmp),
+    write_json_atomic(tmp / "trainer_state.json", {  # written last: its presence marks a complete checkpoint
+        "step": step, "optimizer": save_optimizer_state(optimizer, tmp),
         "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "history": history, "config": cfg.to_dict()})
     return commit_checkpoint(tmp, final, list_checkpoints, cfg.checkpoints_total_limit)
 
 
-def save_optimizer_state(optimizer, folder: Path) -> list:
-    """Write the optimizer's tensors to <folder>/optimizer.safetensors; returns its param_groups (JSON)."""
+def save_optimizer_state(optimizer, folder: Path) -> dict:
+    """Write the optimizer's tensors to <folder>/optimizer.safetensors (atomically); returns the rest
+    (param_groups, and plain-number state such as bitsandbytes' int step) as JSON for trainer_state."""
     from safetensors.torch import save_file
 
     sd = optimizer.state_dict()
-    save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
-               for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)},
-              str(folder / "optimizer.safetensors"))
-    return sd["param_groups"]
+    with atomic_path(folder / "optimizer.safetensors") as tmp:
+        save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
+                   for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}, str(tmp))
+    scalars = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, (int, float))}
+    return {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer_state(optimizer, folder: Path, param_groups: list) -> None:
+def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
     """The inverse of save_optimizer_state (safetensors: no pickle is ever loaded)."""
     from safetensors.torch import load_file
 
@@ -266,7 +277,10 @@ def load_optimizer_state(optimizer, folder: Path, param_groups: list) -> None:
     for name, v in load_file(str(folder / "optimizer.safetensors")).items():
         _, i, k = name.split(".", 2)
         state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    for name, v in saved.get("scalars", {}).items():
+        i, k = name.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def commit_checkpoint(tmp: Path, final: Path, lister, limit: int | None) -> Path:
@@ -288,7 +302,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first (temporary ones from an interrupted save are ignored)."""
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and (p / WEIGHTS_NAME).is_file()]
+    done = [p for p in root.glob("checkpoint-*")
+            if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
@@ -306,14 +321,22 @@ def load_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler) -> tuple[in
     state_file = path / "trainer_state.json"
     if not state_file.is_file() or not (path / "optimizer.safetensors").is_file():
         raise UserError(f"{path} is an adapter, not a training checkpoint (no trainer_state.json / optimizer state)")
-    state = json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path} has a corrupt trainer_state.json ({e}); resume from an older "
+                        "checkpoint folder or start a new --output_dir") from None
     ours = get_config(unet).to_dict()
     for key in ("method", "rank", "alpha", "target_modules", "init", "ramp_steps"):
         if meta.get(key) != ours.get(key):
             raise UserError(f"checkpoint {path} was trained with {key}={meta.get(key)!r}, this run has "
                             f"{ours.get(key)!r}: resume with the same settings or start a new --output_dir")
     load_adapter_state_dict(unet, tensors)
-    load_optimizer_state(optimizer, path, state["param_groups"])
+    try:
+        load_optimizer_state(optimizer, path, state["optimizer"])
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UserError(f"checkpoint {path} has an unreadable optimizer state ({type(e).__name__}: {e}); resume "
+                        "from an older checkpoint folder or start a new --output_dir") from None
     lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
     logger.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"]), state.get("history", [])
@@ -325,13 +348,8 @@ def load_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler) -> tuple[in
 def validate(cfg: TrainConfig, accelerator, models: Models, unet, step: int) -> None:
     """Render --validation_prompt with the current adapter: a grid PNG and tensorboard images."""
     import numpy as np
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                   unet=unet, scheduler=models.noise_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sampling_pipeline(models, unet)
     gen = torch.Generator(accelerator.device).manual_seed(cfg.seed)
     unet.eval()
     with accelerator.autocast():
@@ -447,8 +465,9 @@ def train(cfg: TrainConfig) -> Path:
                     cfg.max_train_steps)
     params = trainable_parameters(base)
     denoise = lambda noisy, t, e: unet(noisy, t, e).sample  # noqa: E731
+    # graphed backward hands back its own gradient buffers: accumulating over micro-batches would alias them
     graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
-        and not cfg.gradient_checkpointing
+        and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
     if graphed:
         denoise = graph_unet(accelerator.unwrap_model(unet, keep_fp32_wrapper=False), data.batch(0, 0), dtype)
     prior_w = cfg.prior_loss_weight if cfg.with_prior_preservation else None
@@ -459,6 +478,7 @@ def train(cfg: TrainConfig) -> Path:
     unet.train()
     first_step, loop_start = step, _sync_time(accelerator.device)
     while step < cfg.max_train_steps:
+        step_loss = 0.0
         for micro in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(unet):
                 latents, emb, gen = data.batch(step, micro)
@@ -469,7 +489,10 @@ def train(cfg: TrainConfig) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / cfg.gradient_accumulation_steps
+            step_loss = step_loss + loss.detach() / cfg.gradient_accumulation_steps
+        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: no optimizer step, so t and u stay
+            continue
+        loss_sum += step_loss
         step, n_sum = step + 1, n_sum + 1
         u = set_step(base, step)
         bar.update(1)

@@ -41,7 +41,7 @@ from .adapter import (adapter_state_dict, add_adapter, load_adapter_state_dict, 
                       remove_adapter)
 from .config import TrainConfig, dataclass_parser
 from .errors import UserError, cli_entry
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import atomic_path, write_json_atomic, write_text_atomic
 from .multi import add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, save_subject
 from .prompts import get_subject, slugify, subjects
 from .singlora import ramp
@@ -181,12 +181,13 @@ def save_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, o
     final, tmp = ckroot / f"checkpoint-{step}", ckroot / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in bank_state_dict(unet).items()}, str(tmp / BANK_NAME),
-              metadata={"format": "pt", "subjects": json.dumps(names)})
-    param_groups = save_optimizer_state(optimizer, tmp)
+    with atomic_path(tmp / BANK_NAME) as part:  # fsynced: a committed checkpoint never holds a short file
+        save_file({k: v.detach().cpu().contiguous() for k, v in bank_state_dict(unet).items()}, str(part),
+                  metadata={"format": "pt", "subjects": json.dumps(names)})
+    optimizer_state = save_optimizer_state(optimizer, tmp)
     shared = {k: v for k, v in cfg.to_dict().items() if k not in PER_SUBJECT}
     write_json_atomic(tmp / "trainer_state.json", {
-        "step": step, "subjects": names, "param_groups": param_groups,
+        "step": step, "subjects": names, "optimizer": optimizer_state,
         "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "histories": histories,
         "adapter": cfg.adapter_config().to_dict(), "config": shared})
     return commit_checkpoint(tmp, final, list_bank_checkpoints, cfg.checkpoints_total_limit)
@@ -229,7 +230,7 @@ def load_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, o
     with torch.no_grad():
         for k, v in bank.items():
             own[k].copy_(v)
-    load_optimizer_state(optimizer, path, state["param_groups"])
+    load_optimizer_state(optimizer, path, state["optimizer"])
     lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
     logger.info("resumed %s from %s at step %d", ", ".join(names), path, state["step"])
     return int(state["step"]), state.get("histories", {})

@@ -90,6 +90,8 @@ def run_render(args) -> int:
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
                          output_dir=args.output, skip_existing=not args.no_resume)
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise UserError(f"--max_prompts must be >= 1, got {args.max_prompts}")
     result = render(args.adapters, args.output, cfg, args.subjects, args.max_prompts)
     print(f"rendered {len(result['rendered'])} subjects into {args.output}; skipped {len(result['skipped'])}")
     return 0

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from dreambooth_singlora.errors import cli_entry
+
 ROWS = {  # name: (method, rank)
     "lora_r8": ("lora", 8), "loraplus_r8": ("loraplus", 8), "dora_r8": ("dora", 8),
     "singlora_r8": ("singlora", 8), "singlora_r16": ("singlora", 16),
@@ -56,7 +58,8 @@ def train_multi_rows(args, rows, subjects) -> list[str]:
                             str(args.dataset_dir), "--output_dir", str(args.work_dir / "adapters" / row), "--method",
                             method, "--rank", str(rank), "--max_train_steps", str(args.max_train_steps),
                             "--resolution", str(args.resolution), "--seed", str(args.seed),
-                            "--resume_from_checkpoint", "latest", *args.train_args], env=env, check=True)
+                            "--mixed_precision", args.mixed_precision, "--resume_from_checkpoint", "latest",
+                            *args.train_args], env=env, check=True)
         done.append(row)
     return done
 
@@ -88,7 +91,8 @@ def train_all(args, rows, subjects) -> None:
                        args.pretrained_model_name_or_path, "--subject", subject, "--dataset_dir", str(args.dataset_dir),
                        "--output_dir", str(out), "--method", method, "--rank", str(rank),
                        "--max_train_steps", str(args.max_train_steps), "--resolution", str(args.resolution),
-                       "--resume_from_checkpoint", "latest", "--seed", str(args.seed), *args.train_args]
+                       "--resume_from_checkpoint", "latest", "--seed", str(args.seed),
+                       "--mixed_precision", args.mixed_precision, *args.train_args]
                 env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
                 log = out / "train.log"
                 running[slot] = (subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
@@ -143,6 +147,7 @@ def table3(results: dict) -> str:
     return "\n".join(lines) + "\n\nours: mean ± std across subject means (EVAL_PROTOCOL.md); paper: SingLoRA Table 3.\n"
 
 
+@cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True)
@@ -154,6 +159,8 @@ def main(argv=None):
     p.add_argument("--gpus", nargs="*", type=int, default=[], help="GPU ids to use (default: accelerate's device)")
     p.add_argument("--multi_subject", action="store_true",
                    help="train each SingLoRA row's subjects together in one batched run (same adapters, faster)")
+    p.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
+                   help="training precision (frozen models; adapters stay fp32)")
     p.add_argument("--max_train_steps", type=int, default=400)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

@@ -67,3 +67,11 @@ def test_render_reports_missing_and_rejects_unknown(table3_run, tmp_path, capsys
         eval_main(["render", "--adapters", str(work / "adapters" / "lora_r8"), "--output", str(out), "--subjects",
                    "unicorn"])
     assert e.value.code == 2 and "unknown subject 'unicorn'" in capsys.readouterr().err
+
+
+def test_render_rejects_zero_prompts(table3_run, tmp_path, capsys):
+    work, _ = table3_run
+    with pytest.raises(SystemExit) as e:
+        eval_main(["render", "--adapters", str(work / "adapters" / "lora_r8"), "--output", str(tmp_path / "i"),
+                   "--max_prompts", "0"])
+    assert e.value.code == 2 and "--max_prompts must be >= 1" in capsys.readouterr().err

@@ -253,3 +253,46 @@ def test_bad_base_model_is_one_line_in_a_real_process(tmp_path, dataset_dir):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "cannot load base model" in r.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- optimizer state, checkpoints
+
+def test_loraplus_keeps_weight_decay_and_ratio(tiny_unet, tiny_pipeline, dataset_dir, tmp_path):
+    from dreambooth_singlora import add_adapter
+    from dreambooth_singlora.train_dreambooth import make_optimizer
+
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, method="loraplus", adam_weight_decay=0.03)
+    add_adapter(tiny_unet, cfg.adapter_config())
+    groups = [g for g in make_optimizer(cfg, tiny_unet, torch.device("cpu")).param_groups if g["params"]]
+    assert {g["weight_decay"] for g in groups} == {0.03}
+    assert sorted({g["lr"] for g in groups}) == [cfg.learning_rate, cfg.learning_rate * cfg.loraplus_lr_ratio]
+
+
+def test_optimizer_state_round_trip_keeps_plain_number_state(tmp_path):
+    """bitsandbytes keeps an int 'step' in its state: it must survive a checkpoint (safetensors + JSON)."""
+    from dreambooth_singlora.train_dreambooth import load_optimizer_state, save_optimizer_state
+
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[p]["int_step"] = 7
+    saved = json.loads(json.dumps(save_optimizer_state(opt, tmp_path)))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.5)
+    load_optimizer_state(opt2, tmp_path, saved)
+    assert opt2.state[q]["int_step"] == 7 and opt2.param_groups[0]["lr"] == 0.1
+    assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_incomplete_or_corrupt_checkpoint(reference_run, tiny_pipeline, dataset_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / "checkpoint-12"
+    (newest / "trainer_state.json").unlink()  # a save that never finished
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-8"]
+    (out / "checkpoints" / "checkpoint-8" / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="unreadable optimizer state"):
+        train(cfg_for(tiny_pipeline, dataset_dir, out, resume_from_checkpoint="latest"))
