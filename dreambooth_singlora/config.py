@@ -186,7 +186,8 @@ class TrainConfig(SingLoRAConfig):
     validation_steps: int = field(default=100, metadata=_help("validate every N steps"))
     fused_adam: bool = field(default=True, metadata=_help("fused AdamW kernel on CUDA (one launch for all adapter tensors)"))
     cuda_graphs: bool = field(default=True, metadata=_help(
-        "on one GPU, replay the UNet's forward/backward as CUDA graphs (same numbers, no launch overhead)"))
+        "on one GPU without gradient accumulation, replay the UNet's forward/backward as CUDA graphs "
+        "(the same kernels, no launch overhead)"))
     report_to: str = field(default="tensorboard", metadata=_help("tracker for accelerate ('tensorboard', 'none')"))
     log_every: int = field(default=10, metadata=_help(
         "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps"))

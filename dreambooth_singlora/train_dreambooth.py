@@ -211,7 +211,8 @@ def graph_unet(unet, batch, dtype):
     """The UNet's forward and backward captured as CUDA graphs (shapes are static in DreamBooth).
 
     At batch 1 an eager step is bound by kernel launches, not by the GPU; replaying a graph
-    launches the whole forward (or backward) at once. Same kernels, same numbers."""
+    launches the whole forward (or backward) at once: the same kernels. Not used with gradient
+    accumulation (the graphed backward's gradient buffers would alias across micro-batches)."""
     latents, emb, _ = batch
     sample = (latents.to(dtype), torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device), emb.clone())
     logger.info("capturing the UNet forward/backward as CUDA graphs (--no-cuda_graphs to turn off)")
