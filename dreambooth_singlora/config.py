@@ -81,11 +81,11 @@ def _unwrap_optional(tp):
     return tp
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one --flag per field of the dataclass `cls`, typed and documented from the field."""
+def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
+    """Add one --flag per field of the dataclass `cls` (but `exclude`), typed and documented from the field."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if f.metadata.get("cli") is False:
+        if f.metadata.get("cli") is False or f.name in exclude:
             continue
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from dreambooth_singlora.adapter import WEIGHTS_NAME, read_adapter
 from dreambooth_singlora.errors import UserError
-from dreambooth_singlora.generate import SCHEDULERS, GenerateConfig, check_writable, load_pipeline
+from dreambooth_singlora.config import add_arguments, from_args
+from dreambooth_singlora.generate import GenerateConfig, check_writable, load_pipeline
 from dreambooth_singlora.multi import generate_many
-from dreambooth_singlora.prompts import IDENTIFIER, get_subject, subjects
+from dreambooth_singlora.prompts import get_subject, subjects
 
 logger = logging.getLogger("eval.render")
 
@@ -54,7 +55,8 @@ def render(adapters_dir, output_dir, cfg: GenerateConfig, names=None, max_prompt
     check_writable(output_dir)
     first = next(iter(found.values()))
     base = cfg.pretrained_model_name_or_path or read_adapter(first)[0].get("base_model")
-    pipe = load_pipeline(None, base, device=state.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+    pipe = load_pipeline(None, base, device=state.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                         use_xformers=cfg.enable_xformers_memory_efficient_attention)
     with state.split_between_processes(sorted(found)) as mine:
         if mine:  # SingLoRA adapters of one rank render together, subjects mixed in each batch
             generate_many(pipe, {n: found[n] for n in mine}, cfg, output_dir,
@@ -69,27 +71,17 @@ def add_render_command(subparsers) -> None:
     p.add_argument("--adapters", required=True, help="folder of per-subject adapter folders")
     p.add_argument("--output", required=True, help="images folder (<output>/<subject>/<slug>/<k>.png)")
     p.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
-    p.add_argument("--pretrained_model_name_or_path", default=None, help="base model (default: the adapters')")
-    p.add_argument("--identifier", default=IDENTIFIER, help="the subject token used in training")
-    p.add_argument("--num_images_per_prompt", type=int, default=4)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim", choices=tuple(SCHEDULERS))
-    p.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
+    # every generation flag of `generate`, same names and defaults (GenerateConfig)
+    add_arguments(p, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "output_dir",
+                                              "skip_existing", "merge"))
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts per subject (demos)")
     p.add_argument("--no_resume", action="store_true", help="re-render images already in --output")
     p.set_defaults(func=run_render)
 
 
 def run_render(args) -> int:
-    cfg = GenerateConfig(pretrained_model_name_or_path=args.pretrained_model_name_or_path or None,
-                         adapter=args.adapters, identifier=args.identifier,
-                         num_images_per_prompt=args.num_images_per_prompt,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-                         output_dir=args.output, skip_existing=not args.no_resume)
+    args.adapter, args.output_dir, args.skip_existing = args.adapters, args.output, not args.no_resume
+    cfg = from_args(GenerateConfig, args)
     if args.max_prompts is not None and args.max_prompts < 1:
         raise UserError(f"--max_prompts must be >= 1, got {args.max_prompts}")
     result = render(args.adapters, args.output, cfg, args.subjects, args.max_prompts)
