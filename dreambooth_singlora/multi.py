@@ -338,46 +338,33 @@ def find_subject_adapters(root, names) -> dict[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import SCHEDULERS
+    from .config import add_arguments
+    from .generate import GenerateConfig
 
     p = argparse.ArgumentParser(prog="dreambooth-singlora generate-many", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", required=True, help="folder of per-subject adapter folders (<adapters>/<subject>/)")
     p.add_argument("--subjects", nargs="+", default=["all"], help="subjects to render, or 'all' (default)")
-    p.add_argument("--output_dir", required=True, help="images folder: <output_dir>/<subject>/<prompt-slug>/<k>.png")
-    p.add_argument("--pretrained_model_name_or_path", default=None, help="base model (default: the adapters')")
-    p.add_argument("--identifier", default="sks", help="the subject token used in training")
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of each subject")
-    p.add_argument("--num_images_per_prompt", type=int, default=4)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim", choices=tuple(SCHEDULERS))
-    p.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
-    p.add_argument("--batch_size", type=int, default=16,
-                   help="images per batch, any mix of subjects (the UNet sees twice that with guidance); "
-                        "lower it if the GPU runs out of memory")
-    p.add_argument("--adapter_scale", type=float, default=1.0)
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
     p.add_argument("--no_resume", action="store_true", help="re-render images already in --output_dir")
-    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    # every generation flag of `generate`, same names and defaults (GenerateConfig); --output_dir required here
+    add_arguments(p, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "skip_existing", "merge"))
+    p.set_defaults(output_dir=None)
     return p
 
 
 @cli_entry
 def main(argv=None):
+    from .config import from_args
     from .generate import GenerateConfig, check_writable, load_pipeline
     from .prompts import get_subject
 
     args = build_parser().parse_args(argv)
+    if not args.output_dir:
+        raise UserError("--output_dir is required (the images folder: <output_dir>/<subject>/<slug>/<k>.png)")
     adapters = find_subject_adapters(args.adapters, args.subjects)
-    cfg = GenerateConfig(adapter=str(next(iter(adapters.values()))), identifier=args.identifier,
-                         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-                         num_images_per_prompt=args.num_images_per_prompt,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
-                         adapter_scale=args.adapter_scale, dtype=args.dtype, output_dir=args.output_dir,
-                         skip_existing=not args.no_resume, merge=False,
-                         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention)
+    args.adapter, args.skip_existing, args.merge = str(next(iter(adapters.values()))), not args.no_resume, False
+    cfg = from_args(GenerateConfig, args)
     check_writable(args.output_dir)
     base = args.pretrained_model_name_or_path or read_adapter(cfg.adapter)[0].get("base_model")
     pipe = load_pipeline(None, base, dtype=args.dtype, scheduler=args.scheduler,
