@@ -38,7 +38,7 @@ from .config import SingLoRAConfig
 from .errors import UserError, cli_entry
 from .fileio import atomic_path
 from .processor import SingLoRAAttnProcessor, _key
-from .singlora import singlora_matmul
+from .singlora import compute_dtype, singlora_matmul
 
 logger = logging.getLogger("dreambooth_singlora.multi")
 
@@ -108,8 +108,7 @@ class MultiSingLoRAAttnProcessor(SingLoRAAttnProcessor):
                             "route one adapter row per sample (with classifier-free guidance, repeat the index "
                             "for the unconditional half)")
         a = self.adapters[key]
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
         A = self.banks[key][index].to(dtype)  # (B, D, r): sample b's own adapter
         return layer(x) + singlora_matmul(x, A, a.d_in, a.d_out, self.routing.sample_coef(dtype))
 

@@ -60,6 +60,12 @@ def singlora_matmul(x: torch.Tensor, A: torch.Tensor, d_in: int, d_out: int, sca
     return torch.bmm(h * scale, A[:, :d_out].transpose(1, 2))  # (B, N, d_out)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's where it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class SingLoRA(nn.Module):
     """The SingLoRA term of one linear layer d_in -> d_out: forward(x) = delta W x.
 
@@ -86,10 +92,8 @@ class SingLoRA(nn.Module):
             self._u_set = u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         # one cast of A (not one per matmul); its gradient flows back to the fp32 A
-        return singlora_matmul(x, self.A.to(dtype), self.d_in, self.d_out, self.coef)
+        return singlora_matmul(x, self.A.to(compute_dtype(x)), self.d_in, self.d_out, self.coef)
 
     def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), fp32
         return delta_weight(self.A.float(), self.d_in, self.d_out, self.scale * self.u.float())
