@@ -126,14 +126,7 @@ def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: 
         if name.startswith("."):
             continue
         if entry.is_file():
-            if entry.suffix.lower() == ".json":
-                _read_settings(entry, name, settings, problems)
-            elif name in OVERVIEW_FILES:
-                continue
-            elif _is_image(entry):
-                _problem(problems, "wrong_layout", name, f"image at the top level; expected {LAYOUT}")
-            else:
-                _problem(problems, "ignored", name, "not a subject folder")
+            _stray_file(entry, name, "image at the top level", "not a subject folder", settings, problems)
             continue
         if name not in known:
             _problem(problems, "unknown_subject", f"{name}/",
@@ -150,6 +143,19 @@ def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: 
     return items, problems, settings
 
 
+def _stray_file(entry: Path, rel: str, misplaced: str, ignored: str, settings: dict, problems: list) -> None:
+    """A file where folders are expected: JSON is recorded as settings, overview sheets skipped,
+    images reported as misplaced, anything else as ignored."""
+    if entry.suffix.lower() == ".json":
+        _read_settings(entry, rel, settings, problems)
+    elif entry.name in OVERVIEW_FILES:
+        return
+    elif _is_image(entry):
+        _problem(problems, "wrong_layout", rel, f"{misplaced}; expected {LAYOUT}")
+    else:
+        _problem(problems, "ignored", rel, ignored)
+
+
 def _read_settings(path: Path, rel: str, settings: dict, problems: list) -> None:
     try:
         settings[rel] = json.loads(path.read_text(encoding="utf-8"))
@@ -164,15 +170,8 @@ def _scan_subject(folder: Path, subject, identifier: str, problems: list, settin
         rel = f"{subject.name}/{entry.name}"
         if entry.name.startswith("."):
             continue
-        if entry.is_file():
-            if entry.suffix.lower() == ".json":  # e.g. generate's per-subject index.json
-                _read_settings(entry, rel, settings, problems)
-            elif entry.name in OVERVIEW_FILES:
-                continue
-            elif _is_image(entry):
-                _problem(problems, "wrong_layout", rel, f"image directly in the subject folder; expected {LAYOUT}")
-            else:
-                _problem(problems, "ignored", rel, "not a prompt folder")
+        if entry.is_file():  # e.g. generate's per-subject index.json and contact sheet
+            _stray_file(entry, rel, "image directly in the subject folder", "not a prompt folder", settings, problems)
             continue
         if entry.name not in by_slug:
             _problem(problems, "unknown_prompt", f"{rel}/",
