@@ -254,7 +254,7 @@ def save_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler, step: int, 
     write_json_atomic(tmp / "trainer_state.json", {  # written last: its presence marks a complete checkpoint
         "step": step, "optimizer": save_optimizer_state(optimizer, tmp),
         "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "history": history, "config": cfg.to_dict()})
-    return commit_checkpoint(tmp, final, list_checkpoints, cfg.checkpoints_total_limit)
+    return commit_checkpoint(tmp, final, cfg.checkpoints_total_limit)
 
 
 def save_optimizer_state(optimizer, folder: Path) -> dict:
@@ -284,13 +284,13 @@ def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def commit_checkpoint(tmp: Path, final: Path, lister, limit: int | None) -> Path:
+def commit_checkpoint(tmp: Path, final: Path, limit: int | None) -> Path:
     """Rename the fully written folder `tmp` to `final`, then keep only the newest `limit` checkpoints."""
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     if limit:
-        for old in lister(final.parent)[:-limit]:
+        for old in list_checkpoints(final.parent)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

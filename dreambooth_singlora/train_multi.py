@@ -45,7 +45,7 @@ from .fileio import atomic_path, write_json_atomic, write_text_atomic
 from .multi import add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, save_subject
 from .prompts import get_subject, slugify, subjects
 from .singlora import ramp
-from .train_dreambooth import (TrainData, _jsonable, _sync_time, commit_checkpoint, load_models,
+from .train_dreambooth import (TrainData, _jsonable, _sync_time, commit_checkpoint, list_checkpoints, load_models,
                                load_optimizer_state, make_optimizer, model_card, plot_loss, save_optimizer_state,
                                train)
 
@@ -154,15 +154,6 @@ def group_losses(unet, noise_scheduler, datas: list[TrainData], step: int, micro
 
 # --------------------------------------------------------------------------- bank checkpoints
 
-def list_bank_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (a .tmp folder from an interrupted save is ignored)."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
-            and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
 def _subjects_of(path: Path) -> list[str]:
     try:
         return json.loads((path / "trainer_state.json").read_text())["subjects"]
@@ -190,7 +181,7 @@ def save_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, o
         "step": step, "subjects": names, "optimizer": optimizer_state,
         "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "histories": histories,
         "adapter": cfg.adapter_config().to_dict(), "config": shared})
-    return commit_checkpoint(tmp, final, list_bank_checkpoints, cfg.checkpoints_total_limit)
+    return commit_checkpoint(tmp, final, cfg.checkpoints_total_limit)
 
 
 def load_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, optimizer,
@@ -200,7 +191,7 @@ def load_bank_checkpoint(cfg: TrainConfig, root: Path, names: list[str], unet, o
     from safetensors.torch import load_file
 
     if cfg.resume_from_checkpoint == "latest":
-        found = list_bank_checkpoints(root / CHECKPOINTS)
+        found = list_checkpoints(root / CHECKPOINTS)
         if not found:
             logger.info("no checkpoint in %s: starting from step 0", root / CHECKPOINTS)
             return 0, {}
@@ -330,7 +321,7 @@ def _train_group(cfg, group: list[TrainConfig], datas: list[TrainData], models, 
             "cuda_graphs": False, "trainable_parameters": n_params, "num_processes": 1,
             "multi_subject": {"subjects_in_batch": names, "samples_per_unet_call": k * per},
             "loss_history": histories[names[i]]})
-    for ck in list_bank_checkpoints(root / CHECKPOINTS):  # this batch is done: its checkpoints are not needed
+    for ck in list_checkpoints(root / CHECKPOINTS):  # this batch is done: its checkpoints are not needed
         if _subjects_of(ck) == names:
             shutil.rmtree(ck, ignore_errors=True)
     logger.info("adapters of %s saved under %s", ", ".join(names), root)
@@ -341,7 +332,7 @@ def _train_group(cfg, group: list[TrainConfig], datas: list[TrainData], models, 
 
 
 def _non_finite(names: list[str], step: int, root: Path) -> None:
-    found = list_bank_checkpoints(root / CHECKPOINTS)
+    found = list_checkpoints(root / CHECKPOINTS)
     keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint of this batch was saved before it"
     raise UserError(f"loss of {', '.join(names)} became non-finite by step {step}; training stopped and {keep} "
                     "(subjects of earlier batches are saved). Lower --learning_rate")

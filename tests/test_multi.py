@@ -189,7 +189,7 @@ def test_multi_subject_run_equals_single_subject_runs(runs, tiny_unet):
         assert [h[0] for h in hist_multi] == [h[0] for h in hist_single["history"]]
         np.testing.assert_allclose([h[1] for h in hist_multi], [h[1] for h in hist_single["history"]], rtol=1e-5)
     assert rel_diff(weights(runs / "multi" / "dog"), weights(runs / "multi" / "cat")) > 1e-4  # subjects differ
-    assert not TM.list_bank_checkpoints(runs / "multi" / "checkpoints")  # finished batch: checkpoints removed
+    assert not TM.list_checkpoints(runs / "multi" / "checkpoints")  # finished batch: checkpoints removed
     stats = json.loads((runs / "multi" / "train_stats.json").read_text())
     assert stats["trained"] == list(SUBJECTS) and stats["batches"][0]["steps_run"] == STEPS
     assert load_adapter(tiny_unet, runs / "multi" / "dog").method == "singlora"
@@ -215,7 +215,7 @@ def test_batches_of_one_crash_and_resume(runs, tiny_pipeline, dataset_dir, tmp_p
         TM.train_multi(cfgs, out, subjects_per_batch=1)
     assert (out / "dog" / "adapter_model.safetensors").is_file() and not (out / "cat").exists()
     dog_written = (out / "dog" / "adapter_model.safetensors").stat().st_mtime_ns
-    assert [p.name for p in TM.list_bank_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in TM.list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
     monkeypatch.setattr(TM, "save_bank_checkpoint", real)
     resumed = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(out),
                                                 resume_from_checkpoint="latest"))
