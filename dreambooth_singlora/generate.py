@@ -175,6 +175,16 @@ def plan(prompts: list[str], n: int) -> list[tuple[str, str, int]]:
     return out
 
 
+def write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
+    """Save `img` atomically as PNG with its prompt, seed and settings in text chunks."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("seed", str(seed))
+    info.add_text("settings", json.dumps(settings))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+
+
 def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
                     jobs: list | None = None) -> list[dict]:
     """Render `prompts` into output_dir/<slug>/<k>.png (text chunks: prompt, seed, settings).
@@ -199,12 +209,7 @@ def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None,
                       guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
         for (prompt, slug, k), img in zip(batch, images):
             rec = {"prompt": prompt, "slug": slug, "k": k, "seed": cfg.seed + k, "file": f"{slug}/{k}.png"}
-            info = PngImagePlugin.PngInfo()
-            info.add_text("prompt", prompt)
-            info.add_text("seed", str(cfg.seed + k))
-            info.add_text("settings", json.dumps(settings))
-            with atomic_path(out / slug / f"{k}.png") as tmp:
-                img.save(tmp, format="PNG", pnginfo=info)
+            write_png(img, out / slug / f"{k}.png", prompt, cfg.seed + k, settings)
             records.append(rec)
     return records
 

@@ -22,13 +22,11 @@ guidance batched too); `python -m dreambooth_singlora.multi` is its command line
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import PngImagePlugin
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -212,15 +210,6 @@ def _cfg_doubles_batch(pipe, guidance_scale: float) -> bool:
     return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
-def _write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
-    info = PngImagePlugin.PngInfo()  # the text chunks generate_images writes
-    info.add_text("prompt", prompt)
-    info.add_text("seed", str(seed))
-    info.add_text("settings", json.dumps(settings))
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", pnginfo=info)
-
-
 def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = None) -> dict:
     """Render every subject's prompts into output_dir/<subject>/<slug>/<k>.png, mixing subjects in a batch.
 
@@ -235,7 +224,7 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
     SingLoRA of another rank) fall back to one subject at a time, merged. Writes index.json and
     contact_sheet.png per subject; returns {"batched": [...], "one_at_a_time": [...], "images": n}.
     """
-    from .generate import check_prompt_length, generate_images, plan, write_index
+    from .generate import check_prompt_length, generate_images, plan, write_index, write_png
     from .prompts import get_subject
 
     if not adapters:
@@ -307,7 +296,7 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
                                     f"({len(batch) * (2 if doubled else 1)} UNet samples): lower --batch_size; "
                                     f"the images written so far are kept (run again to go on)") from None
                 for (n, p, s, k), img in zip(batch, images):
-                    _write_png(img, out / n / s / f"{k}.png", p, cfg.seed + k, settings[n])
+                    write_png(img, out / n / s / f"{k}.png", p, cfg.seed + k, settings[n])
                 n_images += len(batch)
         finally:
             remove_adapter(unet)
