@@ -118,7 +118,8 @@ def singlora_layers(unet):
     for name, attn in attention_modules(unet):
         proc = attn.processor
         if isinstance(proc, SingLoRAAttnProcessor):
-            out += [(name, t, proc.adapters[t.replace(".", "_")]) for t in proc.targets]
+            out += [(name, t, proc.adapters[t.replace(".", "_")]) for t in proc.targets
+                    if t.replace(".", "_") in proc.adapters]  # a LoRA bank's processor has none
     return out
 
 

@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "train": ("dreambooth_singlora.train_dreambooth", "train an adapter on a subject (accelerate launch for many GPUs)"),
     "train-multi": ("dreambooth_singlora.train_multi",
-                    "train many subjects at once on one GPU (SingLoRA batched; lora/loraplus/dora one at a time)"),
+                    "train many subjects at once on one GPU (singlora/lora/loraplus batched; dora one at a time)"),
     "generate": ("dreambooth_singlora.generate", "render images from a saved adapter"),
     "generate-many": ("dreambooth_singlora.multi", "render many subjects' adapters, subjects mixed in each batch"),
     "export": ("dreambooth_singlora.export", "export an adapter as a standard (kohya / diffusers) LoRA"),

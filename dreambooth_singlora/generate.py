@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -63,6 +66,9 @@ class GenerateConfig:
     output_dir: str = field(default="outputs/samples", metadata=_help("where the PNGs, index.json and sheet go"))
     skip_existing: bool = field(default=False, metadata=_help("keep images already in output_dir (resume)"))
     enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help("xformers attention"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the UNet and the VAE decoder: about a minute to compile, then faster sampling "
+        "(H100: UNet 1.4x, VAE decode 2.2x); worth it for hundreds of images"))
 
     def __post_init__(self):
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
@@ -185,6 +191,54 @@ def write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
         img.save(tmp, format="PNG", pnginfo=info)
 
 
+class PngWriter:
+    """Write PNGs on worker threads while the GPU renders the next batch (PNG encoding of a 512 px image
+    takes ~60 ms of CPU: one at a time it would hold the GPU up). At most `max_pending` writes wait;
+    leaving the `with` block waits for all of them and re-raises the first error (a full disk, ...).
+    Give each write its own image object (PIL keeps a save's options on the image while it saves)."""
+
+    def __init__(self, workers: int | None = None, max_pending: int = 256):
+        self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="png")
+        self.pending: list[Future] = []
+        self.max_pending = max_pending
+
+    def write(self, img, path: Path, prompt: str, seed: int, settings: dict) -> None:
+        self.pending.append(self.pool.submit(write_png, img, path, prompt, seed, settings))
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+        return False
+
+
+#: keyword arguments of torch.compile for --compile (e.g. {"mode": "max-autotune-no-cudagraphs"})
+COMPILE_OPTIONS: dict = {}
+
+
+@contextmanager
+def compiled(pipe, enabled: bool = True):
+    """torch.compile the pipeline's UNet and VAE decoder in place for the `with` block (no-op if not enabled).
+
+    The first batch pays the compile (about a minute for SD1.5); changing the UNet's adapters or
+    batch shape compiles again. On exit the modules run eagerly again."""
+    mods = [pipe.unet, pipe.vae.decoder] if enabled else []
+    for m in mods:
+        m.compile(**COMPILE_OPTIONS)
+    try:
+        yield pipe
+    finally:
+        for m in mods:
+            m._compiled_call_impl = None
+
+
 def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
                     jobs: list | None = None) -> list[dict]:
     """Render `prompts` into output_dir/<slug>/<k>.png (text chunks: prompt, seed, settings).
@@ -202,15 +256,16 @@ def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None,
         todo = [j for j in todo if not (out / j[1] / f"{j[2]}.png").is_file()]
     device = pipe.unet.device
     records = []
-    for i in tqdm(range(0, len(todo), cfg.batch_size), desc="generating", unit="batch"):
-        batch = todo[i:i + cfg.batch_size]
-        gens = [torch.Generator(device).manual_seed(cfg.seed + k) for _, _, k in batch]
-        images = pipe([p for p, _, _ in batch], generator=gens, num_inference_steps=cfg.num_inference_steps,
-                      guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
-        for (prompt, slug, k), img in zip(batch, images):
-            rec = {"prompt": prompt, "slug": slug, "k": k, "seed": cfg.seed + k, "file": f"{slug}/{k}.png"}
-            write_png(img, out / slug / f"{k}.png", prompt, cfg.seed + k, settings)
-            records.append(rec)
+    with compiled(pipe, cfg.compile), PngWriter() as writer:
+        for i in tqdm(range(0, len(todo), cfg.batch_size), desc="generating", unit="batch"):
+            batch = todo[i:i + cfg.batch_size]
+            gens = [torch.Generator(device).manual_seed(cfg.seed + k) for _, _, k in batch]
+            images = pipe([p for p, _, _ in batch], generator=gens, num_inference_steps=cfg.num_inference_steps,
+                          guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
+            for (prompt, slug, k), img in zip(batch, images):
+                writer.write(img, out / slug / f"{k}.png", prompt, cfg.seed + k, settings)
+                records.append({"prompt": prompt, "slug": slug, "k": k, "seed": cfg.seed + k,
+                                "file": f"{slug}/{k}.png"})
     return records
 
 

@@ -1,19 +1,21 @@
-"""Many subjects on one frozen UNet: a bank of S SingLoRA adapters per adapted projection.
+"""Many subjects on one frozen UNet: a bank of S adapters per adapted projection.
 
-Each adapted projection holds A of shape (S, D, r), one row per subject. Before a UNet call,
+SingLoRA: each adapted projection holds A of shape (S, D, r), one row per subject. LoRA and LoRA+
+(through PEFT): lora_A (S, r, d_in) and lora_B (S, d_out, r). Before a UNet call,
 `Routing.route(index)` says which adapter each sample of the batch uses (index: (B,) subject
-rows); every processor then gathers A[index] (B, D, r) and applies it with two batched
-matmuls (`singlora_matmul`'s 3-D path). No per-subject Python loop runs inside the UNet.
+rows); every processor then gathers its bank rows [index] and applies them with two batched
+matmuls (bmm). No per-subject Python loop runs inside the UNet. DoRA does not bank (its per-row
+weight norm would need the full weight per subject): its subjects run one at a time.
 
-    add_adapter(unet, config)            # the single-subject adapter: its A is every row's start
+    add_adapter(unet, config)            # the single-subject adapter: every row's start
     routing = add_bank(unet, n)          # -> a bank of n copies
     routing.route(torch.tensor([0, 0, 1, 2]))
     unet(latents, t, emb)                # samples 0, 1 through adapter 0, sample 2 through 1, ...
 
-The single-subject adapter stays on each processor as a staging slot: `save_subject` copies a
-row into it and calls `save_adapter`, `load_subject` reads a saved adapter through it, so files
-are exactly those of a single-subject run. With no index routed the processors behave exactly
-as `SingLoRAAttnProcessor` (the staging adapter alone).
+The single-subject adapter stays in place as a staging slot: `save_subject` copies a row into it
+and calls `save_adapter`, `load_subject` reads a saved adapter through it, so files are exactly
+those of a single-subject run. With no index routed the UNet behaves exactly as with the staging
+adapter alone.
 
 `generate_many` renders many subjects' prompts in mixed batches this way (classifier-free
 guidance batched too); `python -m dreambooth_singlora.multi` is its command line.
@@ -30,12 +32,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapter import _PEFT_NAME as PEFT_NAME
 from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, attention_modules, get_config, load_adapter,
                       load_adapter_state_dict, merge_adapter, read_adapter, remove_adapter, save_adapter, set_step)
 from .config import SingLoRAConfig
 from .errors import UserError, cli_entry
-from .fileio import atomic_path
 from .processor import SingLoRAAttnProcessor, _key
+from .generate import PngWriter, check_prompt_length, compiled, generate_images, plan, write_index
 from .singlora import compute_dtype, singlora_matmul
 
 logger = logging.getLogger("dreambooth_singlora.multi")
@@ -74,30 +77,26 @@ class Routing:
         return c
 
 
-class MultiSingLoRAAttnProcessor(SingLoRAAttnProcessor):
-    """`SingLoRAAttnProcessor` with a bank of adapters per adapted projection, routed per sample."""
+class BankAttnProcessor(SingLoRAAttnProcessor):
+    """The attention of `SingLoRAAttnProcessor` with a bank of n adapters per adapted projection.
 
-    def __init__(self, single: SingLoRAAttnProcessor, n: int, routing: Routing):
-        nn.Module.__init__(self)  # take over `single`'s adapters as the staging slot: no new A, no RNG drawn
-        self.targets, self.adapters = single.targets, single.adapters
-        self.merged, self.use_xformers = single.merged, single.use_xformers
-        self.routing = routing  # a plain object, shared: not a submodule
-        self.banks = nn.ParameterDict()
-        self.resize(n)
+    `staging` maps each bank key to (its state-dict suffix, the single adapter's tensor): the single
+    adapter stays in place as a staging slot (frozen), each bank (n, *shape) is a trainable stack
+    of copies of it. Subclasses apply sample b's own adapter in `routed_delta`."""
+
+    staging: dict
 
     def resize(self, n: int) -> None:
-        """A bank of n rows, each a copy of the staging adapter's A (fp32, trainable)."""
-        for key, layer in self.adapters.items():
-            layer.A.requires_grad_(False)
-            self.banks[key] = nn.Parameter(layer.A.detach()[None].repeat(n, 1, 1))  # (n, D, r)
+        """A bank of n rows, each a copy of the staging tensor (fp32, trainable)."""
+        self.banks = nn.ParameterDict()
+        for key, (_, t) in self.staging.items():
+            t.requires_grad_(False)
+            self.banks[key] = nn.Parameter(t.detach()[None].repeat(n, *([1] * t.dim())))
 
     def project(self, layer: nn.Module, target: str, x: torch.Tensor) -> torch.Tensor:
         index = self.routing.index
-        if index is None:
-            return super().project(layer, target, x)
-        key = _key(target)
-        if key not in self.adapters:
-            return layer(x)
+        if index is None or target not in self.targets:
+            return super().project(layer, target, x)  # no routing: exactly the single adapter
         if self.merged:
             raise UserError("the staging adapter is merged into the weights: unmerge_adapter(unet) before "
                             "routing samples through the adapter bank")
@@ -105,28 +104,81 @@ class MultiSingLoRAAttnProcessor(SingLoRAAttnProcessor):
             raise UserError(f"routing index has {index.shape[0]} entries for a batch of {x.shape[0]} samples: "
                             "route one adapter row per sample (with classifier-free guidance, repeat the index "
                             "for the unconditional half)")
-        a = self.adapters[key]
         dtype = compute_dtype(x)
+        return self.routed_delta(layer, _key(target), x, index, dtype, self.routing.sample_coef(dtype))
+
+
+class MultiSingLoRAAttnProcessor(BankAttnProcessor):
+    """`SingLoRAAttnProcessor` with a bank of SingLoRA A per adapted projection, routed per sample."""
+
+    def __init__(self, single: SingLoRAAttnProcessor, n: int, routing: Routing):
+        nn.Module.__init__(self)  # take over `single`'s adapters as the staging slot: no new A, no RNG drawn
+        self.targets, self.adapters = single.targets, single.adapters
+        self.merged, self.use_xformers = single.merged, single.use_xformers
+        self.routing = routing  # a plain object, shared: not a submodule
+        self.staging = {_key(t): (f"{t}.A", self.adapters[_key(t)].A) for t in self.targets}
+        self.resize(n)
+
+    def routed_delta(self, layer, key, x, index, dtype, coef):
+        a = self.adapters[key]
         A = self.banks[key][index].to(dtype)  # (B, D, r): sample b's own adapter
-        return layer(x) + singlora_matmul(x, A, a.d_in, a.d_out, self.routing.sample_coef(dtype))
+        return layer(x) + singlora_matmul(x, A, a.d_in, a.d_out, coef)
 
 
-def multi_processors(unet) -> list[MultiSingLoRAAttnProcessor]:
-    return [a.processor for _, a in attention_modules(unet) if isinstance(a.processor, MultiSingLoRAAttnProcessor)]
+class MultiLoRAAttnProcessor(BankAttnProcessor):
+    """Stock SDPA attention over PEFT LoRA projections, with a bank of (lora_A, lora_B) per projection.
+
+    Routed, a projection computes base(x) + (alpha / r) * B_b (A_b x) for sample b, with A_b (r, d_in)
+    and B_b (d_out, r) its subject's row: what PEFT's LoRA layer computes with that subject loaded
+    (LoRA and LoRA+ differ only in the optimizer). Not routed, PEFT's layer runs as is."""
+
+    def __init__(self, attn, targets, n: int, routing: Routing, use_xformers: bool = False):
+        nn.Module.__init__(self)
+        self.targets, self.adapters, self.merged, self.use_xformers = tuple(targets), nn.ModuleDict(), False, use_xformers
+        self.routing = routing
+        self.staging = {}
+        for t in self.targets:
+            layer = attn.get_submodule(t)
+            for part in ("lora_A", "lora_B"):
+                self.staging[f"{_key(t)}_{part}"] = (f"{t}.{part}.weight", getattr(layer, part)[PEFT_NAME].weight)
+        self.resize(n)
+
+    def project(self, layer, target, x):
+        if self.routing.index is None or target not in self.targets:
+            return layer(x)  # PEFT's layer with the staging adapter (or a plain projection)
+        return super().project(layer, target, x)
+
+    def routed_delta(self, layer, key, x, index, dtype, coef):
+        A = self.banks[f"{key}_lora_A"][index].to(dtype)  # (B, r, d_in)
+        B = self.banks[f"{key}_lora_B"][index].to(dtype)  # (B, d_out, r)
+        h = torch.bmm(x, A.transpose(1, 2))  # (B, N, r)
+        return layer.get_base_layer()(x) + torch.bmm(h * coef, B.transpose(1, 2))
+
+
+#: methods whose subjects batch in a bank; DoRA's per-row weight norm does not, it runs one at a time
+BANKED = ("singlora", "lora", "loraplus")
+
+
+def multi_processors(unet) -> list[BankAttnProcessor]:
+    return [a.processor for _, a in attention_modules(unet) if isinstance(a.processor, BankAttnProcessor)]
 
 
 def add_bank(unet, n: int) -> Routing:
-    """Turn the SingLoRA adapter on `unet` into a bank of n copies of it; returns the routing.
+    """Turn the adapter on `unet` (SingLoRA, LoRA or LoRA+) into a bank of n copies of it; returns the routing.
 
-    Only the bank trains (the staging adapter is frozen); its rows start equal to the staging A.
+    Only the bank trains (the staging adapter is frozen); its rows start equal to the staging adapter.
     Calling it again (a UNet that already has a bank) resizes the bank to n fresh copies.
     """
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
     config = get_config(unet)
-    if config is None or config.method != "singlora":
-        raise UserError("add_bank needs a SingLoRA adapter on the UNet (add_adapter with method 'singlora'); "
-                        "LoRA / LoRA+ / DoRA subjects run one at a time")
+    if config is None or config.method not in BANKED:
+        raise UserError(f"add_bank needs a {', '.join(BANKED)} adapter on the UNet (add_adapter first); "
+                        f"{'DoRA' if config is not None else 'other'} subjects run one at a time")
     if n < 1:
         raise UserError(f"a bank needs at least one adapter, got {n}")
+    if getattr(unet, "_dbsl_merged", False):
+        raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before add_bank")
     procs = multi_processors(unet)
     ref = next(iter(procs[0].banks.values())) if procs else next(unet.parameters())
     coef = torch.full((n,), config.alpha / config.rank * getattr(unet, "_dbsl_u", 0.0), device=ref.device)
@@ -137,7 +189,12 @@ def add_bank(unet, n: int) -> Routing:
             p.resize(n)
         return routing
     for _, attn in attention_modules(unet):
-        attn.set_processor(MultiSingLoRAAttnProcessor(attn.processor, n, routing))
+        if config.method == "singlora":
+            proc = MultiSingLoRAAttnProcessor(attn.processor, n, routing)
+        else:
+            proc = MultiLoRAAttnProcessor(attn, config.target_modules, n, routing,
+                                          use_xformers=isinstance(attn.processor, XFormersAttnProcessor))
+        attn.set_processor(proc)
     return routing
 
 
@@ -149,28 +206,29 @@ def get_routing(unet) -> Routing:
 
 
 def bank_parameters(unet) -> list[nn.Parameter]:
-    """The bank tensors (S, D, r), in the order of `adapter_state_dict`'s keys."""
-    return [p.banks[_key(t)] for p in multi_processors(unet) for t in p.targets]
+    """The bank tensors (S, *shape of the single adapter's tensor)."""
+    return [b for p in multi_processors(unet) for b in p.banks.values()]
 
 
 def bank_state_dict(unet) -> dict[str, torch.Tensor]:
-    """{"<attention path>.<target>.A": (S, D, r)}: the names a single adapter's tensors have."""
-    return {f"{name}.{t}.A": a.processor.banks[_key(t)] for name, a in attention_modules(unet)
-            if isinstance(a.processor, MultiSingLoRAAttnProcessor) for t in a.processor.targets}
+    """{"<attention path>.<target>.A" (SingLoRA) or "...<target>.lora_A.weight" (LoRA): (S, ...)}: the
+    names a single adapter's tensors have in `adapter_state_dict`."""
+    return {f"{name}.{suffix}": a.processor.banks[key] for name, a in attention_modules(unet)
+            if isinstance(a.processor, BankAttnProcessor) for key, (suffix, _) in a.processor.staging.items()}
 
 
 @torch.no_grad()
 def _bank_to_staging(unet, row: int) -> None:
     for p in multi_processors(unet):
-        for key, layer in p.adapters.items():
-            layer.A.copy_(p.banks[key][row])
+        for key, (_, t) in p.staging.items():
+            t.copy_(p.banks[key][row])
 
 
 @torch.no_grad()
 def _staging_to_bank(unet, row: int) -> None:
     for p in multi_processors(unet):
-        for key, layer in p.adapters.items():
-            p.banks[key][row].copy_(layer.A)
+        for key, (_, t) in p.staging.items():
+            p.banks[key][row].copy_(t)
 
 
 def load_subject(unet, row: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -215,16 +273,15 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
 
     pipe: a StableDiffusionPipeline without an adapter (`load_pipeline(None, base)`);
     adapters: {subject: adapter folder}; cfg: a `GenerateConfig` (steps, guidance, seed, batch_size,
-    num_images_per_prompt, skip_existing, adapter_scale); prompts: {subject: [prompt, ...]}
+    num_images_per_prompt, skip_existing, adapter_scale, compile); prompts: {subject: [prompt, ...]}
     (default: the subject's 25 DreamBooth prompts). Image k of a prompt uses seed + k, as in
     `generate_images`, so an image does not depend on which subjects share its batch.
 
-    SingLoRA adapters of one rank and targets go into one bank, batch_size images per batch whatever
-    their subject (the UNet batch is twice that with guidance). Other adapters (LoRA, LoRA+, DoRA, or
-    SingLoRA of another rank) fall back to one subject at a time, merged. Writes index.json and
-    contact_sheet.png per subject; returns {"batched": [...], "one_at_a_time": [...], "images": n}.
+    Adapters of one method (SingLoRA, LoRA or LoRA+), rank and targets go into one bank, batch_size
+    images per batch whatever their subject (the UNet batch is twice that with guidance); each such
+    group renders in turn. DoRA adapters fall back to one subject at a time, merged. Writes index.json
+    and contact_sheet.png per subject; returns {"batched": [...], "one_at_a_time": [...], "images": n}.
     """
-    from .generate import check_prompt_length, generate_images, plan, write_index, write_png
     from .prompts import get_subject
 
     if not adapters:
@@ -237,52 +294,62 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
         if name not in prompts:
             prompts[name] = get_subject(name).eval_prompts(cfg.identifier)
     metas = {name: read_adapter(path)[0] for name, path in adapters.items()}
-    first = next((n for n in adapters if metas[n].get("method") == "singlora"), None)
-    key = lambda m: (m.get("method"), m.get("rank"), list(m.get("target_modules") or []))  # noqa: E731
-    batched = [n for n in adapters if first is not None and key(metas[n]) == key(metas[first])]
+    groups: dict = {}  # (method, rank, targets) -> subjects that share one bank
+    for n, m in metas.items():
+        if m.get("method") in BANKED:
+            groups.setdefault((m.get("method"), m.get("rank"), tuple(m.get("target_modules") or ())), []).append(n)
+    batched = [n for g in groups.values() for n in g]
     alone = [n for n in adapters if n not in batched]
-    settings = {n: replace(cfg, adapter=str(adapters[n])).settings() for n in adapters}
-    unet, n_images = pipe.unet, 0
-
+    n_images = 0
     for name in alone:  # one subject at a time, merged: what eval's render does
         logger.info("%s: %s adapter, rendered on its own", name, metas[name].get("method"))
-        load_adapter(unet, adapters[name])
-        merge_adapter(unet)
+        one = replace(cfg, adapter=str(adapters[name]))
+        load_adapter(pipe.unet, adapters[name])
+        merge_adapter(pipe.unet)
         try:
-            n_images += len(generate_images(pipe, replace(cfg, adapter=str(adapters[name])), prompts[name],
-                                            out / name))
+            n_images += len(generate_images(pipe, one, prompts[name], out / name))
+        finally:
+            remove_adapter(pipe.unet)
+        write_index(one, prompts[name], out / name)
+    for names in groups.values():
+        n_images += _render_bank(pipe, {n: adapters[n] for n in names}, metas[names[0]], cfg, out, prompts)
+        for n in names:
+            write_index(replace(cfg, adapter=str(adapters[n])), prompts[n], out / n)
+    return {"batched": batched, "one_at_a_time": alone, "images": n_images}
+
+
+def _render_bank(pipe, adapters: dict, meta: dict, cfg, out: Path, prompts: dict) -> int:
+    """Render the subjects of `adapters` (one method, rank, targets) through one bank; returns images written."""
+    unet = pipe.unet
+    state, coef = None, []
+    for name, path in adapters.items():  # load_adapter checks each file against this UNet, then we take its tensors
+        config = load_adapter(unet, path)
+        try:
+            own = adapter_state_dict(unet)
+            state = state or {k: [] for k in own}
+            for k, v in own.items():
+                state[k].append(v.detach().clone())
+            coef.append(config.alpha / config.rank * unet._dbsl_u * cfg.adapter_scale)
         finally:
             remove_adapter(unet)
-        write_index(replace(cfg, adapter=str(adapters[name])), prompts[name], out / name)
-
-    if batched:
-        rows, coef, state = {}, [], None
-        for name in batched:  # load_adapter checks each file against this UNet, then we take its tensors
-            config = load_adapter(unet, adapters[name])
-            try:
-                if state is None:
-                    state = {k: [] for k in adapter_state_dict(unet)}
-                for k, v in adapter_state_dict(unet).items():
-                    state[k].append(v.detach().clone())
-                coef.append(config.alpha / config.rank * unet._dbsl_u * cfg.adapter_scale)
-            finally:
-                remove_adapter(unet)
-            rows[name] = len(rows)
-        add_adapter(unet, SingLoRAConfig.from_dict(metas[batched[0]]),
-                    use_xformers=cfg.enable_xformers_memory_efficient_attention)
-        try:
-            routing = add_bank(unet, len(batched))
-            for i in range(len(batched)):
-                load_subject(unet, i, {k: v[i] for k, v in state.items()})
-            routing.set_coef(torch.tensor(coef, device=routing.coef.device))
-            for p in dict.fromkeys(q for n in batched for q in prompts[n]):
-                check_prompt_length(pipe.tokenizer, p)
-            jobs = [(n, p, s, k) for n in batched for p, s, k in plan(prompts[n], cfg.num_images_per_prompt)]
-            if cfg.skip_existing:
-                jobs = [j for j in jobs if not (out / j[0] / j[2] / f"{j[3]}.png").is_file()]
-            doubled = _cfg_doubles_batch(pipe, cfg.guidance_scale)
-            device = unet.device
-            for i in tqdm(range(0, len(jobs), cfg.batch_size), desc="generating (mixed subjects)", unit="batch"):
+    rows = {name: i for i, name in enumerate(adapters)}
+    settings = {n: replace(cfg, adapter=str(adapters[n])).settings() for n in adapters}
+    add_adapter(unet, SingLoRAConfig.from_dict(meta), use_xformers=cfg.enable_xformers_memory_efficient_attention)
+    try:
+        routing = add_bank(unet, len(adapters))
+        for i in range(len(adapters)):
+            load_subject(unet, i, {k: v[i] for k, v in state.items()})
+        routing.set_coef(torch.tensor(coef, device=routing.coef.device))
+        for p in dict.fromkeys(q for n in adapters for q in prompts[n]):
+            check_prompt_length(pipe.tokenizer, p)
+        jobs = [(n, p, s, k) for n in adapters for p, s, k in plan(prompts[n], cfg.num_images_per_prompt)]
+        if cfg.skip_existing:
+            jobs = [j for j in jobs if not (out / j[0] / j[2] / f"{j[3]}.png").is_file()]
+        doubled = _cfg_doubles_batch(pipe, cfg.guidance_scale)
+        device = unet.device
+        with compiled(pipe, cfg.compile), PngWriter() as writer:
+            for i in tqdm(range(0, len(jobs), cfg.batch_size), desc=f"generating ({meta.get('method')}, mixed "
+                          "subjects)", unit="batch"):
                 batch = jobs[i:i + cfg.batch_size]
                 index = torch.tensor([rows[n] for n, _, _, _ in batch], device=device)
                 routing.route(torch.cat([index, index]) if doubled else index)
@@ -296,13 +363,10 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
                                     f"({len(batch) * (2 if doubled else 1)} UNet samples): lower --batch_size; "
                                     f"the images written so far are kept (run again to go on)") from None
                 for (n, p, s, k), img in zip(batch, images):
-                    write_png(img, out / n / s / f"{k}.png", p, cfg.seed + k, settings[n])
-                n_images += len(batch)
-        finally:
-            remove_adapter(unet)
-        for n in batched:
-            write_index(replace(cfg, adapter=str(adapters[n])), prompts[n], out / n)
-    return {"batched": batched, "one_at_a_time": alone, "images": n_images}
+                    writer.write(img, out / n / s / f"{k}.png", p, cfg.seed + k, settings[n])
+    finally:
+        remove_adapter(unet)
+    return len(jobs)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -24,6 +24,11 @@ SD15_UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
+# SD1.5's VAE config (vae/config.json), less the defaults.
+SD15_VAE_CONFIG = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
 # SD1.5's scheduler config (scheduler/scheduler_config.json).
 SD15_SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -119,9 +124,7 @@ def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
             max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",

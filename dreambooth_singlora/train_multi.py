@@ -1,10 +1,10 @@
-"""DreamBooth on many subjects at once: one process, one frozen UNet, a bank of SingLoRA adapters.
+"""DreamBooth on many subjects at once: one process, one frozen UNet, a bank of adapters (SingLoRA, LoRA, LoRA+).
 
     python -m dreambooth_singlora.train_multi --subjects all --dataset_dir ../shared/dreambooth/dataset \\
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --output_dir runs/singlora
 
-Every adapted projection holds one SingLoRA A per subject, (S, D, r); each sample of a batch goes
-through its own subject's adapter (batched matmuls, no per-subject loop inside the UNet). Subject
+Every adapted projection holds one SingLoRA A per subject, (S, D, r) (LoRA: one lora_A and one lora_B
+per subject); each sample of a batch goes through its own subject's adapter (batched matmuls, no per-subject loop inside the UNet). Subject
 s draws at step t exactly the data a single-subject run (train_dreambooth, same flags and seed)
 draws at step t; the loss is the sum over subjects of each subject's mean loss, gradients are
 clipped per subject and AdamW's state is per element, so each subject's adapter is the one its
@@ -19,7 +19,7 @@ adapters are written, atomically, as soon as it finishes. Checkpoints of the bat
 to <output_dir>/checkpoints/; --resume_from_checkpoint latest skips finished subjects and resumes
 the batch in progress.
 
---method lora / loraplus / dora are not batched yet: they fall back to one subject at a time
+--method dora is not batched (its per-row weight norm): it falls back to one subject at a time
 (train_dreambooth's train() per subject, same output layout).
 """
 
@@ -42,7 +42,7 @@ from .adapter import (adapter_state_dict, add_adapter, load_adapter_state_dict, 
 from .config import TrainConfig, dataclass_parser
 from .errors import UserError, cli_entry
 from .fileio import atomic_path, write_json_atomic, write_text_atomic
-from .multi import add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, save_subject
+from .multi import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, save_subject
 from .prompts import get_subject, slugify, subjects
 from .singlora import ramp
 from .train_dreambooth import (TrainData, _jsonable, _sync_time, commit_checkpoint, list_checkpoints, load_models,
@@ -238,7 +238,7 @@ def _check_supported(cfg: TrainConfig, accelerator) -> None:
                         "scaling would skip every subject's step when one overflows)")
     if cfg.use_8bit_adam:
         raise UserError("--use_8bit_adam is not supported in multi-subject mode: its block-wise quantisation "
-                        "would couple subjects (AdamW state of a SingLoRA bank is small: 8 bytes per parameter)")
+                        "would couple subjects (AdamW state of an adapter bank is small: 8 bytes per parameter)")
     if cfg.validation_prompt:
         raise UserError("--validation_prompt is not supported in multi-subject mode; render the adapters "
                         "afterwards with `python -m dreambooth_singlora.multi`")
@@ -266,6 +266,7 @@ def _train_group(cfg, group: list[TrainConfig], datas: list[TrainData], models, 
     routing.route(torch.arange(k, device=device).repeat_interleave(per))
     prior_w = cfg.prior_loss_weight if cfg.with_prior_preservation else None
     scale, u_set = cfg.alpha / cfg.rank, None
+    ramped = cfg.method == "singlora"  # LoRA / LoRA+ have no ramp: u = 1, as set_step gives them
     logger.info("training %d subject(s) together (%d samples per UNet call): %s", k, k * per, ", ".join(names))
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {k} subjects")
     loss_sum, n_sum, t0 = torch.zeros(k, device=device), 0, time.time()
@@ -273,7 +274,7 @@ def _train_group(cfg, group: list[TrainConfig], datas: list[TrainData], models, 
     unet.train()
     first_step, loop_start = step, _sync_time(device)
     while step < cfg.max_train_steps:
-        u = ramp(step, cfg.ramp_steps)
+        u = ramp(step, cfg.ramp_steps) if ramped else 1.0
         if u != u_set:  # past the ramp: no kernel per step
             routing.set_coef(scale * u)
             u_set = u
@@ -297,7 +298,7 @@ def _train_group(cfg, group: list[TrainConfig], datas: list[TrainData], models, 
                 _non_finite(bad, step, root)
             for n, m in zip(names, means):
                 histories[n].append([step, m])
-            bar.set_postfix(loss=f"{sum(means) / k:.4f}", u=f"{ramp(step, cfg.ramp_steps):.2f}")
+            bar.set_postfix(loss=f"{sum(means) / k:.4f}", u=f"{ramp(step, cfg.ramp_steps) if ramped else 1.0:.2f}")
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             ok = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in params]).all(0).tolist()  # (k,)
             if not all(ok):
@@ -359,7 +360,7 @@ def train_multi(cfgs: list[TrainConfig], output_dir=None, subjects_per_batch: in
     The configs must differ only in the subject's photos, prompts and output folder; checkpoints and
     the run's train_stats.json go to `output_dir` (default: the parent of the first subject's folder).
     subjects_per_batch subjects train together (default: all). Returns {subject: adapter folder}.
-    SingLoRA is batched; other methods fall back to one subject at a time (`one_at_a_time`).
+    SingLoRA, LoRA and LoRA+ are batched; DoRA falls back to one subject at a time (`one_at_a_time`).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -369,7 +370,7 @@ def train_multi(cfgs: list[TrainConfig], output_dir=None, subjects_per_batch: in
     check_shared(cfgs)
     cfg = cfgs[0]
     root = Path(output_dir) if output_dir else Path(cfg.output_dir).parent
-    if cfg.method != "singlora":
+    if cfg.method not in BANKED:
         return one_at_a_time(cfgs)
     k = len(cfgs) if subjects_per_batch is None else subjects_per_batch
     if k < 1:
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "each trains on <dataset_dir>/<subject>/ into <output_dir>/<subject>/")
     parser.add_argument("--subjects_per_batch", type=int, default=None,
                         help="subjects trained together, one UNet batch (default: all); lower it if the GPU "
-                             "runs out of memory. Ignored by lora/loraplus/dora, which run one subject at a time")
+                             "runs out of memory. Ignored by dora, which runs one subject at a time")
     for action in parser._actions:
         if action.dest in NOT_IN_MULTI:
             action.help = argparse.SUPPRESS

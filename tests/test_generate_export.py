@@ -168,3 +168,19 @@ def test_generate_bad_input_one_line(case, message, adapter_dir, tiny_pipeline, 
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_png_writer_writes_in_the_background_and_reports_a_failed_write(tmp_path):
+    """Writes run on worker threads; leaving the block waits for them and re-raises the first error."""
+    from dreambooth_singlora.generate import PngWriter
+
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(OSError):
+        with PngWriter(workers=2) as w:
+            for k in range(5):  # one image object per write, as the pipeline returns them
+                w.write(Image.new("RGB", (8, 8), (10, 200, k)), tmp_path / "ok" / f"{k}.png", "a sks dog", k, {})
+            w.write(Image.new("RGB", (8, 8)), tmp_path / "a-file" / "0.png", "a sks dog", 0, {})  # folder is a file
+    for k in range(5):
+        with Image.open(tmp_path / "ok" / f"{k}.png") as im:
+            assert im.text["seed"] == str(k) and im.getpixel((0, 0)) == (10, 200, k)
+    assert not list((tmp_path / "ok").glob("*.tmp*"))

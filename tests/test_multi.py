@@ -9,6 +9,7 @@ images equal one-subject-at-a-time images to 1/255 per pixel (seen: identical).
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth_singlora import UserError, load_adapter
-from dreambooth_singlora.adapter import (add_adapter, attention_modules, remove_adapter, save_adapter, set_step,
-                                         trainable_parameters)
+from dreambooth_singlora.adapter import (adapter_state_dict, add_adapter, attention_modules, remove_adapter,
+                                         save_adapter, set_step, trainable_parameters)
 from dreambooth_singlora.config import SingLoRAConfig, TrainConfig
-from dreambooth_singlora.multi import add_bank, bank_parameters, clip_grad_norm_per_row_, generate_many, get_routing
+from dreambooth_singlora.multi import (add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_,
+                                       generate_many, get_routing, load_subject)
 from dreambooth_singlora.train_dreambooth import train
 import dreambooth_singlora.train_multi as TM
 
@@ -247,14 +249,71 @@ def test_out_of_memory_names_the_setting_and_keeps_finished_subjects(tiny_pipeli
     assert json.loads((tmp_path / "dog" / "adapter_config.json").read_text())["step"] == 2
 
 
-def test_baselines_fall_back_to_one_subject_at_a_time(tiny_pipeline, dataset_dir, tmp_path, caplog):
-    cfgs = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(tmp_path), method="lora",
+def test_dora_falls_back_to_one_subject_at_a_time(tiny_pipeline, dataset_dir, tmp_path, caplog, tiny_unet):
+    cfgs = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(tmp_path), method="dora",
                                              max_train_steps=1, gradient_accumulation_steps=1))
     TM.train_multi(cfgs, tmp_path)
     assert "one at a time" in caplog.text
     for s in SUBJECTS:
         meta = json.loads((tmp_path / s / "adapter_config.json").read_text())
-        assert meta["method"] == "lora" and meta["step"] == 1
+        assert meta["method"] == "dora" and meta["step"] == 1
+    add_adapter(tiny_unet, SingLoRAConfig(method="dora"))
+    with pytest.raises(UserError, match="DoRA subjects run one at a time"):
+        add_bank(tiny_unet, 2)
+
+
+@pytest.mark.parametrize("method", ["lora", "loraplus"])
+def test_lora_bank_runs_equal_single_runs(method, tiny_pipeline, dataset_dir, tmp_path, tiny_unet):
+    """LoRA and LoRA+ batch like SingLoRA: a bank of (lora_A, lora_B); a two-subject run equals two single
+    runs (same tolerance as SingLoRA's), and writes the files a single run writes."""
+    flags = base(tiny_pipeline, dataset_dir, method=method, max_train_steps=4)
+    for s in SUBJECTS:
+        train(TrainConfig(**flags, subject=s, output_dir=str(tmp_path / "single" / s)))
+    out = TM.train_multi(TM.subject_configs(SUBJECTS, {**flags, "output_dir": str(tmp_path / "multi")}))
+    assert json.loads((tmp_path / "multi" / "train_stats.json").read_text())["batches"][0]["subjects"] == list(SUBJECTS)
+    for s in SUBJECTS:
+        a, b = weights(tmp_path / "single" / s), weights(out[s])
+        assert any("lora_B" in k for k in a) and rel_diff(a, b) < 1e-5
+        init = weights(tmp_path / "single" / s / "checkpoints" / "checkpoint-2")
+        change = max((a[k] - init[k]).abs().max().item() for k in a)
+        assert change > 0 and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2 * change
+        ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "single" / s, out[s]))
+        assert ca == cb and ca["method"] == method
+    assert rel_diff(weights(out["dog"]), weights(out["cat"])) > 1e-4
+    assert load_adapter(tiny_unet, out["dog"]).method == method
+
+
+def test_routed_lora_bank_equals_each_sample_through_its_own_adapter(tiny_unet):
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 48, generator=g)
+    t = torch.tensor([10, 500, 900])
+    add_adapter(tiny_unet, SingLoRAConfig(method="lora", rank=4, alpha=8))
+    staging = [p.detach().clone() for p in trainable_parameters(tiny_unet)]  # B = 0: the base model
+    stock = tiny_unet(x, t, emb).sample
+    rows = [[torch.randn(p.shape, generator=g) * 0.2 for p in trainable_parameters(tiny_unet)] for _ in range(2)]
+    alone = []
+    for b, r in enumerate([1, 0, 1]):
+        with torch.no_grad():
+            for p, v in zip(trainable_parameters(tiny_unet), rows[r]):
+                p.copy_(v)
+        alone.append(tiny_unet(x[b:b + 1], t[b:b + 1], emb[b:b + 1]).sample)
+    with torch.no_grad():
+        for p, v in zip(trainable_parameters(tiny_unet), staging):
+            p.copy_(v)
+    routing = add_bank(tiny_unet, 2)
+    names = list(adapter_state_dict(tiny_unet))
+    assert sorted(bank_state_dict(tiny_unet)) == sorted(names)  # the bank's names are PEFT's
+    for i in range(2):
+        load_subject(tiny_unet, i, dict(zip(names, rows[i])))
+    alone = torch.cat(alone)
+    # nothing routed: PEFT's layers with the staging adapter, which holds the last row loaded (row 1)
+    torch.testing.assert_close(tiny_unet(x[:1], t[:1], emb[:1]).sample, alone[:1], rtol=1e-5, atol=1e-5)
+    routing.route(torch.tensor([1, 0, 1]))
+    routed = tiny_unet(x, t, emb).sample
+    assert (alone - stock).abs().max() > 1e-2
+    torch.testing.assert_close(routed, alone, rtol=1e-5, atol=1e-5)
+    remove_adapter(tiny_unet)
+    assert torch.equal(tiny_unet(x, t, emb).sample, stock)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -276,11 +335,12 @@ def test_cli_bad_input_is_one_line(argv, match, tiny_pipeline, dataset_dir, tmp_
 # --------------------------------------------------------------------------- rendering
 
 def make_adapters(tiny_pipeline, tiny_unet, root: Path) -> dict:
-    """Three SingLoRA adapters with strong, different updates (different A, alpha and u) and one LoRA."""
+    """Three SingLoRA adapters with strong, different updates (different A, alpha and u), two LoRA, one DoRA."""
     g = torch.Generator().manual_seed(1)
     out = {}
     for name, method, alpha, step in (("one", "singlora", 8.0, 4), ("two", "singlora", 4.0, 2),
-                                      ("three", "singlora", 16.0, 1), ("lora", "lora", 8.0, 0)):
+                                      ("three", "singlora", 16.0, 1), ("lora", "lora", 8.0, 0),
+                                      ("lora2", "lora", 4.0, 0), ("dora", "dora", 8.0, 0)):
         add_adapter(tiny_unet, SingLoRAConfig(method=method, rank=8, alpha=alpha, ramp_steps=4, init="rank"))
         with torch.no_grad():
             for p in trainable_parameters(tiny_unet):
@@ -296,7 +356,8 @@ def png(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
-def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet, tmp_path):
+def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet, tmp_path, monkeypatch):
+    from dreambooth_singlora import generate
     from dreambooth_singlora.generate import GenerateConfig, generate_images, load_pipeline
 
     adapters = make_adapters(tiny_pipeline, tiny_unet, tmp_path / "adapters")
@@ -305,8 +366,8 @@ def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet
                          batch_size=3, guidance_scale=7.5, merge=False)  # batches of 3: mixed subjects
     pipe = load_pipeline(None, str(tiny_pipeline), device="cpu", dtype="fp32")
     result = generate_many(pipe, adapters, cfg, tmp_path / "mixed", prompts)
-    assert result["batched"] == ["one", "two", "three"] and result["one_at_a_time"] == ["lora"]
-    assert result["images"] == 4 * 2 * 2
+    assert result["batched"] == ["one", "two", "three", "lora", "lora2"] and result["one_at_a_time"] == ["dora"]
+    assert result["images"] == 6 * 2 * 2
     for name, folder in adapters.items():
         ref = load_pipeline(folder, device="cpu", dtype="fp32", merge=False)
         generate_images(ref, cfg, prompts[name], tmp_path / "alone" / name)
@@ -314,8 +375,17 @@ def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet
             rel = f.relative_to(tmp_path / "alone")
             assert np.abs(png(f) - png(tmp_path / "mixed" / rel)).max() <= 1, rel
         assert (tmp_path / "mixed" / name / "index.json").is_file()
-    a, b = (png(tmp_path / "mixed" / n / "a-photo-of-sks-dog" / "0.png") for n in ("one", "two"))
-    assert np.abs(a - b).mean() > 1  # same prompt and seed, other adapter: other image
+    for pair in (("one", "two"), ("lora", "lora2")):
+        a, b = (png(tmp_path / "mixed" / n / "a-photo-of-sks-dog" / "0.png") for n in pair)
+        assert np.abs(a - b).mean() > 1  # same prompt and seed, other adapter: other image
+    assert no_adapter_left(pipe.unet)
+    # --compile (dynamo tracing with the eager backend here: inductor's C++ build takes a minute on a CPU)
+    monkeypatch.setattr(generate, "COMPILE_OPTIONS", {"backend": "eager"})
+    some = {n: adapters[n] for n in ("one", "two")}  # 8 images, 2 batches of 4: one trace
+    generate_many(pipe, some, replace(cfg, compile=True, batch_size=4), tmp_path / "compiled", prompts)
+    for f in sorted((tmp_path / "compiled").glob("*/*/*.png")):
+        assert np.abs(png(f) - png(tmp_path / "mixed" / f.relative_to(tmp_path / "compiled"))).max() <= 1, f
+    assert pipe.unet._compiled_call_impl is None and pipe.vae.decoder._compiled_call_impl is None
     assert no_adapter_left(pipe.unet)
 
 
@@ -323,5 +393,7 @@ def no_adapter_left(unet) -> bool:
     """After generate_many the pipeline's UNet has no adapter left on it."""
     from dreambooth_singlora.adapter import get_config
 
-    return get_config(unet) is None and all(type(a.processor).__name__ != "MultiSingLoRAAttnProcessor"
-                                            for _, a in attention_modules(unet))
+    from dreambooth_singlora.multi import BankAttnProcessor
+
+    return get_config(unet) is None and not any(isinstance(a.processor, BankAttnProcessor)
+                                                for _, a in attention_modules(unet))
