@@ -239,6 +239,18 @@ def compiled(pipe, enabled: bool = True):
             m._compiled_call_impl = None
 
 
+def batches(jobs: list, size: int, pad: bool = False):
+    """(batch, n) for consecutive batches of `size` jobs; n = how many are real. pad=True fills a short last
+    batch (after full ones) with copies of its last job, whose images the caller drops: every batch then has
+    one shape, so a compiled UNet is not compiled again for the last one."""
+    for i in range(0, len(jobs), size):
+        batch = jobs[i:i + size]
+        n = len(batch)
+        if pad and n < size and len(jobs) > size:
+            batch = batch + [batch[-1]] * (size - n)
+        yield batch, n
+
+
 def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
                     jobs: list | None = None) -> list[dict]:
     """Render `prompts` into output_dir/<slug>/<k>.png (text chunks: prompt, seed, settings).
@@ -257,12 +269,12 @@ def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None,
     device = pipe.unet.device
     records = []
     with compiled(pipe, cfg.compile), PngWriter() as writer:
-        for i in tqdm(range(0, len(todo), cfg.batch_size), desc="generating", unit="batch"):
-            batch = todo[i:i + cfg.batch_size]
+        for batch, n in tqdm(batches(todo, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch",
+                             total=-(-len(todo) // cfg.batch_size)):
             gens = [torch.Generator(device).manual_seed(cfg.seed + k) for _, _, k in batch]
             images = pipe([p for p, _, _ in batch], generator=gens, num_inference_steps=cfg.num_inference_steps,
                           guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
-            for (prompt, slug, k), img in zip(batch, images):
+            for (prompt, slug, k), img in zip(batch[:n], images):
                 writer.write(img, out / slug / f"{k}.png", prompt, cfg.seed + k, settings)
                 records.append({"prompt": prompt, "slug": slug, "k": k, "seed": cfg.seed + k,
                                 "file": f"{slug}/{k}.png"})

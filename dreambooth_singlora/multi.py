@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, attention_m
 from .config import SingLoRAConfig
 from .errors import UserError, cli_entry
 from .processor import SingLoRAAttnProcessor, _key
-from .generate import PngWriter, check_prompt_length, compiled, generate_images, plan, write_index
+from .generate import PngWriter, batches, check_prompt_length, compiled, generate_images, plan, write_index
 from .singlora import compute_dtype, singlora_matmul
 
 logger = logging.getLogger("dreambooth_singlora.multi")
@@ -60,7 +61,7 @@ class Routing:
 
     def route(self, index: torch.Tensor | None) -> None:
         self.index = index
-        self._per_sample = {}
+        self._refresh()
 
     def set_coef(self, coef) -> None:
         """Set every row's (alpha / r) * u: a float (all rows) or a (S,) tensor."""
@@ -68,13 +69,19 @@ class Routing:
             self.coef.copy_(coef)
         else:
             self.coef.fill_(coef)
-        self._per_sample = {}
+        self._refresh()
 
-    def sample_coef(self, dtype: torch.dtype) -> torch.Tensor:  # -> (B, 1, 1), computed once per route/dtype
-        c = self._per_sample.get(dtype)
-        if c is None:
-            c = self._per_sample[dtype] = self.coef[self.index].to(dtype).view(-1, 1, 1)
-        return c
+    def _refresh(self) -> None:
+        # each sample's coefficient, (B, 1, 1) per dtype, computed here, outside the UNet: the processors
+        # only read it (under torch.compile nothing in the graph mutates Python state, so nothing recompiles)
+        if self.index is None:
+            self._per_sample = {}
+            return
+        c = self.coef[self.index].view(-1, 1, 1)
+        self._per_sample = {dt: c.to(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)}
+
+    def sample_coef(self, dtype: torch.dtype) -> torch.Tensor:  # -> (B, 1, 1)
+        return self._per_sample[dtype]
 
 
 class BankAttnProcessor(SingLoRAAttnProcessor):
@@ -279,8 +286,10 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
 
     Adapters of one method (SingLoRA, LoRA or LoRA+), rank and targets go into one bank, batch_size
     images per batch whatever their subject (the UNet batch is twice that with guidance); each such
-    group renders in turn. DoRA adapters fall back to one subject at a time, merged. Writes index.json
-    and contact_sheet.png per subject; returns {"batched": [...], "one_at_a_time": [...], "images": n}.
+    group renders in turn. DoRA adapters fall back to one subject at a time, merged. With cfg.compile a
+    short last batch is padded to full size (the extra images are dropped) so that one compiled graph
+    serves every batch. Writes index.json and contact_sheet.png per subject; returns {"batched": [...],
+    "one_at_a_time": [...], "images": n, "batch_seconds": [wall seconds of each bank batch]}.
     """
     from .prompts import get_subject
 
@@ -311,15 +320,17 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
         finally:
             remove_adapter(pipe.unet)
         write_index(one, prompts[name], out / name)
+    seconds: list[float] = []
     for names in groups.values():
-        n_images += _render_bank(pipe, {n: adapters[n] for n in names}, metas[names[0]], cfg, out, prompts)
+        n_images += _render_bank(pipe, {n: adapters[n] for n in names}, metas[names[0]], cfg, out, prompts, seconds)
         for n in names:
             write_index(replace(cfg, adapter=str(adapters[n])), prompts[n], out / n)
-    return {"batched": batched, "one_at_a_time": alone, "images": n_images}
+    return {"batched": batched, "one_at_a_time": alone, "images": n_images, "batch_seconds": seconds}
 
 
-def _render_bank(pipe, adapters: dict, meta: dict, cfg, out: Path, prompts: dict) -> int:
-    """Render the subjects of `adapters` (one method, rank, targets) through one bank; returns images written."""
+def _render_bank(pipe, adapters: dict, meta: dict, cfg, out: Path, prompts: dict, seconds: list) -> int:
+    """Render the subjects of `adapters` (one method, rank, targets) through one bank; returns images written
+    and appends each batch's wall seconds to `seconds`."""
     unet = pipe.unet
     state, coef = None, []
     for name, path in adapters.items():  # load_adapter checks each file against this UNet, then we take its tensors
@@ -348,9 +359,10 @@ def _render_bank(pipe, adapters: dict, meta: dict, cfg, out: Path, prompts: dict
         doubled = _cfg_doubles_batch(pipe, cfg.guidance_scale)
         device = unet.device
         with compiled(pipe, cfg.compile), PngWriter() as writer:
-            for i in tqdm(range(0, len(jobs), cfg.batch_size), desc=f"generating ({meta.get('method')}, mixed "
-                          "subjects)", unit="batch"):
-                batch = jobs[i:i + cfg.batch_size]
+            for batch, n_real in tqdm(batches(jobs, cfg.batch_size, pad=cfg.compile), unit="batch",
+                                      desc=f"generating ({meta.get('method')}, mixed subjects)",
+                                      total=-(-len(jobs) // cfg.batch_size)):
+                t0 = time.perf_counter()
                 index = torch.tensor([rows[n] for n, _, _, _ in batch], device=device)
                 routing.route(torch.cat([index, index]) if doubled else index)
                 gens = [torch.Generator(device).manual_seed(cfg.seed + k) for _, _, _, k in batch]
@@ -362,8 +374,9 @@ def _render_bank(pipe, adapters: dict, meta: dict, cfg, out: Path, prompts: dict
                     raise UserError(f"out of GPU memory rendering {len(batch)} images per batch "
                                     f"({len(batch) * (2 if doubled else 1)} UNet samples): lower --batch_size; "
                                     f"the images written so far are kept (run again to go on)") from None
-                for (n, p, s, k), img in zip(batch, images):
+                for (n, p, s, k), img in zip(batch[:n_real], images):
                     writer.write(img, out / n / s / f"{k}.png", p, cfg.seed + k, settings[n])
+                seconds.append(round(time.perf_counter() - t0, 3))
     finally:
         remove_adapter(unet)
     return len(jobs)

@@ -184,3 +184,12 @@ def test_png_writer_writes_in_the_background_and_reports_a_failed_write(tmp_path
         with Image.open(tmp_path / "ok" / f"{k}.png") as im:
             assert im.text["seed"] == str(k) and im.getpixel((0, 0)) == (10, 200, k)
     assert not list((tmp_path / "ok").glob("*.tmp*"))
+
+
+def test_batches_pad_the_last_batch_only_when_asked():
+    from dreambooth_singlora.generate import batches
+
+    jobs = list(range(7))
+    assert list(batches(jobs, 3)) == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6], 1)]
+    assert list(batches(jobs, 3, pad=True)) == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6, 6, 6], 1)]
+    assert list(batches(jobs[:2], 3, pad=True)) == [([0, 1], 2)]  # one batch: nothing to match

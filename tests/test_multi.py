@@ -381,8 +381,10 @@ def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet
     assert no_adapter_left(pipe.unet)
     # --compile (dynamo tracing with the eager backend here: inductor's C++ build takes a minute on a CPU)
     monkeypatch.setattr(generate, "COMPILE_OPTIONS", {"backend": "eager"})
-    some = {n: adapters[n] for n in ("one", "two")}  # 8 images, 2 batches of 4: one trace
-    generate_many(pipe, some, replace(cfg, compile=True, batch_size=4), tmp_path / "compiled", prompts)
+    some = {n: adapters[n] for n in ("one", "two")}  # 8 images in batches of 3, the last padded: one trace
+    result = generate_many(pipe, some, replace(cfg, compile=True), tmp_path / "compiled", prompts)
+    assert result["images"] == 8 and len(result["batch_seconds"]) == 3
+    assert len(list((tmp_path / "compiled").glob("*/*/*.png"))) == 8  # the padding's images are dropped
     for f in sorted((tmp_path / "compiled").glob("*/*/*.png")):
         assert np.abs(png(f) - png(tmp_path / "mixed" / f.relative_to(tmp_path / "compiled"))).max() <= 1, f
     assert pipe.unet._compiled_call_impl is None and pipe.vae.decoder._compiled_call_impl is None
