@@ -5,8 +5,8 @@
 <adapters>/<subject>/ holds each subject's adapter (what `train_dreambooth --subject S
 --output_dir <adapters>/S` writes). For every subject: its 25 prompts x 4 images into
 <output>/<subject>/<prompt-slug>/<k>.png, the layout `python -m eval score` reads. The base
-pipeline is loaded once; SingLoRA adapters render together, subjects mixed in each batch
-(`generate_many`), other methods one subject at a time, merged. Subjects are split over the
+pipeline is loaded once; SingLoRA, LoRA and LoRA+ adapters render through an adapter bank,
+subjects mixed in each batch (`generate_many`), DoRA one subject at a time, merged. Subjects are split over the
 processes accelerate launches; images already there are kept (resumable).
 """
 

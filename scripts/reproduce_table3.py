@@ -7,7 +7,8 @@ Rows: LoRA r8, LoRA+ r8, DoRA r8, SingLoRA r8, SingLoRA r16, all on the UNet's t
 "a photo of sks <class>". Stages, each resumable (rerun the same command after any interruption):
 1. train  <work>/adapters/<row>/<subject>/  one trainer process per (row, subject), up to one per GPU
           at a time (--gpus); an interrupted subject resumes from its last checkpoint; with
-          --multi_subject the SingLoRA rows train all their subjects in one batched run;
+          --multi_subject the SingLoRA, LoRA and LoRA+ rows each train all their subjects in one
+          batched run (DoRA stays one subject at a time);
 2. render <work>/images/<row>/<subject>/<slug>/<k>.png  via `accelerate launch -m eval render`
           (subjects split over the GPUs; images already there are kept);
 3. score  <work>/eval/<row>/  DINO, CLIP-I, CLIP-T (EVAL_PROTOCOL.md), real-image features shared;
@@ -42,12 +43,14 @@ def trained(folder: Path, steps: int) -> bool:
 
 
 def train_multi_rows(args, rows, subjects) -> list[str]:
-    """--multi_subject: each SingLoRA row's subjects trained together in one process (docs/MULTI.md);
-    returns the rows it handled. The adapters are those the per-subject runs would give."""
+    """--multi_subject: each SingLoRA / LoRA / LoRA+ row's subjects trained together in one process
+    (docs/MULTI.md); returns the rows it handled. The adapters are those the per-subject runs would give."""
+    from dreambooth_singlora.multi import BANKED
+
     done = []
     for row in rows:
         method, rank = ROWS[row]
-        if method != "singlora":
+        if method not in BANKED:
             continue
         todo = [s for s in subjects if not trained(args.work_dir / "adapters" / row / s, args.max_train_steps)]
         if todo:
@@ -158,7 +161,8 @@ def main(argv=None):
     p.add_argument("--stages", nargs="+", default=["train", "render", "score"], choices=["train", "render", "score"])
     p.add_argument("--gpus", nargs="*", type=int, default=[], help="GPU ids to use (default: accelerate's device)")
     p.add_argument("--multi_subject", action="store_true",
-                   help="train each SingLoRA row's subjects together in one batched run (same adapters, faster)")
+                   help="train each SingLoRA, LoRA and LoRA+ row's subjects together in one batched run "
+                        "(same adapters, faster; DoRA stays one subject at a time)")
     p.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
                    help="training precision (frozen models; adapters stay fp32)")
     p.add_argument("--max_train_steps", type=int, default=400)
