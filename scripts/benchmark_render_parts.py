@@ -109,6 +109,8 @@ def main(argv=None):
                         "inductor's conv_1x1_as_mm + coordinate_descent_tuning, autotune = mode max-autotune-no-cudagraphs, "
                         "bank = with a routed SingLoRA bank of 30 subjects; join with '+', e.g. cl+tuned+bank")
     p.add_argument("--skip_eager", action="store_true", help="skip the eager UNet/VAE/PNG timings")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True (cuDNN times its convolution algorithms per shape)")
     p.add_argument("--png_threads", type=int, default=8)
     p.add_argument("--output", default="benchmark_render_parts.json")
     args = p.parse_args(argv)
@@ -118,11 +120,13 @@ def main(argv=None):
 
     from dreambooth_singlora.testing import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     dev, dt = "cuda", torch.float16
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(dev, dt).eval()
     vae = AutoencoderKL(**SD15_VAE_CONFIG).to(dev, dt).eval()
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "fp16",
+           "cudnn_benchmark": args.cudnn_benchmark,
            "unet_batch": args.unet_batch, "vae_batch": args.vae_batch, "unet": {}, "vae": {}, "png": {}}
     B = args.unet_batch
     x = torch.randn(B, 4, 64, 64, device=dev, dtype=dt)
