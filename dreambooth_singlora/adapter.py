@@ -158,7 +158,7 @@ def set_use_xformers(unet, enabled: bool) -> None:
     from diffusers.models.attention_processor import XFormersAttnProcessor
 
     for name, attn in attention_modules(unet):
-        if config.method == "singlora":
+        if isinstance(attn.processor, SingLoRAAttnProcessor):  # SingLoRA's, or an adapter bank's (LoRA too)
             attn.processor.use_xformers = enabled
         else:
             attn.set_processor(XFormersAttnProcessor() if enabled else unet._dbsl_original_processors[name])

@@ -1,13 +1,14 @@
 """Files that never end half-written: write beside the target, fsync, then os.replace.
 
 A kill or a full disk during a save leaves the previous good file in place (and at worst a
-stray `*.tmp-<pid>` beside it, which the next save overwrites and nothing ever reads).
+stray `*.tmp-<pid>-<thread>` beside it, which the next save overwrites and nothing ever reads).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # unique per writer thread
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -39,7 +39,8 @@ from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, attention_m
 from .config import SingLoRAConfig
 from .errors import UserError, cli_entry
 from .processor import SingLoRAAttnProcessor, _key
-from .generate import PngWriter, batches, check_prompt_length, compiled, generate_images, plan, write_index
+from .generate import (PngWriter, batches, check_prompt_length, compiled, generate_images, plan, set_adapter_scale,
+                       write_index)
 from .singlora import compute_dtype, singlora_matmul
 
 logger = logging.getLogger("dreambooth_singlora.multi")
@@ -153,6 +154,9 @@ class MultiLoRAAttnProcessor(BankAttnProcessor):
     def project(self, layer, target, x):
         if self.routing.index is None or target not in self.targets:
             return layer(x)  # PEFT's layer with the staging adapter (or a plain projection)
+        if layer.merged:  # its base weight holds the staging adapter: the rows would add to it
+            raise UserError("the staging adapter is merged into the weights: unmerge_adapter(unet) before "
+                            "routing samples through the adapter bank")
         return super().project(layer, target, x)
 
     def routed_delta(self, layer, key, x, index, dtype, coef):
@@ -314,6 +318,8 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
         logger.info("%s: %s adapter, rendered on its own", name, metas[name].get("method"))
         one = replace(cfg, adapter=str(adapters[name]))
         load_adapter(pipe.unet, adapters[name])
+        if cfg.adapter_scale != 1.0:
+            set_adapter_scale(pipe.unet, cfg.adapter_scale)
         merge_adapter(pipe.unet)
         try:
             n_images += len(generate_images(pipe, one, prompts[name], out / name))

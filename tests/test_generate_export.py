@@ -193,3 +193,28 @@ def test_batches_pad_the_last_batch_only_when_asked():
     assert list(batches(jobs, 3)) == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6], 1)]
     assert list(batches(jobs, 3, pad=True)) == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6, 6, 6], 1)]
     assert list(batches(jobs[:2], 3, pad=True)) == [([0, 1], 2)]  # one batch: nothing to match
+
+
+def test_png_writer_keeps_the_blocks_own_error_and_survives_duplicate_targets(tmp_path, caplog):
+    from dreambooth_singlora.errors import UserError
+    from dreambooth_singlora.generate import PngWriter
+
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(UserError, match="out of GPU memory"):  # not the write's OSError
+        with PngWriter(workers=2) as w:
+            w.write(Image.new("RGB", (8, 8)), tmp_path / "a-file" / "0.png", "p", 0, {})
+            raise UserError("out of GPU memory rendering 48 images per batch: lower --batch_size")
+    assert "writing a PNG failed too" in caplog.text
+    with PngWriter(workers=4) as w:  # the same file from several threads: each has its own temporary file
+        for k in range(40):
+            w.write(Image.new("RGB", (8, 8), (k, 0, 0)), tmp_path / "same.png", "p", k, {})
+    with Image.open(tmp_path / "same.png") as im:
+        assert im.getpixel((0, 0))[0] == int(im.text["seed"])
+    assert not list(tmp_path.glob("same.png.tmp*"))
+
+
+def test_plan_never_puts_two_prompts_in_one_folder():
+    from dreambooth_singlora.generate import plan
+
+    slugs = [s for _, s, k in plan(["a sks dog", "a sks dog", "a sks dog 2", "a sks dog"], 1)]
+    assert slugs == ["a-sks-dog", "a-sks-dog-2", "a-sks-dog-2-2", "a-sks-dog-3"]

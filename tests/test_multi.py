@@ -120,6 +120,19 @@ def test_routed_bank_equals_each_sample_through_its_own_adapter(tiny_unet):
     assert torch.equal(tiny_unet(x, t, emb).sample, stock)
 
 
+def test_merged_lora_staging_refuses_routing(tiny_unet):
+    from dreambooth_singlora.adapter import merge_adapter
+
+    g = torch.Generator().manual_seed(0)
+    x, emb, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 48, generator=g), torch.tensor([1, 2])
+    add_adapter(tiny_unet, SingLoRAConfig(method="lora", rank=4))
+    routing = add_bank(tiny_unet, 2)
+    merge_adapter(tiny_unet)
+    routing.route(torch.tensor([0, 1]))
+    with pytest.raises(UserError, match="merged"):
+        tiny_unet(x, t, emb)
+
+
 class FakeData:
     """What TrainData.batch returns, from a seed per subject: (latents (m, 4, 8, 8), emb (m, 5, 48), gen)."""
 
@@ -389,6 +402,25 @@ def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet
         assert np.abs(png(f) - png(tmp_path / "mixed" / f.relative_to(tmp_path / "compiled"))).max() <= 1, f
     assert pipe.unet._compiled_call_impl is None and pipe.vae.decoder._compiled_call_impl is None
     assert no_adapter_left(pipe.unet)
+    # DoRA renders on its own, merged, with --adapter_scale applied as generate applies it
+    add_adapter(tiny_unet, SingLoRAConfig(method="dora", rank=8, alpha=8.0))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in tiny_unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))  # a strong update
+    dora = save_adapter(tiny_unet, tmp_path / "dora-strong", base_model=str(tiny_pipeline))
+    remove_adapter(tiny_unet)
+    one_prompt = {"dora": prompts["dora"][:1]}
+    for scale in (1.0, 0.5):
+        c = replace(cfg, adapter=str(dora), adapter_scale=scale)
+        generate_many(pipe, {"dora": dora}, c, tmp_path / f"many-{scale}", one_prompt)
+        ref = load_pipeline(dora, device="cpu", dtype="fp32", adapter_scale=scale)
+        generate_images(ref, replace(c, merge=True), one_prompt["dora"], tmp_path / f"alone-{scale}")
+        for f in sorted((tmp_path / f"alone-{scale}").glob("*/*.png")):
+            assert np.abs(png(f) - png(tmp_path / f"many-{scale}" / "dora" / f.relative_to(f.parents[1]))).max() <= 1
+    a, b = (png(tmp_path / f"many-{scale}" / "dora" / "a-photo-of-sks-dog" / "0.png") for scale in (1.0, 0.5))
+    assert np.abs(a - b).mean() > 0.2  # seen 0.56 (DoRA keeps each row's norm); unscaled it would be 0
 
 
 def no_adapter_left(unet) -> bool:
