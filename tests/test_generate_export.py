@@ -195,16 +195,26 @@ def test_batches_pad_the_last_batch_only_when_asked():
     assert list(batches(jobs[:2], 3, pad=True)) == [([0, 1], 2)]  # one batch: nothing to match
 
 
-def test_png_writer_keeps_the_blocks_own_error_and_survives_duplicate_targets(tmp_path, caplog):
+def test_png_writer_keeps_the_blocks_own_error_and_survives_duplicate_targets(tmp_path, caplog, monkeypatch):
+    import time
+
+    from dreambooth_singlora import generate
     from dreambooth_singlora.errors import UserError
     from dreambooth_singlora.generate import PngWriter
 
-    (tmp_path / "a-file").write_bytes(b"")
+    real = generate.write_png
+
+    def slow_failing_write(*a):
+        time.sleep(0.3)  # still running when the block raises
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(generate, "write_png", slow_failing_write)
     with pytest.raises(UserError, match="out of GPU memory"):  # not the write's OSError
         with PngWriter(workers=2) as w:
-            w.write(Image.new("RGB", (8, 8)), tmp_path / "a-file" / "0.png", "p", 0, {})
+            w.write(Image.new("RGB", (8, 8)), tmp_path / "0.png", "p", 0, {})
             raise UserError("out of GPU memory rendering 48 images per batch: lower --batch_size")
-    assert "writing a PNG failed too" in caplog.text
+    assert "writing a PNG failed too: [Errno 28] No space left on device" in caplog.text
+    monkeypatch.setattr(generate, "write_png", real)
     with PngWriter(workers=4) as w:  # the same file from several threads: each has its own temporary file
         for k in range(40):
             w.write(Image.new("RGB", (8, 8), (k, 0, 0)), tmp_path / "same.png", "p", k, {})
