@@ -147,15 +147,29 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     if adapter:
-        load_adapter(pipe.unet, adapter, use_xformers=use_xformers)
-        if adapter_scale != 1.0:
-            set_adapter_scale(pipe.unet, adapter_scale)
-        if merge:
-            merge_adapter(pipe.unet)
+        place_adapter(pipe.unet, adapter, adapter_scale=adapter_scale, merge=merge, use_xformers=use_xformers)
     elif use_xformers:
         pipe.enable_xformers_memory_efficient_attention()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def place_adapter(unet, adapter, *, adapter_scale: float = 1.0, merge: bool = True,
+                  use_xformers: bool = False) -> None:
+    """Load the adapter saved at `adapter` onto `unet` at strength `adapter_scale`, merged if asked."""
+    load_adapter(unet, adapter, use_xformers=use_xformers)
+    if adapter_scale != 1.0:
+        set_adapter_scale(unet, adapter_scale)
+    if merge:
+        merge_adapter(unet)
+
+
+def sample(pipe, cfg: GenerateConfig, prompts: list[str], ks: list[int]) -> list:
+    """One pipeline call: image i of prompts[i] with seed cfg.seed + ks[i], cfg's steps, guidance and size."""
+    device = pipe.unet.device
+    gens = [torch.Generator(device).manual_seed(cfg.seed + k) for k in ks]
+    return pipe(prompts, generator=gens, num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
 
 
 def check_prompt_length(tokenizer, prompt: str) -> None:
@@ -247,16 +261,18 @@ def compiled(pipe, enabled: bool = True):
             m._compiled_call_impl = None
 
 
-def batches(jobs: list, size: int, pad: bool = False):
-    """(batch, n) for consecutive batches of `size` jobs; n = how many are real. pad=True fills a short last
+def batches(jobs: list, size: int, pad: bool = False) -> list[tuple[list, int]]:
+    """[(batch, n)] for consecutive batches of `size` jobs; n = how many are real. pad=True fills a short last
     batch (after full ones) with copies of its last job, whose images the caller drops: every batch then has
     one shape, so a compiled UNet is not compiled again for the last one."""
+    out = []
     for i in range(0, len(jobs), size):
         batch = jobs[i:i + size]
         n = len(batch)
         if pad and n < size and len(jobs) > size:
             batch = batch + [batch[-1]] * (size - n)
-        yield batch, n
+        out.append((batch, n))
+    return out
 
 
 def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
@@ -274,14 +290,10 @@ def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None,
     todo = jobs if jobs is not None else plan(prompts, cfg.num_images_per_prompt)
     if cfg.skip_existing:
         todo = [j for j in todo if not (out / j[1] / f"{j[2]}.png").is_file()]
-    device = pipe.unet.device
     records = []
     with compiled(pipe, cfg.compile), PngWriter() as writer:
-        for batch, n in tqdm(batches(todo, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch",
-                             total=-(-len(todo) // cfg.batch_size)):
-            gens = [torch.Generator(device).manual_seed(cfg.seed + k) for _, _, k in batch]
-            images = pipe([p for p, _, _ in batch], generator=gens, num_inference_steps=cfg.num_inference_steps,
-                          guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
+        for batch, n in tqdm(batches(todo, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch"):
+            images = sample(pipe, cfg, [p for p, _, _ in batch], [k for _, _, k in batch])
             for (prompt, slug, k), img in zip(batch[:n], images):
                 writer.write(img, out / slug / f"{k}.png", prompt, cfg.seed + k, settings)
                 records.append({"prompt": prompt, "slug": slug, "k": k, "seed": cfg.seed + k,

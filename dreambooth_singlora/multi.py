@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 
 from .adapter import _PEFT_NAME as PEFT_NAME
 from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, attention_modules, get_config, load_adapter,
-                      load_adapter_state_dict, merge_adapter, read_adapter, remove_adapter, save_adapter, set_step)
+                      load_adapter_state_dict, read_adapter, remove_adapter, save_adapter, set_step)
 from .config import SingLoRAConfig
 from .errors import UserError, cli_entry
+from .generate import (PngWriter, batches, check_prompt_length, compiled, generate_images, place_adapter, plan,
+                       sample, write_index)
 from .processor import SingLoRAAttnProcessor, _key
-from .generate import (PngWriter, batches, check_prompt_length, compiled, generate_images, plan, set_adapter_scale,
-                       write_index)
 from .singlora import compute_dtype, singlora_matmul
 
 logger = logging.getLogger("dreambooth_singlora.multi")
@@ -317,10 +317,7 @@ def generate_many(pipe, adapters: dict, cfg, output_dir, prompts: dict | None = 
     for name in alone:  # one subject at a time, merged: what eval's render does
         logger.info("%s: %s adapter, rendered on its own", name, metas[name].get("method"))
         one = replace(cfg, adapter=str(adapters[name]))
-        load_adapter(pipe.unet, adapters[name])
-        if cfg.adapter_scale != 1.0:
-            set_adapter_scale(pipe.unet, cfg.adapter_scale)
-        merge_adapter(pipe.unet)
+        place_adapter(pipe.unet, adapters[name], adapter_scale=cfg.adapter_scale)
         try:
             n_images += len(generate_images(pipe, one, prompts[name], out / name))
         finally:
@@ -366,16 +363,12 @@ def _render_bank(pipe, adapters: dict, meta: dict, cfg, out: Path, prompts: dict
         device = unet.device
         with compiled(pipe, cfg.compile), PngWriter() as writer:
             for batch, n_real in tqdm(batches(jobs, cfg.batch_size, pad=cfg.compile), unit="batch",
-                                      desc=f"generating ({meta.get('method')}, mixed subjects)",
-                                      total=-(-len(jobs) // cfg.batch_size)):
+                                      desc=f"generating ({meta.get('method')}, mixed subjects)"):
                 t0 = time.perf_counter()
                 index = torch.tensor([rows[n] for n, _, _, _ in batch], device=device)
                 routing.route(torch.cat([index, index]) if doubled else index)
-                gens = [torch.Generator(device).manual_seed(cfg.seed + k) for _, _, _, k in batch]
                 try:
-                    images = pipe([p for _, p, _, _ in batch], generator=gens,
-                                  num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                                  height=cfg.height, width=cfg.width).images
+                    images = sample(pipe, cfg, [p for _, p, _, _ in batch], [k for _, _, _, k in batch])
                 except torch.cuda.OutOfMemoryError:
                     raise UserError(f"out of GPU memory rendering {len(batch)} images per batch "
                                     f"({len(batch) * (2 if doubled else 1)} UNet samples): lower --batch_size; "
