@@ -105,7 +105,7 @@ class BankAttnProcessor(SingLoRAAttnProcessor):
         index = self.routing.index
         if index is None or target not in self.targets:
             return super().project(layer, target, x)  # no routing: exactly the single adapter
-        if self.merged:
+        if self.merged or getattr(layer, "merged", False):  # SingLoRA's flag, or PEFT's layer's
             raise UserError("the staging adapter is merged into the weights: unmerge_adapter(unet) before "
                             "routing samples through the adapter bank")
         if index.shape[0] != x.shape[0]:
@@ -150,14 +150,6 @@ class MultiLoRAAttnProcessor(BankAttnProcessor):
             for part in ("lora_A", "lora_B"):
                 self.staging[f"{_key(t)}_{part}"] = (f"{t}.{part}.weight", getattr(layer, part)[PEFT_NAME].weight)
         self.resize(n)
-
-    def project(self, layer, target, x):
-        if self.routing.index is None or target not in self.targets:
-            return layer(x)  # PEFT's layer with the staging adapter (or a plain projection)
-        if layer.merged:  # its base weight holds the staging adapter: the rows would add to it
-            raise UserError("the staging adapter is merged into the weights: unmerge_adapter(unet) before "
-                            "routing samples through the adapter bank")
-        return super().project(layer, target, x)
 
     def routed_delta(self, layer, key, x, index, dtype, coef):
         A = self.banks[f"{key}_lora_A"][index].to(dtype)  # (B, r, d_in)
