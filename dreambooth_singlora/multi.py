@@ -142,7 +142,8 @@ class MultiLoRAAttnProcessor(BankAttnProcessor):
 
     def __init__(self, attn, targets, n: int, routing: Routing, use_xformers: bool = False):
         nn.Module.__init__(self)
-        self.targets, self.adapters, self.merged, self.use_xformers = tuple(targets), nn.ModuleDict(), False, use_xformers
+        self.targets, self.adapters = tuple(targets), nn.ModuleDict()
+        self.merged, self.use_xformers = False, use_xformers
         self.routing = routing
         self.staging = {}
         for t in self.targets:

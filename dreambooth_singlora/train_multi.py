@@ -1,12 +1,12 @@
-"""DreamBooth on many subjects at once: one process, one frozen UNet, a bank of adapters (SingLoRA, LoRA, LoRA+).
+"""DreamBooth on many subjects at once: one process, one frozen UNet, a bank of SingLoRA / LoRA / LoRA+ adapters.
 
     python -m dreambooth_singlora.train_multi --subjects all --dataset_dir ../shared/dreambooth/dataset \\
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --output_dir runs/singlora
 
-Every adapted projection holds one SingLoRA A per subject, (S, D, r) (LoRA: one lora_A and one lora_B
-per subject); each sample of a batch goes through its own subject's adapter (batched matmuls, no per-subject loop inside the UNet). Subject
-s draws at step t exactly the data a single-subject run (train_dreambooth, same flags and seed)
-draws at step t; the loss is the sum over subjects of each subject's mean loss, gradients are
+Every adapted projection holds one SingLoRA A per subject, (S, D, r) (LoRA: one lora_A and one
+lora_B per subject); each sample of a batch goes through its own subject's adapter (batched matmuls,
+no per-subject loop inside the UNet). Subject s draws at step t exactly the data a single-subject
+run (train_dreambooth, same flags and seed) draws at step t; the loss is the sum over subjects of each subject's mean loss, gradients are
 clipped per subject and AdamW's state is per element, so each subject's adapter is the one its
 own single-subject run would give (up to float rounding). All subjects of a batch step together:
 they share the step count, the ramp u(t) and the learning-rate schedule, as separate runs with the

@@ -106,7 +106,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet and VAE (minutes)")
     p.add_argument("--variants", nargs="*", default=[],
                    help="compiled UNet variants to time (each compiles afresh): cl = channels_last, tuned = "
-                        "inductor's conv_1x1_as_mm + coordinate_descent_tuning, autotune = mode max-autotune-no-cudagraphs, "
+                        "inductor's conv_1x1_as_mm + coordinate_descent_tuning, "
+                        "autotune = mode max-autotune-no-cudagraphs, "
                         "bank = with a routed SingLoRA bank of 30 subjects; join with '+', e.g. cl+tuned+bank")
     p.add_argument("--skip_eager", action="store_true", help="skip the eager UNet/VAE/PNG timings")
     p.add_argument("--cudnn_benchmark", action="store_true",
@@ -136,8 +137,8 @@ def main(argv=None):
 
     def report(part, name, sec, n):
         out[part][name] = {"seconds_per_call": round(sec, 5), "per_s": round(n / sec, 1)}
-        print(f"{part:5s} {name:22s} {sec * 1e3:8.1f} ms/call  {n / sec:8.1f} {'samples' if part == 'unet' else 'images'}/s",
-              flush=True)
+        unit = "samples" if part == "unet" else "images"
+        print(f"{part:5s} {name:22s} {sec * 1e3:8.1f} ms/call  {n / sec:8.1f} {unit}/s", flush=True)
 
     for variant in args.variants:
         compiled_variant(unet, x, t, emb, variant, args.iters, report)
