@@ -7,8 +7,10 @@ projections. The saved adapter is `adapter_model.safetensors` + `adapter_config.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import safetensors
@@ -19,8 +21,8 @@ from . import __version__
 from .config import SingLoRAConfig
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
-from .processor import SingLoRAAttnProcessor, require_xformers
-from .singlora import ramp
+from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, require_xformers
+from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "dreambooth-singlora"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_PEFT_NAME = "default"
+PEFT_NAME = "default"  # the adapter name PEFT's layers hold the LoRA under (bank.py reads it there too)
 
 
 # --------------------------------------------------------------------------- placing
@@ -43,6 +45,41 @@ def attention_modules(unet):
 def get_config(unet) -> SingLoRAConfig | None:
     """The config of the adapter on `unet`, or None."""
     return getattr(unet, "_dbsl_config", None)
+
+
+def set_processor(attn, processor) -> None:
+    """Put `processor` on `attn`, past the guard that `add_adapter` installs (the project's own calls)."""
+    type(attn).set_processor(attn, processor)
+
+
+def _guarded_set_processor(attn, processor, *args, **kwargs) -> None:
+    """`attn.set_processor` while an adapter processor is on `attn` (diffusers' `unet.set_attn_processor`,
+    `enable_xformers_memory_efficient_attention`, ... call it): a stock SDPA or xformers processor only
+    switches the adapter processor's attention backend, so the adapter survives; any other processor
+    would silently drop the adapter, so it is refused."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    current = attn.processor
+    if isinstance(processor, AdapterAttnProcessor) or not isinstance(current, AdapterAttnProcessor):
+        return type(attn).set_processor(attn, processor, *args, **kwargs)
+    if isinstance(processor, (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)):
+        _set_backend(current, isinstance(processor, XFormersAttnProcessor))
+        return None
+    raise UserError(f"setting {type(processor).__name__} on a UNet with an unmerged adapter would drop the "
+                    "adapter: merge_adapter(unet) or remove_adapter(unet) first (SDPA and xformers processors "
+                    "are fine: they switch the adapter's attention backend)")
+
+
+def _set_backend(proc, use_xformers: bool) -> None:
+    """Switch an adapter processor (and the stock processor a LoRA bank wraps) between SDPA and xformers."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    proc.use_xformers = use_xformers
+    inner = getattr(proc, "inner", None)
+    if isinstance(inner, AdapterAttnProcessor):
+        inner.use_xformers = use_xformers
+    elif inner is not None:
+        proc.inner = XFormersAttnProcessor() if use_xformers else AttnProcessor2_0()
 
 
 def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> None:
@@ -70,21 +107,22 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
         for _, attn in attns:
             proc = SingLoRAAttnProcessor(attn, config.rank, config.alpha, config.init,
                                          config.target_modules, use_xformers)
-            attn.set_processor(proc.to(device=ref.device))  # A stays fp32 whatever the UNet's dtype
+            set_processor(attn, proc.to(device=ref.device))  # A stays fp32 whatever the UNet's dtype
+            attn.set_processor = functools.partial(_guarded_set_processor, attn)
     else:
         from peft import LoraConfig
 
         # init "gaussian" as diffusers' DreamBooth LoRA script; B = 0 so the start is the base model
         unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                     target_modules=list(config.target_modules),
-                                    use_dora=config.method == "dora"), adapter_name=_PEFT_NAME)
+                                    use_dora=config.method == "dora"), adapter_name=PEFT_NAME)
         for p in trainable_parameters(unet):
-            p.data = p.data.float()
+            p.data = at_least_fp32(p.data)
         if use_xformers:  # PEFT's layers sit in to_q / to_k: only the attention itself changes
             from diffusers.models.attention_processor import XFormersAttnProcessor
 
             for _, attn in attns:
-                attn.set_processor(XFormersAttnProcessor())
+                set_processor(attn, XFormersAttnProcessor())
     unet._dbsl_config = config
     set_step(unet, 0)
 
@@ -98,12 +136,13 @@ def remove_adapter(unet) -> None:
     config = get_config(unet)
     if config is None:
         return
-    if _is_merged(unet):
+    if is_merged(unet):
         unmerge_adapter(unet)
     if config.method != "singlora":
         unet.unload_lora()
     for name, attn in attention_modules(unet):
-        attn.set_processor(unet._dbsl_original_processors[name])
+        attn.__dict__.pop("set_processor", None)  # the guard add_adapter installed
+        set_processor(attn, unet._dbsl_original_processors[name])
     for name, p in unet.named_parameters():
         p.requires_grad_(unet._dbsl_requires_grad.get(name, p.requires_grad))
     for attr in ("_dbsl_config", "_dbsl_original_processors", "_dbsl_requires_grad", "_dbsl_step", "_dbsl_u",
@@ -112,14 +151,20 @@ def remove_adapter(unet) -> None:
             delattr(unet, attr)
 
 
+def singlora_processor(attn) -> SingLoRAAttnProcessor | None:
+    """The SingLoRA processor of `attn`: its processor, or the one an adapter bank wraps; else None."""
+    proc = attn.processor
+    proc = getattr(proc, "inner", proc)
+    return proc if isinstance(proc, SingLoRAAttnProcessor) else None
+
+
 def singlora_layers(unet):
     """(attention path, target, SingLoRA module) for every SingLoRA term on `unet`."""
     out = []
     for name, attn in attention_modules(unet):
-        proc = attn.processor
-        if isinstance(proc, SingLoRAAttnProcessor):
-            out += [(name, t, proc.adapters[t.replace(".", "_")]) for t in proc.targets
-                    if t.replace(".", "_") in proc.adapters]  # a LoRA bank's processor has none
+        proc = singlora_processor(attn)
+        if proc is not None:
+            out += [(name, t, proc.adapters[t.replace(".", "_")]) for t in proc.targets]
     return out
 
 
@@ -139,7 +184,7 @@ def set_step(unet, step: int) -> float:
     config = get_config(unet)
     if config is None:
         raise UserError("this UNet has no adapter")
-    if _is_merged(unet):
+    if is_merged(unet):
         raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before setting the step")
     u = ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0
     for _, _, layer in singlora_layers(unet):
@@ -158,10 +203,10 @@ def set_use_xformers(unet, enabled: bool) -> None:
     from diffusers.models.attention_processor import XFormersAttnProcessor
 
     for name, attn in attention_modules(unet):
-        if isinstance(attn.processor, SingLoRAAttnProcessor):  # SingLoRA's, or an adapter bank's (LoRA too)
-            attn.processor.use_xformers = enabled
+        if isinstance(attn.processor, AdapterAttnProcessor):  # SingLoRA's, or an adapter bank's (LoRA too)
+            _set_backend(attn.processor, enabled)
         else:
-            attn.set_processor(XFormersAttnProcessor() if enabled else unet._dbsl_original_processors[name])
+            set_processor(attn, XFormersAttnProcessor() if enabled else unet._dbsl_original_processors[name])
 
 
 # --------------------------------------------------------------------------- state
@@ -175,7 +220,7 @@ def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
         return {f"{path}.{target}.A": layer.A for path, target, layer in singlora_layers(unet)}
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(unet, adapter_name=_PEFT_NAME)
+    return get_peft_model_state_dict(unet, adapter_name=PEFT_NAME)
 
 
 def load_adapter_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
@@ -206,13 +251,13 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
     config = get_config(unet)
     if config is None:
         raise UserError("this UNet has no adapter to save")
-    if _is_merged(unet):
+    if is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
     step = getattr(unet, "_dbsl_step", 0)
     meta = {**(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
-            "step": step, "u": ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0,
-            "base_model": base_model, "shapes": layer_shapes(unet)}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet).items()}
+            "step": step, "base_model": base_model, "shapes": layer_shapes(unet)}
+    meta["u"] = saved_u(meta)  # recorded for people to read; every reader derives u from the step
+    tensors = {k: at_least_fp32(v.detach().cpu()).contiguous() for k, v in adapter_state_dict(unet).items()}
     out = Path(output_dir)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", FORMAT: json.dumps(meta)})
@@ -262,7 +307,18 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
                             f"{file_meta.get(key)!r}); the folder mixes two adapters")
     if file_meta:  # the weights file is the commit point of a save: its step and u win
         meta.update({k: file_meta[k] for k in ("step", "u") if k in file_meta})
+    if "u" in meta and not math.isclose(float(meta["u"]), saved_u(meta), rel_tol=1e-9, abs_tol=1e-12):
+        raise UserError(f"{cfg_file} records u = {meta['u']} but step {meta.get('step')} with ramp_steps "
+                        f"{meta.get('ramp_steps')} gives u = {saved_u(meta)}; the config was edited or is corrupt")
     return meta, tensors
+
+
+def saved_u(meta: dict) -> float:
+    """The u(t) a saved adapter ended at: the ramp at its step for SingLoRA, 1 for the baselines (one source
+    of truth: load_adapter, export and the bank all derive u from the step this way)."""
+    if meta.get("method") != "singlora":
+        return 1.0
+    return ramp(int(meta.get("step", 0)), int(meta.get("ramp_steps", 0)))
 
 
 def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
@@ -291,7 +347,8 @@ def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
 
 # --------------------------------------------------------------------------- merging
 
-def _is_merged(unet) -> bool:
+def is_merged(unet) -> bool:
+    """Whether the adapter on `unet` is merged into its base weights."""
     return bool(getattr(unet, "_dbsl_merged", False))
 
 
@@ -304,7 +361,7 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
     config = get_config(unet)
     if config is None:
         raise UserError("this UNet has no adapter to merge")
-    if _is_merged(unet):
+    if is_merged(unet):
         logger.warning("adapter already merged; nothing to do")
         return
     if config.method != "singlora":
@@ -326,21 +383,21 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
         merged = []
         for path, target, layer in singlora_layers(unet):
             weight = unet.get_submodule(path).get_submodule(target).weight
-            merged.append((weight, (weight.float() + layer.delta_weight()).to(weight.dtype)))
+            merged.append((weight, (at_least_fp32(weight) + layer.delta_weight()).to(weight.dtype)))
             if safe and not torch.isfinite(merged[-1][1]).all():
                 raise UserError(f"merge refused: {path}.{target} would get non-finite weights; nothing changed")
         with torch.no_grad():
             for weight, new in merged:
                 weight.copy_(new)
         for _, attn in attention_modules(unet):
-            attn.processor.merged = True
+            singlora_processor(attn).merged = True
     unet._dbsl_merged = True
 
 
 def unmerge_adapter(unet) -> None:
     """Undo merge_adapter (exact up to the base weights' dtype rounding). Unmerged: no-op with a warning."""
     config = get_config(unet)
-    if config is None or not _is_merged(unet):
+    if config is None or not is_merged(unet):
         logger.warning("adapter not merged; nothing to do")
         return
     if config.method != "singlora":
@@ -353,16 +410,11 @@ def unmerge_adapter(unet) -> None:
         with torch.no_grad():
             for path, target, layer in singlora_layers(unet):
                 weight = unet.get_submodule(path).get_submodule(target).weight
-                weight.copy_((weight.float() - layer.delta_weight()).to(weight.dtype))
+                weight.copy_((at_least_fp32(weight) - layer.delta_weight()).to(weight.dtype))
         for _, attn in attention_modules(unet):
-            attn.processor.merged = False
+            singlora_processor(attn).merged = False
     unet._dbsl_merged = False
 
 
 def count_parameters(unet) -> int:
     return sum(p.numel() for p in trainable_parameters(unet))
-
-
-def describe(config: SingLoRAConfig) -> str:
-    scale = config.alpha / config.rank
-    return f"{config.method} r={config.rank} alpha={config.alpha:g} (scale {scale:g}) on {', '.join(config.target_modules)}"

@@ -1,7 +1,8 @@
 """`dreambooth-singlora <command> ...`: train, generate, export, eval.
 
 Each command is the module of the same name (`python -m dreambooth_singlora.train_dreambooth`,
-`... .generate`, `... .export`, `python -m eval`); this entry point only dispatches.
+`... .generate`, `... .export`, `python -m dreambooth_singlora.eval`, which a checkout also runs as
+`python -m eval`); this entry point only dispatches.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ COMMANDS = {
     "generate": ("dreambooth_singlora.generate", "render images from a saved adapter"),
     "generate-many": ("dreambooth_singlora.multi", "render many subjects' adapters, subjects mixed in each batch"),
     "export": ("dreambooth_singlora.export", "export an adapter as a standard (kohya / diffusers) LoRA"),
-    "eval": ("eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
+    "eval": ("dreambooth_singlora.eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
 }
 
 

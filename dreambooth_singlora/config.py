@@ -133,9 +133,15 @@ class TrainConfig(SingLoRAConfig):
     variant: typing.Optional[str] = field(default=None, metadata=_help("weights variant, e.g. fp16"))
     subject: typing.Optional[str] = field(default=None, metadata=_help(
         "a DreamBooth subject (e.g. dog): fills instance_data_dir, instance_prompt and class_prompt "
-        "from --dataset_dir and prompts/subjects.csv"))
+        "from --dataset_dir and the subjects table; the adapter goes to --output_dir"))
+    subjects: typing.Optional[typing.List[str]] = field(default=None, metadata=_help(
+        "several DreamBooth subjects, or 'all' for the 30: one adapter each, in <output_dir>/<subject>/, "
+        "trained together in batches of --subjects_per_batch"))
+    subjects_per_batch: typing.Optional[int] = field(default=None, metadata=_help(
+        "with --subjects: subjects that share one UNet batch through an adapter bank (default: all; 1 = one "
+        "subject at a time, each with every single-subject feature: DDP, CUDA graphs, fp16, 8-bit Adam, DoRA)"))
     dataset_dir: typing.Optional[str] = field(default=None, metadata=_help(
-        "the DreamBooth dataset folder (<dataset_dir>/<subject>/*.jpg), used with --subject"))
+        "the DreamBooth dataset folder (<dataset_dir>/<subject>/*.jpg), used with --subject / --subjects"))
     identifier: str = field(default="sks", metadata=_help("the rare token that names the subject"))
     instance_data_dir: typing.Optional[str] = field(default=None, metadata=_help("folder of the subject's photos"))
     instance_prompt: typing.Optional[str] = field(default=None, metadata=_help(
@@ -176,7 +182,7 @@ class TrainConfig(SingLoRAConfig):
         "xformers attention (needs the xformers extra)"))
     checkpointing_steps: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps"))
     checkpoints_total_limit: typing.Optional[int] = field(default=2, metadata=_help(
-        "keep at most this many checkpoints (oldest removed first)"))
+        "keep the newest N checkpoints (oldest removed first); 0 keeps them all"))
     resume_from_checkpoint: typing.Optional[str] = field(default=None, metadata=_help(
         "a checkpoint folder, or 'latest' (the newest complete one in <output_dir>/checkpoints; "
         "starts fresh if there is none)"))
@@ -196,9 +202,34 @@ class TrainConfig(SingLoRAConfig):
         super().__post_init__()
         from .prompts import get_subject  # late: prompts reads data files
 
+        if self.subjects is not None:
+            given = [f"--{n}" for n in ("subject", "instance_data_dir", "instance_prompt", "class_prompt",
+                                        "class_data_dir", "validation_prompt") if getattr(self, n) is not None]
+            if given:
+                raise UserError(f"{given[0]} is a single-subject flag: with --subjects each subject's photos, "
+                                "prompts and output folder come from --dataset_dir and --output_dir/<subject>")
+            self.subjects = list(self.subjects)
+            if self.subjects == ["all"]:
+                from .prompts import subjects as all_subjects
+
+                self.subjects = list(all_subjects())
+            if not self.subjects or "all" in self.subjects:
+                raise UserError("--subjects takes 'all' alone, or a list of subject names")
+            dups = sorted({n for n in self.subjects if self.subjects.count(n) > 1})
+            if dups:
+                raise UserError(f"subject(s) listed twice in --subjects: {', '.join(dups)}")
+            for n in self.subjects:
+                get_subject(n)
+            if not self.dataset_dir:
+                raise UserError("--subjects needs --dataset_dir (the DreamBooth dataset folder, "
+                                "<dataset_dir>/<subject>/*.jpg)")
+        elif self.subjects_per_batch is not None:
+            raise UserError("--subjects_per_batch goes with --subjects")
+        if self.subjects_per_batch is not None and self.subjects_per_batch < 1:
+            raise UserError(f"--subjects_per_batch must be >= 1, got {self.subjects_per_batch}")
         if self.subject is not None:
             subj = get_subject(self.subject)
-            if not self.dataset_dir:
+            if not self.dataset_dir and not self.instance_data_dir:
                 raise UserError("--subject needs --dataset_dir (the DreamBooth dataset folder, "
                                 "<dataset_dir>/<subject>/*.jpg)")
             self.instance_data_dir = self.instance_data_dir or str(Path(self.dataset_dir) / subj.name)
@@ -206,13 +237,14 @@ class TrainConfig(SingLoRAConfig):
             self.class_prompt = self.class_prompt or subj.class_prompt()
         if not self.pretrained_model_name_or_path:
             raise UserError("--pretrained_model_name_or_path is required (a hub id or a local diffusers folder)")
-        if not self.instance_data_dir:
-            raise UserError("give --instance_data_dir (and --instance_prompt), or --subject with --dataset_dir")
-        if not self.instance_prompt:
+        if self.subjects is None and not self.instance_data_dir:
+            raise UserError("give --instance_data_dir (and --instance_prompt), --subject or --subjects with "
+                            "--dataset_dir")
+        if self.subjects is None and not self.instance_prompt:
             raise UserError("--instance_prompt is required with --instance_data_dir, e.g. 'a photo of sks dog'")
-        if self.with_prior_preservation and not self.class_prompt:
+        if self.with_prior_preservation and self.subjects is None and not self.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog') or --subject")
-        if self.with_prior_preservation and not self.class_data_dir:
+        if self.with_prior_preservation and self.subjects is None and not self.class_data_dir:
             self.class_data_dir = str(Path(self.output_dir) / "class_images")
         if self.resolution < 8 or self.resolution % 8:
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
@@ -222,11 +254,22 @@ class TrainConfig(SingLoRAConfig):
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise UserError("--checkpoints_total_limit must be >= 1 (or omitted for no limit)")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            raise UserError("--checkpoints_total_limit must be >= 1, or 0 to keep every checkpoint")
+        if self.checkpoints_total_limit == 0:
+            self.checkpoints_total_limit = None
 
     def adapter_config(self) -> SingLoRAConfig:
         return SingLoRAConfig.from_dict({f.name: getattr(self, f.name) for f in fields(SingLoRAConfig)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"target_modules": list(self.target_modules)}
+
+    def shared_dict(self) -> dict:
+        """The settings every subject of a run shares (what a checkpoint records as the run's config)."""
+        return {k: v for k, v in self.to_dict().items() if k not in PER_SUBJECT}
+
+
+#: TrainConfig fields that belong to one subject; a run of several subjects shares every other one
+PER_SUBJECT = ("subject", "subjects", "instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir",
+               "output_dir", "validation_prompt")

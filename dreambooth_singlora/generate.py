@@ -1,11 +1,15 @@
-"""Generate images from a saved adapter.
+"""Generate images from saved adapters: one renderer for one adapter, or many subjects mixed in a batch.
 
-    python -m dreambooth_singlora.generate --adapter out/dog --prompt "a sks dog on the beach"
-    python -m dreambooth_singlora.generate --adapter out/dog --subject dog     # the 25 DreamBooth prompts
+    python -m dreambooth_singlora.generate --adapter runs/dog/adapter --prompt "a sks dog on the beach"
+    python -m dreambooth_singlora.generate --adapter runs/dog/adapter --subject dog   # the 25 DreamBooth prompts
+    dreambooth-singlora generate-many --adapters runs/all --subjects all --output_dir runs/all/images
 
-The adapter's config names its base model (override with --pretrained_model_name_or_path). By
-default the adapter is merged into the UNet weights, so sampling costs what the base model costs.
-Each image's k uses seed + k, whatever the batch size: same seed and settings, same images.
+The adapter's config names its base model (override with --pretrained_model_name_or_path). One
+adapter is merged into the UNet weights by default, so sampling costs what the base model costs.
+Many subjects' SingLoRA, LoRA or LoRA+ adapters go into one adapter bank and every batch mixes
+subjects (each sample routed through its own adapter); DoRA adapters render one at a time, merged.
+Image k of a prompt uses seed + k, whatever the batch size or the subjects beside it: same seed and
+settings, same images.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
-from .adapter import get_config, load_adapter, merge_adapter, read_adapter, singlora_layers
-from .config import _help, dataclass_parser, from_args
+from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, merge_adapter,
+                      read_adapter, remove_adapter, singlora_layers)
+from .config import _help, add_arguments, dataclass_parser, from_args
 from .data import image_grid
 from .errors import UserError, cli_entry
-from .fileio import atomic_path, write_json_atomic
+from .fileio import atomic_path, check_writable, write_json_atomic
 from .prompts import IDENTIFIER, get_subject, slugify
 
 logger = logging.getLogger("dreambooth_singlora.generate")
@@ -275,30 +281,130 @@ def batches(jobs: list, size: int, pad: bool = False) -> list[tuple[list, int]]:
     return out
 
 
+class Job(NamedTuple):
+    """One image to render: `prompt` with seed cfg.seed + k into `path`, through bank row `row` (None: the
+    pipeline's own UNet), recording `settings`."""
+    prompt: str
+    k: int
+    path: Path
+    settings: dict
+    row: Optional[int] = None
+
+
+def _cfg_doubles_batch(pipe, guidance_scale: float) -> bool:
+    # StableDiffusionPipeline.do_classifier_free_guidance: the UNet then sees [uncond, cond]
+    return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+
+def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[float]:
+    """The renderer: every job's image, cfg.batch_size a batch (routed per sample through a bank when
+    `routing` is given), PNGs written on worker threads. Jobs whose PNG exists are skipped with
+    cfg.skip_existing. Returns each batch's wall seconds."""
+    for p in dict.fromkeys(j.prompt for j in jobs):
+        check_prompt_length(pipe.tokenizer, p)
+    if cfg.skip_existing:
+        jobs = [j for j in jobs if not j.path.is_file()]
+    doubled, seconds = _cfg_doubles_batch(pipe, cfg.guidance_scale), []
+    with compiled(pipe, cfg.compile), PngWriter() as writer:
+        for batch, n in tqdm(batches(jobs, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch"):
+            t0 = time.perf_counter()
+            if routing is not None:
+                index = torch.tensor([j.row for j in batch], device=pipe.unet.device)
+                routing.route(torch.cat([index, index]) if doubled else index)
+            try:
+                images = sample(pipe, cfg, [j.prompt for j in batch], [j.k for j in batch])
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(f"out of GPU memory rendering {len(batch)} images per batch: lower --batch_size; "
+                                "the images written so far are kept (run again to go on)") from None
+            for j, img in zip(batch[:n], images):
+                writer.write(img, j.path, j.prompt, cfg.seed + j.k, j.settings)
+            seconds.append(round(time.perf_counter() - t0, 3))
+    return seconds
+
+
 def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
                     jobs: list | None = None) -> list[dict]:
-    """Render `prompts` into output_dir/<slug>/<k>.png (text chunks: prompt, seed, settings).
-
-    Returns one record per image; `jobs` (a sub-list of `plan(...)`) limits the work to those
-    images, which is how several processes share a render.
-    """
+    """Render `prompts` with the pipeline as it is into output_dir/<slug>/<k>.png (text chunks: prompt,
+    seed, settings). Returns one record per image; `jobs` (a sub-list of `plan(...)`) limits the work to
+    those images."""
     out = Path(output_dir or cfg.output_dir)
     prompts = prompts if prompts is not None else cfg.prompts()
-    for p in dict.fromkeys(prompts):
-        check_prompt_length(pipe.tokenizer, p)
-    settings = cfg.settings()
     todo = jobs if jobs is not None else plan(prompts, cfg.num_images_per_prompt)
-    if cfg.skip_existing:
-        todo = [j for j in todo if not (out / j[1] / f"{j[2]}.png").is_file()]
-    records = []
-    with compiled(pipe, cfg.compile), PngWriter() as writer:
-        for batch, n in tqdm(batches(todo, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch"):
-            images = sample(pipe, cfg, [p for p, _, _ in batch], [k for _, _, k in batch])
-            for (prompt, slug, k), img in zip(batch[:n], images):
-                writer.write(img, out / slug / f"{k}.png", prompt, cfg.seed + k, settings)
-                records.append({"prompt": prompt, "slug": slug, "k": k, "seed": cfg.seed + k,
-                                "file": f"{slug}/{k}.png"})
-    return records
+    settings = cfg.settings()
+    render(pipe, cfg, [Job(p, k, out / slug / f"{k}.png", settings) for p, slug, k in todo])
+    return [{"prompt": p, "slug": slug, "k": k, "seed": cfg.seed + k, "file": f"{slug}/{k}.png"} for p, slug, k in todo]
+
+
+def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts: dict | None = None) -> dict:
+    """Render every subject's prompts into output_dir/<subject>/<slug>/<k>.png, subjects mixed in each batch.
+
+    pipe: a pipeline without an adapter (`load_pipeline(None, base)`); adapters: {subject: adapter folder};
+    prompts: {subject: [prompt, ...]} (default: the subject's 25 DreamBooth prompts). Adapters of one
+    method (SingLoRA, LoRA or LoRA+), rank and targets share one bank, rendered in turn; DoRA adapters
+    render one subject at a time, merged. Writes index.json and contact_sheet.png per subject; returns
+    {"batched": [...], "one_at_a_time": [...], "images": n, "batch_seconds": [...]}."""
+    if not adapters:
+        raise UserError("no adapter to render")
+    if get_config(pipe.unet) is not None:
+        raise UserError("generate_many needs a pipeline without an adapter (load_pipeline(None, base_model))")
+    from .bank import BANKED
+
+    out, prompts = Path(output_dir), dict(prompts or {})
+    for name in adapters:
+        prompts.setdefault(name, get_subject(name).eval_prompts(cfg.identifier))
+    metas = {name: read_adapter(path)[0] for name, path in adapters.items()}
+    groups: dict = {}  # (method, rank, targets) -> subjects that share one bank; None -> one at a time
+    for n, m in metas.items():
+        key = (m.get("method"), m.get("rank"), tuple(m.get("target_modules") or ())) if m.get("method") in BANKED else None
+        groups.setdefault(key, []).append(n)
+    seconds, n_images = [], 0
+    for key, names in groups.items():
+        for group in ([names] if key is not None else [[n] for n in names]):
+            jobs = [Job(p, k, out / n / slug / f"{k}.png", replace(cfg, adapter=str(adapters[n])).settings(), row)
+                    for row, n in enumerate(group) for p, slug, k in plan(prompts[n], cfg.num_images_per_prompt)]
+            with placed(pipe.unet, [adapters[n] for n in group], cfg) as routing:
+                seconds += render(pipe, cfg, jobs, routing)
+            n_images += len(jobs)
+    for n in adapters:
+        write_index(replace(cfg, adapter=str(adapters[n])), prompts[n], out / n)
+    batched = [n for key, names in groups.items() if key is not None for n in names]
+    return {"batched": batched, "one_at_a_time": [n for n in adapters if n not in batched], "images": n_images,
+            "batch_seconds": seconds}
+
+
+@contextmanager
+def placed(unet, paths: list, cfg: GenerateConfig):
+    """For the `with` block, the adapter at paths[0] merged on `unet` (yields None), or the adapters at
+    `paths` in one bank, row i = paths[i] (yields the bank's routing); the UNet is bare again afterwards."""
+    from .adapter import load_adapter_state_dict
+    from .bank import BANKED, add_bank, staging_to_row
+
+    xformers = cfg.enable_xformers_memory_efficient_attention
+    if len(paths) == 1 and read_adapter(paths[0])[0].get("method") not in BANKED:
+        place_adapter(unet, paths[0], adapter_scale=cfg.adapter_scale, use_xformers=xformers)
+        try:
+            yield None
+        finally:
+            remove_adapter(unet)
+        return
+    loaded = []  # (config, tensors, u) of each adapter, checked against this UNet by load_adapter
+    for path in paths:
+        config = load_adapter(unet, path)
+        try:
+            loaded.append((config, {k: v.detach().clone() for k, v in adapter_state_dict(unet).items()}, unet._dbsl_u))
+        finally:
+            remove_adapter(unet)
+    add_adapter(unet, loaded[0][0], use_xformers=xformers)
+    try:
+        routing = add_bank(unet, len(paths))
+        for i, (_, tensors, _) in enumerate(loaded):
+            load_adapter_state_dict(unet, tensors)
+            staging_to_row(unet, i)
+        routing.set_coef(torch.tensor([c.alpha / c.rank * u * cfg.adapter_scale for c, _, u in loaded],
+                                      device=routing.coef.device))
+        yield routing
+    finally:
+        remove_adapter(unet)
 
 
 def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Path:
@@ -321,15 +427,82 @@ def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Pat
     return out
 
 
-def check_writable(folder) -> None:
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{id(folder)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+def find_adapters(root, names=None) -> tuple[dict[str, Path], list[str]]:
+    """({subject: <root>/<subject>} with an adapter, problems) for the subjects asked for (default: all 30)."""
+    from .prompts import subjects
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"adapters folder {root} does not exist (expected <adapters>/<subject>/{WEIGHTS_NAME})")
+    wanted = list(subjects()) if not names or list(names) == ["all"] else list(names)
+    found, problems = {}, []
+    for name in wanted:
+        get_subject(name)  # unknown subject: one clear error
+        if (root / name / WEIGHTS_NAME).is_file():
+            found[name] = root / name
+        else:
+            problems.append(f"{name}: no adapter at {root / name / WEIGHTS_NAME}")
+    return found, problems
+
+
+def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, max_prompts: int | None = None,
+                    skip_missing: bool = False) -> dict:
+    """Every subject's prompts (the first max_prompts of its 25) from <adapters_dir>/<subject>/ into
+    output_dir/<subject>/, subjects split over the processes accelerate launched and mixed in each batch.
+    A subject without an adapter is an error, or with skip_missing a warning; returns
+    {"rendered": [...], "skipped": [...], "images": n}."""
+    from accelerate import PartialState
+
+    if max_prompts is not None and max_prompts < 1:
+        raise UserError(f"--max_prompts must be >= 1, got {max_prompts}")
+    found, problems = find_adapters(adapters_dir, names)
+    if problems and not (skip_missing and found):
+        raise UserError(f"no adapter for {len(problems)} subject(s): {'; '.join(problems[:3])}"
+                        f"{' ...' if len(problems) > 3 else ''} (list the subjects you have with --subjects)")
+    for p in problems:
+        logger.warning("skipping %s", p)
+    check_writable(output_dir)
+    state = PartialState()
+    base = cfg.pretrained_model_name_or_path or read_adapter(next(iter(found.values())))[0].get("base_model")
+    pipe = load_pipeline(None, base, device=state.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                         use_xformers=cfg.enable_xformers_memory_efficient_attention)
+    result = {"images": 0}
+    with state.split_between_processes(sorted(found)) as mine:
+        if mine:
+            result = generate_many(pipe, {n: found[n] for n in mine}, cfg, output_dir,
+                                   {n: get_subject(n).eval_prompts(cfg.identifier)[:max_prompts] for n in mine})
+    state.wait_for_everyone()
+    return {"rendered": list(mine), "skipped": problems, "images": result["images"]}
+
+
+def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
+    """The flags of a many-subject render (generate-many, eval render): every generation flag of `generate`."""
+    parser.add_argument("--adapters", required=True, help="folder of per-subject adapter folders (<adapters>/<subject>/)")
+    parser.add_argument(output_flag, required=True, dest="output_dir",
+                        help="images folder (<output>/<subject>/<slug>/<k>.png)")
+    parser.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
+    parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of each subject")
+    parser.add_argument("--no_resume", action="store_true", help="re-render images already in the output folder")
+    add_arguments(parser, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "output_dir",
+                                                   "skip_existing", "merge"))
+
+
+def many_config(args) -> GenerateConfig:
+    args.adapter, args.skip_existing, args.merge = args.adapters, not args.no_resume, False
+    return from_args(GenerateConfig, args)
+
+
+@cli_entry
+def main_many(argv=None):
+    """`dreambooth-singlora generate-many`: many subjects' adapters, subjects mixed in each batch."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dreambooth-singlora generate-many", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_many_arguments(p)
+    args = p.parse_args(argv)
+    result = render_subjects(args.adapters, args.output_dir, many_config(args), args.subjects, args.max_prompts)
+    print(f"{result['images']} images for {len(result['rendered'])} subjects in {args.output_dir}")
 
 
 @cli_entry

@@ -3,11 +3,16 @@
 prompts/subjects.csv   subject,class,kind (kind: object | live), the 30 DreamBooth subjects
 prompts/object.txt     25 evaluation prompts for objects, "{}" where "sks <class>" goes
 prompts/live.txt       25 evaluation prompts for live subjects (dogs and cats)
+
+The folder installs as the package data `dreambooth_singlora.benchmark_data` (pyproject.toml's
+package-dir) and is read through importlib.resources, so a wheel install finds it as a checkout
+does. $DREAMBOOTH_SINGLORA_PROMPTS, if set, is a folder of the same three files used instead.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import os
 import re
 from dataclasses import dataclass
@@ -17,11 +22,19 @@ from pathlib import Path
 from .errors import UserError
 
 IDENTIFIER = "sks"
+DATA_PACKAGE = "dreambooth_singlora.benchmark_data"  # the prompts/ folder, as installed (pyproject.toml)
 
 
 def prompts_dir() -> Path:
-    """prompts/ beside the package (or $DREAMBOOTH_SINGLORA_PROMPTS)."""
-    return Path(os.environ.get("DREAMBOOTH_SINGLORA_PROMPTS", Path(__file__).resolve().parents[1] / "prompts"))
+    """The folder of subjects.csv, object.txt and live.txt: $DREAMBOOTH_SINGLORA_PROMPTS if set, else the
+    installed package data (importlib.resources), else prompts/ beside the package (a checkout that was
+    never installed)."""
+    if os.environ.get("DREAMBOOTH_SINGLORA_PROMPTS"):
+        return Path(os.environ["DREAMBOOTH_SINGLORA_PROMPTS"])
+    try:
+        return Path(str(importlib.resources.files(DATA_PACKAGE)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "prompts"
 
 
 @dataclass(frozen=True)

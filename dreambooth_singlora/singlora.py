@@ -60,6 +60,11 @@ def singlora_matmul(x: torch.Tensor, A: torch.Tensor, d_in: int, d_out: int, sca
     return torch.bmm(h * scale, A[:, :d_out].transpose(1, 2))  # (B, N, d_out)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32, or in its own dtype if wider (fp64: the tests' equivalence checks run in it)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on `x` run in: autocast's where it is on, else x's own."""
     dev = x.device.type
@@ -95,8 +100,8 @@ class SingLoRA(nn.Module):
         # one cast of A (not one per matmul); its gradient flows back to the fp32 A
         return singlora_matmul(x, self.A.to(compute_dtype(x)), self.d_in, self.d_out, self.coef)
 
-    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), fp32
-        return delta_weight(self.A.float(), self.d_in, self.d_out, self.scale * self.u.float())
+    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), fp32 (or wider)
+        return delta_weight(at_least_fp32(self.A), self.d_in, self.d_out, self.scale * at_least_fp32(self.u))
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale:g}"

@@ -4,7 +4,7 @@ No model hub is reachable here, so tests, demos and GPU benchmarks build the mod
 - `build_tiny_pipeline(dir)`: a few-MB SD-1.5-shaped pipeline (UNet, VAE, CLIP text encoder,
   the real CLIP tokenizer, SD1.5's scheduler) saved in diffusers layout, loaded back through
   the same `from_pretrained` path users take with real weights.
-- `sd15_unet(device)`: the full SD1.5 UNet architecture (859,520,964 parameters), random weights.
+- `build_sd15_pipeline(dir)`: the full SD1.5 architecture (UNet of 859,520,964 parameters), random weights.
 The tokenizer is real: its vocabulary ships inside open_clip (bpe_simple_vocab_16e6.txt.gz) and
 vocab.json / merges.txt are derived from it exactly as CLIP's SimpleTokenizer builds its own.
 """
@@ -130,10 +130,3 @@ def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 
             max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
             bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
     return save_pipeline(out, unet.to(dtype), vae.to(dtype), text_encoder.to(dtype))
-
-
-def sd15_unet(device="cpu", dtype=torch.float32):
-    """SD1.5's UNet architecture with random weights (for speed and memory measurements)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype)

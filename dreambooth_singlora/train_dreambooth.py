@@ -2,38 +2,116 @@
 
     accelerate launch -m dreambooth_singlora.train_dreambooth \\
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
-        --subject dog --dataset_dir ../shared/dreambooth/dataset --output_dir out/dog
+        --subject dog --dataset_dir dreambooth/dataset --output_dir runs/dog/adapter
+    ... --subjects dog cat2 backpack (or --subjects all) --output_dir runs/all    # one adapter each
+    ... --instance_data_dir my_photos --instance_prompt "a photo of sks cat"     # your own photos
 
-One GPU or many (accelerate decides). Latents and text embeddings are computed once; each
-step only samples noise, runs the UNet and updates the adapter. A run resumes from its last
-checkpoint (`--resume_from_checkpoint latest`) with the same result it would have had.
+One loop trains a group of 1..N subjects. A group of one is the plain adapter (SingLoRA's processors,
+or PEFT's layers for the baselines) with everything accelerate gives a single run: several GPUs (DDP),
+CUDA graphs on one GPU, fp16 loss scaling, 8-bit Adam, DoRA. Several subjects in one batch go through
+an adapter bank (one adapter per subject, each sample routed through its own): subject s draws at step
+t exactly the data its own single run draws, the loss is the sum of the subjects' mean losses,
+gradients are clipped per subject and AdamW is elementwise, so each adapter is the one its own run
+gives. Latents and text embeddings are computed once; each step only samples noise, runs the UNet and
+updates the adapters. A run resumes from its last checkpoint (`--resume_from_checkpoint latest`) with
+the same result it would have had.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter_state_dict,
-                      read_adapter, save_adapter, set_step, trainable_parameters)
+from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, read_adapter, save_adapter, set_step,
+                      trainable_parameters)
+from .bank import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank, row_to_staging
+from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig, dataclass_parser, from_args
 from .data import image_grid, load_images, prepare
 from .errors import UserError, cli_entry
-from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .fileio import atomic_path, check_writable, write_json_atomic, write_text_atomic
+from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger("dreambooth_singlora.train")
-CHECKPOINTS = "checkpoints"
+
+
+# --------------------------------------------------------------------------- the subjects of a run
+
+@dataclass
+class Member:
+    """One subject of a run: its photos (read before any model loads), prompts and output folder."""
+    name: str
+    images: list
+    instance_prompt: str
+    class_prompt: str | None
+    class_data_dir: str | None
+    output_dir: Path
+
+
+def plan_members(cfg: TrainConfig) -> list[Member]:
+    """Every subject of the run, each input checked and each photo read: bad input fails here, in a second,
+    before any model loads."""
+    from .prompts import get_subject, slugify
+
+    check_writable(cfg.output_dir)
+    if cfg.subjects is None:
+        if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
+            logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
+                           "over --subject's photos)", cfg.instance_data_dir, cfg.subject, cfg.instance_prompt)
+        name = cfg.subject or Path(cfg.output_dir).name
+        images, _ = load_images(cfg.instance_data_dir, "instance")
+        return [Member(name, images, cfg.instance_prompt, cfg.class_prompt, cfg.class_data_dir, Path(cfg.output_dir))]
+    missing = [n for n in cfg.subjects if not (Path(cfg.dataset_dir) / n).is_dir()]
+    if missing:
+        raise UserError(f"no photo folder for {len(missing)} subject(s) in {cfg.dataset_dir}: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    members = []
+    for n in cfg.subjects:
+        s = get_subject(n)
+        classes = Path(cfg.output_dir) / "class_images" / slugify(s.class_prompt())  # one set per class prompt
+        members.append(Member(n, load_images(Path(cfg.dataset_dir) / n, "instance")[0], s.instance_prompt(cfg.identifier),
+                              s.class_prompt(), str(classes) if cfg.with_prior_preservation else None,
+                              Path(cfg.output_dir) / n))
+    return members
+
+
+def finished(cfg: TrainConfig, member: Member) -> bool:
+    """Whether the member's folder already holds its final adapter (same settings, last step)."""
+    try:
+        meta, _ = read_adapter(member.output_dir)
+    except UserError:
+        return False
+    ours = cfg.adapter_config().to_dict()
+    return meta.get("step") == cfg.max_train_steps and all(
+        meta.get(k) == ours[k] for k in ("method", "rank", "alpha", "target_modules", "init", "ramp_steps"))
+
+
+def check_group_size(cfg: TrainConfig, accelerator, size: int) -> None:
+    """What a bank (several subjects in one batch) cannot do: one line that names the way that works."""
+    if size < 2:
+        return
+    one = "or train the subjects one at a time with --subjects_per_batch 1"
+    if cfg.method not in BANKED:
+        raise UserError(f"--method {cfg.method} does not batch subjects (its per-row weight norm needs the full "
+                        f"weight per subject): give --subjects_per_batch 1 to train them one at a time")
+    if accelerator.num_processes > 1:
+        raise UserError(f"several subjects in one batch run in one process: launch with one process, {one} "
+                        "(each subject then trains data-parallel over the processes)")
+    for bad, why in ((accelerator.mixed_precision == "fp16", "fp16 loss scaling would skip every subject's step "
+                      "when one overflows: use --mixed_precision bf16"),
+                     (cfg.use_8bit_adam, "8-bit Adam's block-wise quantisation would couple the subjects"),
+                     (cfg.validation_prompt, "validation renders one adapter")):
+        if bad:
+            raise UserError(f"a batch of {size} subjects cannot do this: {why}, {one}")
 
 
 # --------------------------------------------------------------------------- models
@@ -75,6 +153,18 @@ def encode_prompt(models: Models, prompt: str) -> torch.Tensor:  # -> (1, 77, D)
     return models.text_encoder(ids.to(models.text_encoder.device))[0]
 
 
+def sampling_pipeline(models: Models, unet):
+    """A StableDiffusionPipeline over the loaded parts with a DPM++ sampler (class images, validation)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                   unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(
+                                       models.noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # --------------------------------------------------------------------------- data, cached once
 
 class LatentCache:
@@ -94,7 +184,7 @@ class LatentCache:
             views = [x, x.flip(-1)] if cfg.random_flip else [x]
             with torch.no_grad():
                 dists = [models.vae.encode(v).latent_dist for v in views]
-            self.items.append([(d.mean[0].float(), d.std[0].float()) for d in dists])  # (4, h, w) each
+            self.items.append([(at_least_fp32(d.mean[0]), at_least_fp32(d.std[0])) for d in dists])  # (4, h, w) each
 
     def sample(self, rng: random.Random, gen: torch.Generator, n: int) -> torch.Tensor:  # -> (n, 4, s, s)
         out = []
@@ -108,30 +198,18 @@ class LatentCache:
         return (mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)) * self.scaling
 
 
-def sampling_pipeline(models: Models, unet):
-    """A StableDiffusionPipeline over the loaded parts with a DPM++ sampler (class images, validation)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                   unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(
-                                       models.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def ensure_class_images(cfg: TrainConfig, accelerator, models: Models) -> None:
+def ensure_class_images(cfg: TrainConfig, member: Member, accelerator, models: Models) -> None:
     """Generate the class images prior preservation needs with the base model, once; reuse them after."""
     from .data import list_images
 
-    folder = Path(cfg.class_data_dir)
+    folder = Path(member.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     start = len(list_images(folder))  # listed once, and every process has listed before any writes
     accelerator.wait_for_everyone()
     missing = cfg.num_class_images - start
     if missing <= 0:
         return
-    logger.info("generating %d class images for %r in %s", missing, cfg.class_prompt, folder)
+    logger.info("generating %d class images for %r in %s", missing, member.class_prompt, folder)
     pipe = sampling_pipeline(models, models.unet)
     indices = list(range(start, start + missing))
     with accelerator.split_between_processes(indices) as mine:
@@ -139,7 +217,7 @@ def ensure_class_images(cfg: TrainConfig, accelerator, models: Models) -> None:
                       disable=not accelerator.is_local_main_process):
             batch = mine[i:i + cfg.sample_batch_size]
             gen = [torch.Generator(accelerator.device).manual_seed(cfg.seed * 100_003 + j) for j in batch]
-            images = pipe([cfg.class_prompt] * len(batch), generator=gen, height=cfg.resolution,
+            images = pipe([member.class_prompt] * len(batch), generator=gen, height=cfg.resolution,
                           width=cfg.resolution, num_inference_steps=25).images
             for j, im in zip(batch, images):
                 with atomic_path(folder / f"class-{j:05d}.png") as tmp:
@@ -148,26 +226,26 @@ def ensure_class_images(cfg: TrainConfig, accelerator, models: Models) -> None:
 
 
 class TrainData:
-    """Everything a step reads, computed once: latents of the photos (and class images), prompt embeddings."""
+    """Everything a step reads of one subject, computed once: latents of its photos (and class images),
+    prompt embeddings."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, models: Models):
-        images, paths = load_images(cfg.instance_data_dir, "instance")
-        logger.info("instance images: %d from %s", len(images), cfg.instance_data_dir)
-        self.paths = paths
-        self.instance = LatentCache(models, images, cfg, accelerator.device)
-        self.instance_emb = encode_prompt(models, cfg.instance_prompt)
+    def __init__(self, cfg: TrainConfig, member: Member, accelerator, models: Models):
+        logger.info("%s: %d instance images", member.name, len(member.images))
+        self.instance = LatentCache(models, member.images, cfg, accelerator.device)
+        self.instance_emb = encode_prompt(models, member.instance_prompt)
         self.prior = None
         if cfg.with_prior_preservation:
-            ensure_class_images(cfg, accelerator, models)
-            class_images, _ = load_images(cfg.class_data_dir, "class")
+            ensure_class_images(cfg, member, accelerator, models)
+            class_images, _ = load_images(member.class_data_dir, "class")
             self.prior = LatentCache(models, class_images[: cfg.num_class_images], cfg, accelerator.device)
-            self.class_emb = encode_prompt(models, cfg.class_prompt)
+            self.class_emb = encode_prompt(models, member.class_prompt)
         self.bsz, self.seed, self.rank = cfg.train_batch_size, cfg.seed, accelerator.process_index
         self.gen = torch.Generator(accelerator.device)
 
     def batch(self, step: int, micro: int):
         """(latents, text embeddings, noise generator) of one micro-batch, a pure function of
-        (seed, step, micro, process): a resumed run draws exactly what the uninterrupted one did."""
+        (seed, step, micro, process): a resumed run draws exactly what the uninterrupted one did,
+        and a subject in a bank draws exactly what its own run does."""
         key = hash((self.seed, step, micro, self.rank)) & 0x7FFF_FFFF_FFFF
         rng = random.Random(key)
         self.gen.manual_seed(key)
@@ -179,31 +257,40 @@ class TrainData:
         return latents, emb, self.gen
 
 
-def compute_loss(denoise, noise_scheduler, latents, emb, gen, prior_loss_weight: float | None,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The diffusion loss of one batch (+ prior-preservation loss on its second half).
-    `denoise(noisy, t, emb)` is the UNet's prediction (eager, or CUDA-graphed)."""
-    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                      generator=gen, device=latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t).to(dtype)
-    pred = denoise(noisy, t, emb).float()
+def group_losses(denoise, noise_scheduler, datas: list[TrainData], step: int, micro: int,
+                 prior_loss_weight: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """Each subject's diffusion loss (+ prior-preservation loss on its class samples), (S,), in one UNet call.
+
+    The batch is subject-major ([subject 0's samples, subject 1's, ...], instance then class samples
+    within a subject); subject i's noise and timesteps come from its own generator, as in its own run.
+    `denoise(noisy, t, emb)` is the UNet's prediction (eager or CUDA-graphed)."""
+    lat, emb, noise, ts = [], [], [], []
+    for d in datas:
+        latents, e, gen = d.batch(step, micro)
+        noise.append(torch.randn(latents.shape, generator=gen, device=latents.device))
+        ts.append(torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                generator=gen, device=latents.device))
+        lat.append(latents)
+        emb.append(e)
+    latents, noise, t, emb = torch.cat(lat), torch.cat(noise), torch.cat(ts), torch.cat(emb)  # (S*m, ...)
+    pred = at_least_fp32(denoise(noise_scheduler.add_noise(latents, noise, t).to(dtype), t, emb))
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, t)
-    if prior_loss_weight is None:
-        return F.mse_loss(pred, target)
-    pred, pred_prior = pred.chunk(2)
-    target, target_prior = target.chunk(2)
-    return F.mse_loss(pred, target) + prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+    parts = 1 if prior_loss_weight is None else 2
+    err = (pred - target).square().view(len(datas), parts, -1).mean(-1)  # (S, 1 | 2): instance, class
+    return err[:, 0] if prior_loss_weight is None else err[:, 0] + prior_loss_weight * err[:, 1]
 
 
-class _Denoise(torch.nn.Module):
+class Denoise(torch.nn.Module):
+    """The UNet's noise prediction under autocast in the compute dtype (what gets CUDA-graphed)."""
+
     def __init__(self, unet, dtype):
         super().__init__()
         self.unet, self.dtype = unet, dtype
 
     def forward(self, noisy, t, emb):  # (B,4,h,w), (B,), (B,77,D) -> (B,4,h,w)
-        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
+        with torch.autocast(noisy.device.type, dtype=self.dtype, enabled=self.dtype in (torch.float16, torch.bfloat16),
+                            cache_enabled=False):
             return self.unet(noisy, t, emb, return_dict=False)[0]
 
 
@@ -216,12 +303,273 @@ def graph_unet(unet, batch, dtype):
     latents, emb, _ = batch
     sample = (latents.to(dtype), torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device), emb.clone())
     logger.info("capturing the UNet forward/backward as CUDA graphs (--no-cuda_graphs to turn off)")
-    return torch.cuda.make_graphed_callables(_Denoise(unet, dtype), sample)
+    return torch.cuda.make_graphed_callables(Denoise(unet, dtype), sample)
 
 
-# --------------------------------------------------------------------------- optimizer, checkpoints
+# --------------------------------------------------------------------------- a group's adapters
+
+class OneAdapter:
+    """A group of one subject: the plain adapter on the UNet (PEFT's layers for the baselines), DDP and
+    CUDA graphs as accelerate and the GPU allow; its checkpoint holds the adapter itself."""
+
+    def __init__(self, cfg, accelerator, unet, base, params, data: TrainData, dtype):
+        for p in params:
+            p.requires_grad_(True)  # a bank of an earlier group froze them
+        self.cfg, self.accelerator, self.base, self.params = cfg, accelerator, base, params
+        self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
+            and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
+        self.denoise = graph_unet(accelerator.unwrap_model(unet, keep_fp32_wrapper=False), data.batch(0, 0), dtype) \
+            if self.graphed else Denoise(unet, dtype)
+
+    def set_step(self, step: int) -> float:
+        return set_step(self.base, step)
+
+    def clip(self) -> None:
+        self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+
+    def finite(self) -> list[bool]:
+        return [bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())]
+
+    def save_weights(self, folder: Path) -> None:
+        save_adapter(self.base, folder, base_model=self.cfg.pretrained_model_name_or_path)
+
+    def load_weights(self, folder: Path) -> None:
+        load_adapter_state_dict(self.base, read_adapter(folder)[1])
+
+    def save_member(self, i: int, out: Path, step: int) -> None:
+        set_step(self.base, step)
+        save_adapter(self.base, out, base_model=self.cfg.pretrained_model_name_or_path)
+
+    def close(self) -> None:
+        pass
+
+
+class AdapterBank:
+    """A group of several subjects: a bank of adapters, each sample routed through its subject's row;
+    per-subject clipping; its checkpoint holds the whole bank, (S, ...) per tensor."""
+
+    graphed = False
+
+    def __init__(self, cfg, unet, base, size: int, per: int, dtype):
+        self.cfg, self.base = cfg, base
+        self.routing = add_bank(base, size)
+        self.params = bank_parameters(base)
+        self.routing.route(torch.arange(size, device=self.params[0].device).repeat_interleave(per))
+        self.denoise = Denoise(unet, dtype)
+        self.u = None
+
+    def set_step(self, step: int) -> float:
+        u = ramp(step, self.cfg.ramp_steps) if self.cfg.method == "singlora" else 1.0
+        if u != self.u:  # past the ramp: no kernel per step
+            self.routing.set_coef(self.cfg.alpha / self.cfg.rank * u)
+            self.u = u
+        return u
+
+    def clip(self) -> None:
+        clip_grad_norm_per_row_(self.params, self.cfg.max_grad_norm)
+
+    def finite(self) -> list[bool]:
+        return torch.stack([torch.isfinite(p).flatten(1).all(1) for p in self.params]).all(0).tolist()
+
+    def save_weights(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_path(folder / BANK_NAME) as part:
+            save_file({k: v.detach().cpu().contiguous() for k, v in bank_state_dict(self.base).items()}, str(part))
+
+    def load_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        bank, own = load_file(str(folder / BANK_NAME)), bank_state_dict(self.base)
+        if set(bank) != set(own) or any(tuple(bank[k].shape) != tuple(own[k].shape) for k in own):
+            raise UserError(f"checkpoint {folder} does not fit this UNet's adapter bank (another base model?)")
+        with torch.no_grad():
+            for k, v in bank.items():
+                own[k].copy_(v)
+
+    def save_member(self, i: int, out: Path, step: int) -> None:
+        row_to_staging(self.base, i)  # the staging adapter then holds subject i's tensors: save it as one
+        set_step(self.base, step)
+        save_adapter(self.base, out, base_model=self.cfg.pretrained_model_name_or_path)
+
+    def close(self) -> None:
+        self.routing.route(None)
+        remove_bank(self.base)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> Path:
+    """Run DreamBooth training as `cfg` says; returns cfg.output_dir (the adapter, or one folder per subject)."""
+    members = plan_members(cfg)  # every input checked before any model loads
+    accelerator, dtype = make_accelerator(cfg)
+    size = min(cfg.subjects_per_batch or len(members), len(members))
+    check_group_size(cfg, accelerator, size)
+    models = load_models(cfg, accelerator.device, dtype)
+    todo = [m for m in members if not (cfg.resume_from_checkpoint and finished(cfg, m))]
+    for m in members:
+        if m not in todo:
+            logger.info("%s: finished adapter in %s, skipped", m.name, m.output_dir)
+    datas = {m.name: TrainData(cfg, m, accelerator, models) for m in todo}
+    if cfg.validation_prompt is None:  # nothing needs the VAE or the text encoder again
+        models.vae = models.text_encoder = None
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_adapter(models.unet, cfg.adapter_config(), use_xformers=cfg.enable_xformers_memory_efficient_attention)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    params = trainable_parameters(models.unet)
+    init = {k: v.detach().clone() for k, v in adapter_state_dict(models.unet).items()}  # every subject's start
+    unet = accelerator.prepare(models.unet)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-singlora", config={k: str(v) for k, v in cfg.to_dict().items()})
+    stats, t0 = [], time.time()
+    for i in range(0, len(todo), size):
+        group = todo[i:i + size]
+        try:
+            stats.append(train_group(cfg, accelerator, models, unet, params, init, group,
+                                     [datas[m.name] for m in group], dtype))
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory training {len(group)} subject(s) in one batch: lower "
+                            "--subjects_per_batch or add --gradient_checkpointing; finished subjects are saved, "
+                            "run again with --resume_from_checkpoint latest to go on") from None
+    if cfg.subjects is not None and accelerator.is_main_process:
+        write_json_atomic(Path(cfg.output_dir) / "train_stats.json", {
+            "subjects": [m.name for m in members], "trained": [m.name for m in todo], "subjects_per_batch": size,
+            "method": cfg.method, "max_train_steps": cfg.max_train_steps, "batches": stats,
+            "loop_seconds": round(sum(s["loop_seconds"] for s in stats), 3), "wall_seconds": round(time.time() - t0, 3),
+            **device_stats(), "mixed_precision": accelerator.mixed_precision})
+    accelerator.end_training()
+    return Path(cfg.output_dir)
+
+
+def train_group(cfg, accelerator, models, unet, params, init, group: list[Member], datas: list[TrainData], dtype):
+    """Train one group of subjects, all stepping together, and write each one's folder; returns its stats."""
+    # 1. the group's adapters (every subject starts from the seed's initial adapter) and their optimizer
+    base, names, root = accelerator.unwrap_model(unet), [m.name for m in group], Path(cfg.output_dir)
+    load_adapter_state_dict(base, init)
+    per = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)  # samples per subject per UNet call
+    adapters = OneAdapter(cfg, accelerator, unet, base, params, datas[0], dtype) if len(group) == 1 \
+        else AdapterBank(cfg, unet, base, len(group), per, dtype)
+    optimizer, lr_scheduler = make_optimizer_and_schedule(cfg, accelerator, base)
+
+    # 2. resume: adapters, optimizer, schedule, step; the data of step t is a function of t
+    step, histories = resume(cfg, names, adapters, optimizer, lr_scheduler)
+    u, prior_w = adapters.set_step(step), cfg.prior_loss_weight if cfg.with_prior_preservation else None
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {names[0]}" if len(group) == 1
+               else f"training {len(group)} subjects", disable=not accelerator.is_local_main_process)
+    loss_sum, n_sum = torch.zeros(len(group), device=accelerator.device), 0
+
+    # 3. the loop: sample, forward, backward, update; read the loss back only every log_every steps
+    unet.train()
+    first_step, loop_start = step, sync_time(accelerator.device)
+    while step < cfg.max_train_steps:
+        step_loss = 0.0
+        for micro in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(unet):
+                losses = group_losses(adapters.denoise, models.noise_scheduler, datas, step, micro, prior_w, dtype)
+                accelerator.backward(losses.sum())
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    adapters.clip()
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss = step_loss + losses.detach() / cfg.gradient_accumulation_steps
+        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: no optimizer step, so t and u stay
+            continue
+        loss_sum += step_loss
+        step, n_sum = step + 1, n_sum + 1
+        u = adapters.set_step(step)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+            means = (accelerator.reduce(loss_sum, reduction="mean") / n_sum).tolist()  # the host sync
+            loss_sum.zero_()
+            n_sum = 0
+            check_finite(names, [math.isfinite(m) for m in means], step, root)
+            for n, m in zip(names, means):
+                histories[n].append([step, m])
+            lr = lr_scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{sum(means) / len(means):.4f}", lr=f"{lr:.2e}", u=f"{u:.2f}")
+            accelerator.log({"loss": sum(means) / len(means), "lr": lr, "u": u}, step=step)
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            check_finite(names, adapters.finite(), step, root)
+            if accelerator.is_main_process:
+                save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
+                    "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
+                    "config": cfg.shared_dict()}, cfg.checkpoints_total_limit)
+        if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            validate(cfg, accelerator, models, base, step, bar)
+            unet.train()
+    bar.close()
+    loop_seconds = sync_time(accelerator.device) - loop_start
+
+    # 4. the result: each subject's adapter, model card, loss curve and stats (main process only)
+    accelerator.wait_for_everyone()
+    stats = {"subjects": names, "steps_run": step - first_step, "loop_seconds": round(loop_seconds, 3),
+             "it_per_s": round((step - first_step) / loop_seconds, 3) if loop_seconds > 0 else None,
+             "samples_per_s": round((step - first_step) * len(group) * per * cfg.gradient_accumulation_steps
+                                    * accelerator.num_processes / loop_seconds, 2) if loop_seconds > 0 else None}
+    if accelerator.is_main_process:
+        write_results(cfg, accelerator, group, adapters, histories, step, init, stats, per)
+    adapters.close()
+    return stats
+
+
+def resume(cfg: TrainConfig, names: list[str], adapters, optimizer, lr_scheduler) -> tuple[int, dict]:
+    """(step, loss histories by subject) from --resume_from_checkpoint; (0, empty) for a fresh start."""
+    found = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint, names) if cfg.resume_from_checkpoint else None
+    step, histories = load_checkpoint(found, names, cfg.adapter_config().to_dict(), adapters.load_weights,
+                                      optimizer, lr_scheduler) if found is not None else (0, {})
+    logger.info("%s: %s, steps %d -> %d", ", ".join(names), cfg.method, step, cfg.max_train_steps)
+    return step, {n: histories.get(n, []) for n in names}
+
+
+def write_results(cfg, accelerator, group: list[Member], adapters, histories, step, init, stats, per) -> None:
+    """Each subject's folder: adapter, loss curve, model card, train_stats.json (each file atomically)."""
+    n_params = sum(t.numel() for t in init.values())
+    for i, m in enumerate(group):
+        adapters.save_member(i, m.output_dir, step)
+        plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
+        write_text_atomic(m.output_dir / "README.md", model_card(cfg, m, step, n_params, stats["loop_seconds"]))
+        write_json_atomic(m.output_dir / "train_stats.json", {
+            **stats, **device_stats(), "cuda_graphs": adapters.graphed, "trainable_parameters": n_params,
+            "num_processes": accelerator.num_processes, "samples_per_unet_call": len(group) * per,
+            "loss_history": histories[m.name]})
+    logger.info("adapter(s) of %s saved", ", ".join(m.name for m in group))
+
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate decides devices and processes; returns it and the frozen models' dtype."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(cfg.seed)  # the same seed before the same model loads gives the same initial adapter
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}  # "no": torch's default dtype (fp32; the tests' fp64)
+    return accelerator, half.get(accelerator.mixed_precision, torch.get_default_dtype())
+
+
+def make_optimizer_and_schedule(cfg: TrainConfig, accelerator, unet):
+    """The optimizer over the UNet's trainable tensors and its learning-rate schedule, prepared by accelerate."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(cfg, unet, accelerator.device)
+    n = accelerator.num_processes  # accelerate steps a prepared schedule once per process
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
+                                 num_training_steps=cfg.max_train_steps * n)
+    return accelerator.prepare(optimizer, lr_scheduler)
+
 
 def make_optimizer(cfg: TrainConfig, unet, device):
+    """AdamW (fused on CUDA, or bitsandbytes' 8-bit) over the UNet's trainable tensors; LoRA+ through PEFT."""
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
@@ -234,7 +582,7 @@ def make_optimizer(cfg: TrainConfig, unet, device):
         opt_cls = torch.optim.AdamW
         if device.type == "cuda" and cfg.fused_adam:
             kw["fused"] = True  # one kernel for all adapter tensors
-    if cfg.method == "loraplus":
+    if cfg.method == "loraplus":  # B's tensors (a bank's are named *_lora_B too) get lr x ratio
         from peft.optimizers import create_loraplus_optimizer
 
         return create_loraplus_optimizer(unet, opt_cls, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
@@ -242,114 +590,38 @@ def make_optimizer(cfg: TrainConfig, unet, device):
     return opt_cls(trainable_parameters(unet), **kw)
 
 
-def save_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler, step: int, history: list) -> Path:
-    """checkpoints/checkpoint-<step>/: the adapter (usable as is), optimizer and schedule state.
-
-    Written into a temporary folder and renamed into place, so a kill or a full disk never
-    leaves a half-written checkpoint where `latest` would find it."""
-    root = Path(cfg.output_dir) / CHECKPOINTS
-    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(unet, tmp, base_model=cfg.pretrained_model_name_or_path)
-    write_json_atomic(tmp / "trainer_state.json", {  # written last: its presence marks a complete checkpoint
-        "step": step, "optimizer": save_optimizer_state(optimizer, tmp),
-        "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "history": history, "config": cfg.to_dict()})
-    return commit_checkpoint(tmp, final, cfg.checkpoints_total_limit)
+def check_finite(names: list[str], ok: list[bool], step: int, root: Path) -> None:
+    """Stop with a clear message if a subject's loss or adapter is not finite."""
+    bad = [n for n, good in zip(names, ok) if not good]
+    if not bad:
+        return
+    found = list_checkpoints(checkpoint_root(root))
+    keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before it"
+    raise UserError(f"loss of {', '.join(bad)} became non-finite by step {step}; training stopped and {keep}. "
+                    "Lower --learning_rate or use --mixed_precision bf16 instead of fp16")
 
 
-def save_optimizer_state(optimizer, folder: Path) -> dict:
-    """Write the optimizer's tensors to <folder>/optimizer.safetensors (atomically); returns the rest
-    (param_groups, and plain-number state such as bitsandbytes' int step) as JSON for trainer_state."""
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    with atomic_path(folder / "optimizer.safetensors") as tmp:
-        save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
-                   for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}, str(tmp))
-    scalars = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, (int, float))}
-    return {"param_groups": sd["param_groups"], "scalars": scalars}
+def sync_time(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
-def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
-    """The inverse of save_optimizer_state (safetensors: no pickle is ever loaded)."""
-    from safetensors.torch import load_file
-
-    state: dict = {}
-    for name, v in load_file(str(folder / "optimizer.safetensors")).items():
-        _, i, k = name.split(".", 2)
-        state.setdefault(int(i), {})[k] = v
-    for name, v in saved.get("scalars", {}).items():
-        i, k = name.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-
-
-def commit_checkpoint(tmp: Path, final: Path, limit: int | None) -> Path:
-    """Rename the fully written folder `tmp` to `final`, then keep only the newest `limit` checkpoints."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if limit:
-        for old in list_checkpoints(final.parent)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (temporary ones from an interrupted save are ignored)."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("checkpoint-*")
-            if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-def load_checkpoint(cfg: TrainConfig, unet, optimizer, lr_scheduler) -> tuple[int, list]:
-    """Restore adapter, optimizer and schedule from --resume_from_checkpoint; returns (step, history)."""
-    if cfg.resume_from_checkpoint == "latest":
-        found = list_checkpoints(Path(cfg.output_dir) / CHECKPOINTS)
-        if not found:
-            logger.info("no checkpoint in %s: starting from step 0", Path(cfg.output_dir) / CHECKPOINTS)
-            return 0, []
-        path = found[-1]
-    else:
-        path = Path(cfg.resume_from_checkpoint)
-    meta, tensors = read_adapter(path)
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file() or not (path / "optimizer.safetensors").is_file():
-        raise UserError(f"{path} is an adapter, not a training checkpoint (no trainer_state.json / optimizer state)")
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"checkpoint {path} has a corrupt trainer_state.json ({e}); resume from an older "
-                        "checkpoint folder or start a new --output_dir") from None
-    ours = get_config(unet).to_dict()
-    for key in ("method", "rank", "alpha", "target_modules", "init", "ramp_steps"):
-        if meta.get(key) != ours.get(key):
-            raise UserError(f"checkpoint {path} was trained with {key}={meta.get(key)!r}, this run has "
-                            f"{ours.get(key)!r}: resume with the same settings or start a new --output_dir")
-    load_adapter_state_dict(unet, tensors)
-    try:
-        load_optimizer_state(optimizer, path, state["optimizer"])
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise UserError(f"checkpoint {path} has an unreadable optimizer state ({type(e).__name__}: {e}); resume "
-                        "from an older checkpoint folder or start a new --output_dir") from None
-    lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
-    logger.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"]), state.get("history", [])
+def device_stats() -> dict:
+    cuda = torch.cuda.is_available()
+    return {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 # --------------------------------------------------------------------------- what a person sees
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, accelerator, models: Models, unet, step: int) -> None:
+def validate(cfg: TrainConfig, accelerator, models: Models, unet, step: int, bar=None) -> None:
     """Render --validation_prompt with the current adapter: a grid PNG and tensorboard images."""
     import numpy as np
 
+    if bar is not None:
+        bar.set_description(f"validating at step {step}")
     pipe = sampling_pipeline(models, unet)
     gen = torch.Generator(accelerator.device).manual_seed(cfg.seed)
     unet.eval()
@@ -362,9 +634,11 @@ def validate(cfg: TrainConfig, accelerator, models: Models, unet, step: int) -> 
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    if bar is not None:
+        bar.set_description("training")
 
 
-def plot_loss(history: list, path: Path) -> None:
+def plot_loss(history: list, path: Path, name: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,7 +647,8 @@ def plot_loss(history: list, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if history:
         ax.plot([h[0] for h in history], [h[1] for h in history])
-    ax.set(xlabel="optimizer step", ylabel="loss (mean over log window)", title="training loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (mean over log window)",
+           title=f"training loss: {name}" if name else "training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -381,9 +656,9 @@ def plot_loss(history: list, path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(cfg: TrainConfig, step: int, n_params: int, seconds: float) -> str:
-    c = cfg.adapter_config()
-    return f"""# {cfg.method} adapter: "{cfg.instance_prompt}"
+def model_card(cfg: TrainConfig, member: Member, step: int, n_params: int, seconds: float) -> str:
+    c, out = cfg.adapter_config(), member.output_dir
+    return f"""# {cfg.method} adapter: "{member.instance_prompt}"
 
 DreamBooth adapter for `{cfg.pretrained_model_name_or_path}`, trained with dreambooth-singlora {__version__}.
 
@@ -395,159 +670,28 @@ DreamBooth adapter for `{cfg.pretrained_model_name_or_path}`, trained with dream
 | steps | {step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
 | learning rate | {cfg.learning_rate:g} ({cfg.lr_scheduler}, warm-up {cfg.lr_warmup_steps}) |
 | resolution | {cfg.resolution} (center crop: {cfg.center_crop}, flip: {cfg.random_flip}) |
-| prior preservation | {cfg.with_prior_preservation} ({cfg.class_prompt or '-'}) |
+| prior preservation | {cfg.with_prior_preservation} ({member.class_prompt or '-'}) |
 | seed | {cfg.seed} |
-| wall time | {seconds:.0f} s |
+| training time | {seconds:.0f} s |
 
 ![loss](loss_curve.png)
 
 ## Use it
 
 ```bash
-dreambooth-singlora generate --adapter {cfg.output_dir} --prompt "{cfg.instance_prompt} on the beach"
-dreambooth-singlora export --adapter {cfg.output_dir} --format kohya --output {Path(cfg.output_dir).name}.safetensors
+dreambooth-singlora generate --adapter {out} --prompt "{member.instance_prompt} on the beach"
+dreambooth-singlora export --adapter {out} --format kohya --output {out.name}.safetensors
 ```
 
 ```python
 from dreambooth_singlora.generate import load_pipeline
-pipe = load_pipeline("{cfg.output_dir}")
-image = pipe("{cfg.instance_prompt} on the beach").images[0]
+pipe = load_pipeline("{out}")
+image = pipe("{member.instance_prompt} on the beach").images[0]
 ```
 
 The exported kohya file loads in A1111, ComfyUI and diffusers (`pipe.load_lora_weights(...)`).
 All settings are in `adapter_config.json` and `checkpoints/*/trainer_state.json`.
 """
-
-
-# --------------------------------------------------------------------------- the loop
-
-def train(cfg: TrainConfig) -> Path:
-    """Run DreamBooth training as `cfg` says; returns the output folder holding the adapter."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-
-    # 1. set-up: accelerate decides devices and processes; frozen models in half precision
-    out = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    set_seed(cfg.seed)
-    if cfg.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    models = load_models(cfg, accelerator.device, dtype)
-
-    # 2. data, once: latents of every photo (and class image), prompt embeddings
-    data = TrainData(cfg, accelerator, models)
-    if cfg.validation_prompt is None:  # nothing needs the VAE or the text encoder again
-        models.vae = models.text_encoder = None
-        if accelerator.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    # 3. the adapter (fp32) and its optimizer
-    add_adapter(models.unet, cfg.adapter_config(), use_xformers=cfg.enable_xformers_memory_efficient_attention)
-    if cfg.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-    n_params = sum(p.numel() for p in trainable_parameters(models.unet))
-    optimizer = make_optimizer(cfg, models.unet, accelerator.device)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    base = accelerator.unwrap_model(unet)
-
-    # 4. resume: adapter, optimizer, schedule, step; the data of step t is a function of t
-    step, history = load_checkpoint(cfg, base, optimizer, lr_scheduler) if cfg.resume_from_checkpoint else (0, [])
-    u = set_step(base, step)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("dreambooth-singlora", config={k: str(v) for k, v in cfg.to_dict().items()})
-        logger.info("%s: %s trainable parameters, steps %d -> %d", cfg.method, f"{n_params:,}", step,
-                    cfg.max_train_steps)
-    params = trainable_parameters(base)
-    denoise = lambda noisy, t, e: unet(noisy, t, e).sample  # noqa: E731
-    # graphed backward hands back its own gradient buffers: accumulating over micro-batches would alias them
-    graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
-        and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
-    if graphed:
-        denoise = graph_unet(accelerator.unwrap_model(unet, keep_fp32_wrapper=False), data.batch(0, 0), dtype)
-    prior_w = cfg.prior_loss_weight if cfg.with_prior_preservation else None
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    loss_sum, n_sum, t0 = torch.zeros((), device=accelerator.device), 0, time.time()
-
-    # 5. the loop: sample, forward, backward, update; read the loss back only every log_every steps
-    unet.train()
-    first_step, loop_start = step, _sync_time(accelerator.device)
-    while step < cfg.max_train_steps:
-        step_loss = 0.0
-        for micro in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
-                latents, emb, gen = data.batch(step, micro)
-                loss = compute_loss(denoise, models.noise_scheduler, latents, emb, gen, prior_w, dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss = step_loss + loss.detach() / cfg.gradient_accumulation_steps
-        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: no optimizer step, so t and u stay
-            continue
-        loss_sum += step_loss
-        step, n_sum = step + 1, n_sum + 1
-        u = set_step(base, step)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-            mean = accelerator.reduce(loss_sum, reduction="mean").item() / n_sum
-            loss_sum.zero_()
-            n_sum = 0
-            check_finite(mean, None, step, cfg)
-            lr = lr_scheduler.get_last_lr()[0]
-            history.append([step, mean])
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", u=f"{u:.2f}")
-            accelerator.log({"loss": mean, "lr": lr, "u": u}, step=step)
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            check_finite(0.0, params, step, cfg)
-            if accelerator.is_main_process:
-                save_checkpoint(cfg, base, optimizer, lr_scheduler, step, history)
-        if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            validate(cfg, accelerator, models, base, step)
-            unet.train()
-    bar.close()
-    loop_seconds = _sync_time(accelerator.device) - loop_start
-
-    # 6. the result: adapter, model card, loss curve (main process only)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_adapter(base, out, base_model=cfg.pretrained_model_name_or_path)
-        plot_loss(history, out / "loss_curve.png")
-        write_text_atomic(out / "README.md", model_card(cfg, step, n_params, time.time() - t0))
-        write_json_atomic(out / "train_stats.json", {
-            "steps_run": step - first_step, "loop_seconds": loop_seconds,
-            "it_per_s": (step - first_step) / loop_seconds if loop_seconds > 0 else None,
-            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cuda_graphs": graphed, "trainable_parameters": n_params,
-            "num_processes": accelerator.num_processes})
-        logger.info("adapter saved to %s", out)
-    accelerator.end_training()
-    return out
-
-
-def _sync_time(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def check_finite(loss: float, params, step: int, cfg: TrainConfig) -> None:
-    """Stop with a clear message if the loss (or, when given, any adapter weight) is not finite."""
-    if math.isfinite(loss) and (params is None or torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        return
-    found = list_checkpoints(Path(cfg.output_dir) / CHECKPOINTS)
-    keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before it"
-    raise UserError(f"loss became non-finite by step {step}; training stopped and {keep}. "
-                    "Lower --learning_rate or use --mixed_precision bf16 instead of fp16")
 
 
 # --------------------------------------------------------------------------- CLI

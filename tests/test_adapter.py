@@ -191,7 +191,7 @@ def test_safe_merge_refuses_non_finite_weights_and_changes_nothing(method, make_
     weights = base_weights(unet)
     with pytest.raises(UserError, match="non-finite"):
         merge_adapter(unet, safe=True)
-    assert not adapter_mod._is_merged(unet)
+    assert not adapter_mod.is_merged(unet)
     assert all(torch.equal(v, weights[k]) for k, v in base_weights(unet).items())
     if method == "singlora":
         assert not any(a.processor.merged for _, a in attention_modules(unet))
@@ -211,7 +211,7 @@ def test_remove_restores_the_stock_unet_even_when_merged(method, make_unet):
     assert {n: a.processor for n, a in attention_modules(unet)} == stock
     torch.testing.assert_close(run(unet), base, rtol=1e-5, atol=1e-5)
     add_adapter(unet, SingLoRAConfig(method=method))  # and it takes a new adapter
-    assert not adapter_mod._is_merged(unet)
+    assert not adapter_mod.is_merged(unet)
 
 
 # --------------------------------------------------------------------------- bad input to load_adapter

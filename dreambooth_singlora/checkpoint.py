@@ -1,0 +1,192 @@
+"""Training checkpoints: one format for every run, one save, load, commit, list and prune.
+
+    <output_dir>/checkpoints/checkpoint-<step>/
+        trainer_state.json      step, subjects, adapter settings, optimizer param groups, schedule, loss
+                                histories, shared config; written last: its presence marks a complete checkpoint
+        optimizer.safetensors   AdamW's tensors (never a pickle)
+        adapter_model.safetensors + adapter_config.json   a group of one subject: the adapter, usable as is
+        bank.safetensors        a group of several: every adapter tensor stacked over the subjects, (S, ...)
+
+A checkpoint is written into `checkpoint-<step>.tmp/` and renamed into place. Replacing an existing
+`checkpoint-<step>` goes through `checkpoint-<step>.replaced/`, which `list_checkpoints` counts as the
+checkpoint until the new one is in place, so a kill at any moment leaves a complete checkpoint of that
+step. Checkpoints written before version 0.2 (a single subject's, with `history` and no `subjects`) read
+as a group of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .fileio import atomic_path, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+BANK_NAME = "bank.safetensors"
+#: the adapter settings a checkpoint must share with the run that resumes it
+ADAPTER_KEYS = ("method", "rank", "alpha", "target_modules", "init", "ramp_steps")
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name.removesuffix(".replaced")
+    number = name[len("checkpoint-"):]
+    return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
+
+
+def list_checkpoints(root) -> list[Path]:
+    """Complete checkpoint folders, oldest first. A `.tmp` folder (a save that did not finish) is never
+    listed; a `.replaced` one stands for its step while the folder replacing it is not complete."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name.endswith(".replaced")):  # plain names first
+        step = _step_of(p)
+        if step is not None and step not in found and (p / STATE_NAME).is_file():
+            found[step] = p
+    return [found[s] for s in sorted(found)]
+
+
+def save_optimizer_state(optimizer, folder: Path) -> dict:
+    """Write the optimizer's tensors to <folder>/optimizer.safetensors (atomically); returns the rest
+    (param_groups, and plain-number state such as bitsandbytes' int step) as JSON for trainer_state."""
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    with atomic_path(folder / OPTIMIZER_NAME) as tmp:
+        save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
+                   for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}, str(tmp))
+    scalars = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, (int, float))}
+    return {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
+    """The inverse of save_optimizer_state (safetensors: no pickle is ever loaded)."""
+    from safetensors.torch import load_file
+
+    state: dict = {}
+    for name, v in load_file(str(folder / OPTIMIZER_NAME)).items():
+        _, i, k = name.split(".", 2)
+        state.setdefault(int(i), {})[k] = v
+    for name, v in saved.get("scalars", {}).items():
+        i, k = name.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def save_checkpoint(output_dir, step: int, write_weights, optimizer, lr_scheduler, state: dict,
+                    limit: int | None) -> Path:
+    """Write checkpoint-<step> (weights by `write_weights(folder)`, optimizer, schedule and `state`), commit
+    it atomically and keep the newest `limit` checkpoints (None: all). On any error nothing is left half-done:
+    the temporary folder is removed and every earlier checkpoint is as it was."""
+    root = checkpoint_root(output_dir)
+    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        write_json_atomic(tmp / STATE_NAME, {  # written last: its presence marks a complete checkpoint
+            **state, "step": step, "optimizer": save_optimizer_state(optimizer, tmp),
+            "lr_scheduler": _jsonable(lr_scheduler.state_dict())})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(tmp, final, limit)
+
+
+def commit_checkpoint(tmp: Path, final: Path, limit: int | None) -> Path:
+    """Rename the complete folder `tmp` to `final` (an existing `final` is moved aside first and removed
+    last, so some complete copy is always listed), then keep only the newest `limit` checkpoints."""
+    old = final.with_name(final.name + ".replaced")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    if limit:
+        for stale in list_checkpoints(final.parent)[:-limit]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def read_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint, in today's form (a pre-0.2 single-subject one gains
+    subjects = None and histories = {None: history})."""
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path} has no readable {STATE_NAME} ({e}); resume from an older "
+                        "checkpoint folder or start a new --output_dir") from None
+    if "subjects" not in state:
+        state["subjects"], state["histories"] = None, {None: state.pop("history", [])}
+    return state
+
+
+def find_checkpoint(output_dir, resume: str, names: list[str]) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names for the group `names`: 'latest' is the newest one in
+    <output_dir>/checkpoints that holds exactly these subjects (None if there is none: start at step 0)."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_NAME).is_file():
+            raise UserError(f"{path} is not a training checkpoint (no {STATE_NAME}); give a checkpoint-<step> "
+                            "folder or 'latest'")
+        return path
+    found = [p for p in list_checkpoints(checkpoint_root(output_dir)) if _holds(read_state(p), names)]
+    if not found:
+        logger.info("no checkpoint of %s in %s: starting from step 0", ", ".join(names), checkpoint_root(output_dir))
+        return None
+    return found[-1]
+
+
+def _holds(state: dict, names: list[str]) -> bool:
+    return state["subjects"] == names or (state["subjects"] is None and len(names) == 1)
+
+
+def load_checkpoint(path: Path, names: list[str], adapter_settings: dict, load_weights, optimizer,
+                    lr_scheduler) -> tuple[int, dict]:
+    """Restore weights (`load_weights(folder)`), optimizer and schedule from the checkpoint at `path`, after
+    checking it holds the group `names` with the same adapter settings; returns (step, histories by name)."""
+    state = read_state(path)
+    if not _holds(state, names):
+        raise UserError(f"checkpoint {path} holds subjects {state['subjects']}, this group is {names}: resume "
+                        "with the same --subjects and --subjects_per_batch, or use 'latest'")
+    saved = state.get("adapter") or _adapter_settings_of(path)
+    for key in ADAPTER_KEYS:
+        if saved.get(key) != adapter_settings.get(key):
+            raise UserError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, this run has "
+                            f"{adapter_settings.get(key)!r}: resume with the same settings or start a new --output_dir")
+    load_weights(path)
+    try:
+        load_optimizer_state(optimizer, path, state["optimizer"])
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UserError(f"checkpoint {path} has an unreadable optimizer state ({type(e).__name__}: {e}); resume "
+                        "from an older checkpoint folder or start a new --output_dir") from None
+    lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
+    histories = state["histories"]
+    if None in histories:  # a pre-0.2 checkpoint: its one history is this group's one subject's
+        histories = {names[0]: histories[None]}
+    logger.info("resumed %s from %s at step %d", ", ".join(names), path, state["step"])
+    return int(state["step"]), histories
+
+
+def _adapter_settings_of(path: Path) -> dict:
+    from .adapter import read_adapter
+
+    return read_adapter(path)[0]
