@@ -1,6 +1,7 @@
-"""Synthetic attention experiment (in the style of SingLoRA, arXiv 2507.05566, sec. 5): LoRA vs SingLoRA.
+"""Perturbed-layer experiment (the project's own, not the paper's section 5): LoRA vs SingLoRA.
 
-A frozen single-head attention layer, logits = (X W_q^T)(X W_k^T)^T / sqrt(d), is given adapters on
+The paper's section-5 set-up (a random target attention pattern) is scripts/synthetic_section5.py.
+Here the target is the attention map of the same layer with a perturbed W_q and W_k. A frozen single-head attention layer, logits = (X W_q^T)(X W_k^T)^T / sqrt(d), is given adapters on
 its query and key projections, trained with AdamW to reproduce the attention maps of a hidden
 target layer (W_q + dQ, W_k + dK; dQ, dK of rank k). Loss: KL(target || adapted) per query row.
 LoRA (rank r, B = 0, PEFT's A init) and SingLoRA (rank 2r, the project's init_A_ / singlora_matmul /
@@ -9,6 +10,7 @@ Each method is swept over learning rates; every (method, lr) runs all seeds at o
 batch dimension of every tensor; AdamW is elementwise, so the seeds stay independent).
 
     python scripts/synthetic_attention.py                    # defaults: docs/SYNTHETIC.md
+    python scripts/synthetic_attention.py --seed_offset 10 --output docs/synthetic_attention_seeds10.json --plot ''
     python scripts/synthetic_attention.py --seeds 2 --steps 50 --dim 16 --rank 2
 """
 
@@ -41,8 +43,10 @@ TARGETS = ("general", "psd")
 class Config:
     """One experiment: the problem, the adapters, the sweep. Every field is a CLI flag."""
 
-    seeds: int = field(default=10, metadata={"help": "number of seeds (0 .. seeds-1); each seed draws its own "
-                                                     "frozen layer, target, data and adapter init"})
+    seeds: int = field(default=10, metadata={"help": "number of seeds (seed_offset .. seed_offset+seeds-1); each "
+                                                     "seed draws its own frozen layer, target, data and adapter init"})
+    seed_offset: int = field(default=0, metadata={"help": "first seed: a second run with another offset checks "
+                                                          "which results hold from one set of seeds to another"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps per run"})
     dim: int = field(default=64, metadata={"help": "model width d (W_q, W_k are d x d; one head, d_head = d)"})
     rank: int = field(default=4, metadata={"help": "LoRA rank r; SingLoRA gets rank 2r (equal parameter count)"})
@@ -74,6 +78,8 @@ class Config:
         for name in ("seeds", "steps", "dim", "rank", "tokens", "threads", "train_sequences", "batch_size", "eval_sequences", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.seed_offset < 0:
+            raise UserError(f"--seed_offset must be >= 0, got {self.seed_offset}")
         if 2 * self.rank > self.dim:
             raise UserError(f"--rank {self.rank}: SingLoRA's rank 2r must be <= --dim {self.dim}")
         if self.target_rank == 0:
@@ -236,7 +242,9 @@ def summarize(kl: torch.Tensor) -> dict:
     final = kl[:, -1]
     ok = torch.isfinite(final)
     fin = final[ok]
+    q25, q50, q75 = (float(torch.quantile(final, q)) if ok.all() else float("nan") for q in (0.25, 0.5, 0.75))
     return {"final_per_seed": [float(x) for x in final],
+            "final_median": q50, "final_q25": q25, "final_q75": q75,
             "final_mean": float(fin.mean()) if ok.all() else float("nan"),
             "final_std": float(fin.std(unbiased=True)) if ok.all() and len(fin) > 1 else float("nan"),
             "diverged": int((~ok).sum())}
@@ -245,23 +253,27 @@ def summarize(kl: torch.Tensor) -> dict:
 def fmt_loss(r: dict) -> str:
     if r["diverged"]:
         return f"diverged on {r['diverged']}/{len(r['final_per_seed'])} seeds"
-    return f"{r['final_mean']:.3e} ± {r['final_std']:.1e}"
+    return f"{r['final_median']:.2e} [{r['final_q25']:.2e}, {r['final_q75']:.2e}]"
 
 
 def markdown_tables(res: dict) -> str:
     lines = []
     for target, tr in res["targets"].items():
         lines += [f"Target `{target}` (initial KL {tr['initial_mean']:.3e} ± {tr['initial_std']:.1e}); "
-                  f"final KL, mean ± std over {res['config']['seeds']} seeds:", "",
-                  "| learning rate | " + " | ".join(f"{m} (r={tr['methods'][m]['rank']})" for m in METHODS) + " |",
-                  "|---:|" + "---:|" * len(METHODS)]
+                  f"final KL, median [25%, 75%] over {res['config']['seeds']} seeds "
+                  f"{res['config']['seed_offset']}..{res['config']['seed_offset'] + res['config']['seeds'] - 1}:", "",
+                  "| learning rate | " + " | ".join(f"{m} (r={tr['methods'][m]['rank']})" for m in METHODS)
+                  + " | seeds with SingLoRA lower |",
+                  "|---:|" + "---:|" * (len(METHODS) + 1)]
         for lr in res["config"]["lrs"]:
             cells = []
             for m in METHODS:
                 r = tr["methods"][m]["by_lr"][repr(lr)]
                 mark = "**" if lr == tr["methods"][m]["best_lr"] else ""
                 cells.append(f"{mark}{fmt_loss(r)}{mark}")
-            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+            pairs = zip(*(tr["methods"][m]["by_lr"][repr(lr)]["final_per_seed"] for m in ("lora", "singlora")))
+            wins_lr = sum(s < lo for lo, s in pairs)  # paired: a seed is the same problem for both methods
+            lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {wins_lr}/{res['config']['seeds']} |")
         best = " ; ".join(f"{m}: lr {tr['methods'][m]['best_lr']:g} -> "
                           f"{fmt_loss(tr['methods'][m]['by_lr'][repr(tr['methods'][m]['best_lr'])])}"
                           for m in METHODS)
@@ -292,18 +304,18 @@ def make_plot(res: dict, curves: dict, path: str) -> None:
             ax_c.fill_between(steps, 10 ** (mu - sd), 10 ** (mu + sd), color=colors[m], alpha=0.2)
             lrs = res["config"]["lrs"]
             by = [tr["methods"][m]["by_lr"][repr(lr)]["final_per_seed"] for lr in lrs]
-            mean = [sum(b) / len(b) for b in by]
-            lo, hi = [mu - min(b) for mu, b in zip(mean, by)], [max(b) - mu for mu, b in zip(mean, by)]
-            ax_lr.errorbar(lrs, mean, yerr=[lo, hi], color=colors[m], marker="o", capsize=3, label=m)
+            q = torch.tensor(by).quantile(torch.tensor([0.25, 0.5, 0.75]), dim=1)  # (3, lrs)
+            ax_lr.errorbar(lrs, q[1], yerr=[q[1] - q[0], q[2] - q[1]], color=colors[m], marker="o", capsize=3, label=m)
         ax_c.set(yscale="log", xlabel="optimizer step", ylabel="held-out KL",
                  title=f"target '{target}': best lr per method (geo. mean, ±1 sd band)")
         ax_lr.set(xscale="log", yscale="log", xlabel="learning rate", ylabel=f"KL after {res['config']['steps']} steps",
-                  title=f"target '{target}': final KL vs lr (mean, bars min-max)")
+                  title=f"target '{target}': final KL vs lr (median, bars 25-75%)")
         for ax in (ax_c, ax_lr):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"LoRA vs SingLoRA, equal parameters ({res['params_per_seed']['lora']} each), "
-                 f"d={res['config']['dim']}, {res['config']['seeds']} seeds", fontsize=10)
+                 f"d={res['config']['dim']}, {res['config']['seeds']} seeds from {res['config']['seed_offset']}",
+                 fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -322,7 +334,7 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config) -> dict:
     t0 = time.time()
-    seeds = list(range(cfg.seeds))
+    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
     res = {"config": dataclasses.asdict(cfg), "targets": {},
            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -344,7 +356,7 @@ def _run(cfg: Config) -> dict:
                                          "curve_per_seed": [[float(f"{x:.4g}") for x in row] for row in kl]}
                 mr["rank"], mr["params_per_seed"] = out["rank"], out["params"]
                 print(f"  {target:8s} {m:9s} lr {lr:<8g} final KL {fmt_loss(mr['by_lr'][repr(lr)])}", flush=True)
-            finite = {lr: r["final_mean"] for lr, r in mr["by_lr"].items() if math.isfinite(r["final_mean"])}
+            finite = {lr: r["final_median"] for lr, r in mr["by_lr"].items() if math.isfinite(r["final_median"])}
             mr["best_lr"] = float(min(finite, key=finite.get)) if finite else cfg.lrs[0]
             tr["methods"][m] = mr
         first = curves[target][METHODS[0]][cfg.lrs[0]][1][:, 0]  # step 0: both methods are the base layer

@@ -77,3 +77,26 @@ def test_bad_rank_is_one_line_error(synthetic, capsys):
         synthetic.main(["--dim", "8", "--rank", "5", "--output", "", "--plot", ""])
     assert e.value.code == 2
     assert "2r must be <= --dim 8" in capsys.readouterr().err
+
+
+def test_quartiles_and_seed_range_recorded(tiny_run):
+    _, res, _ = tiny_run
+    assert res["config"]["seed_offset"] == 0
+    for tr in res["targets"].values():
+        for m in tr["methods"].values():
+            for r in m["by_lr"].values():
+                assert r["final_q25"] <= r["final_median"] <= r["final_q75"]
+            assert m["best_lr"] == float(min(m["by_lr"], key=lambda k: m["by_lr"][k]["final_median"]))
+
+
+def test_seed_offset_picks_other_problems(synthetic):
+    cfg = synthetic.Config(seeds=1, seed_offset=5, dim=8, rank=2, output="", plot="")
+    a, b = synthetic.make_problem(cfg, "general", 5), synthetic.make_problem(cfg, "general", 0)
+    assert not (a["Wq"] == b["Wq"]).all()
+
+
+def test_negative_seed_offset_is_one_line_error(synthetic, capsys):
+    with pytest.raises(SystemExit) as e:
+        synthetic.main(["--seed_offset", "-1", "--output", "", "--plot", ""])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
