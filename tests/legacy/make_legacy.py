@@ -10,7 +10,7 @@ import dreambooth_singlora.train_multi as TM
 
 work = Path("/tmp/legacy/work"); shutil.rmtree(work, ignore_errors=True)
 pipe = build_tiny_pipeline(work / "tiny")
-data = "/work/shared/dreambooth/dataset"
+data = str(Path(__file__).resolve().parents[1] / "data" / "dreambooth")  # the test photos
 common = dict(pretrained_model_name_or_path=str(pipe), dataset_dir=data, resolution=32, max_train_steps=4,
               checkpointing_steps=2, checkpoints_total_limit=None, log_every=2, report_to="none", ramp_steps=3,
               rank=2, lr_scheduler="cosine", lr_warmup_steps=1, mixed_precision="no")
