@@ -1,11 +1,14 @@
 """Subject-fidelity evaluation (DreamBooth protocol): DINO, CLIP-I, CLIP-T and the real-image bound.
 
-    from eval import load_encoders, score_folder, write_score_outputs, write_report
+    from dreambooth_singlora.eval import load_encoders, score_folder, write_score_outputs, write_report
     encoders = load_encoders(["clip", "dino"], checkpoints={"clip": ..., "dino": ...})
     result = score_folder("out/images", "dataset", encoders)
     write_score_outputs(result, "out/eval", name="singlora")
 
-The protocol is ../shared/EVAL_PROTOCOL.md; docs/EVAL.md says how to run it.
+Installed, this folder is the package `dreambooth_singlora.eval` (pyproject.toml's package-dir): import
+it by that name. From a checkout, `python -m eval ...` runs the same code under the folder's name; the
+modules import each other relatively, so either name works. The protocol is ../shared/EVAL_PROTOCOL.md;
+docs/EVAL.md says how to run it.
 """
 
 from .encoders import Encoder, available_encoders, image_encoder, load_encoder, load_encoders, register_encoder

@@ -1,4 +1,4 @@
-"""python -m eval: see eval/cli.py."""
+"""`python -m dreambooth_singlora.eval` (`python -m eval` from a checkout): see cli.py."""
 
 import sys
 

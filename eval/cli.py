@@ -1,4 +1,7 @@
-"""`python -m eval <command>`: score generations, compare methods, measure the real-image bound.
+"""`dreambooth-singlora eval <command>`: score generations, compare methods, measure the real-image bound.
+
+The same CLI is `python -m dreambooth_singlora.eval <command>` anywhere it is installed, and
+`python -m eval <command>` from a checkout (the examples below use that spelling).
 
     python -m eval render --adapters DIR --output DIR [--subjects ...]   (accelerate launch for many GPUs)
     python -m eval score  --images DIR --dataset_dir DIR --output DIR [--encoders clip dino]
@@ -182,8 +185,10 @@ COMMANDS = [add_render_command, add_score_command, add_report_command, add_bound
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m eval` parser: one subparser per entry of COMMANDS."""
-    parser = argparse.ArgumentParser(prog="python -m eval",
+    """The `dreambooth-singlora eval` (`python -m eval`) parser: one subparser per entry of COMMANDS."""
+    # the spelling the user typed: `python -m eval` in a checkout, else the installed command
+    prog = "python -m eval" if __package__ == "eval" else "dreambooth-singlora eval"
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="DreamBooth subject-fidelity evaluation (DINO, CLIP-I, CLIP-T).")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     for add in COMMANDS:

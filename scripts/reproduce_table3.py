@@ -9,11 +9,18 @@ Rows: LoRA r8, LoRA+ r8, DoRA r8, SingLoRA r8, SingLoRA r16, all on the UNet's t
           at a time (--gpus); an interrupted subject resumes from its last checkpoint; with
           --multi_subject the SingLoRA, LoRA and LoRA+ rows each train all their subjects in one
           batched run (DoRA stays one subject at a time);
-2. render <work>/images/<row>/<subject>/<slug>/<k>.png  via `accelerate launch -m eval render`
-          (subjects split over the GPUs, mixed in batches of --render_batch_size; --compile for
-          torch.compile; images already there are kept);
+2. render <work>/images/<row>/<subject>/<slug>/<k>.png  via
+          `accelerate launch -m dreambooth_singlora.eval render` (subjects split over the GPUs, mixed in
+          batches of --render_batch_size; --compile for torch.compile; images already there are kept);
 3. score  <work>/eval/<row>/  DINO, CLIP-I, CLIP-T (EVAL_PROTOCOL.md), real-image features shared;
 4. report <work>/table3.md (ours beside the paper's numbers) + report.md/csv/json/png/html.
+
+Each stage checks what is already done before it starts anything, so a rerun with nothing left to do
+starts no process and loads no model: a (row, subject) is trained when its adapter_config.json has
+step == --max_train_steps; rendered when its index.json lists the subject's first --max_prompts prompts
+and every <slug>/<k>.png for k < --num_images_per_prompt is there; a row is scored when
+<work>/eval/<row>/scores.json covers those subjects and images with the same encoders and is newer
+than every index.json of the row (rendering again makes it stale). Delete a folder to redo its stage.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import time
 from pathlib import Path
 
 from dreambooth_singlora.errors import cli_entry
+
+# The module that trains many subjects of one row in one process (`python -m <it> --subjects ...`).
+MULTI_SUBJECT_TRAINER = "dreambooth_singlora.train_multi"
 
 ROWS = {  # name: (method, rank)
     "lora_r8": ("lora", 8), "loraplus_r8": ("loraplus", 8), "dora_r8": ("dora", 8),
@@ -43,6 +53,18 @@ def trained(folder: Path, steps: int) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("step") == steps
 
 
+def multi_subject_train_command(args, row: str, subjects: list[str]) -> list[str]:
+    """The one trainer process that trains `subjects` of `row` together (--multi_subject)."""
+    method, rank = ROWS[row]
+    return [sys.executable, "-m", MULTI_SUBJECT_TRAINER, "--subjects", *subjects,
+            "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--dataset_dir",
+            str(args.dataset_dir), "--output_dir", str(args.work_dir / "adapters" / row), "--method",
+            method, "--rank", str(rank), "--max_train_steps", str(args.max_train_steps),
+            "--resolution", str(args.resolution), "--seed", str(args.seed),
+            "--mixed_precision", args.mixed_precision, "--resume_from_checkpoint", "latest",
+            *args.train_args]
+
+
 def train_multi_rows(args, rows, subjects) -> list[str]:
     """--multi_subject: each SingLoRA / LoRA / LoRA+ row's subjects trained together in one process
     (docs/MULTI.md); returns the rows it handled. The adapters are those the per-subject runs would give."""
@@ -50,20 +72,15 @@ def train_multi_rows(args, rows, subjects) -> list[str]:
 
     done = []
     for row in rows:
-        method, rank = ROWS[row]
-        if method not in BANKED:
+        if ROWS[row][0] not in BANKED:
             continue
         todo = [s for s in subjects if not trained(args.work_dir / "adapters" / row / s, args.max_train_steps)]
         if todo:
             print(f"[train] {row}: {len(todo)} subjects in one multi-subject run", flush=True)
             env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(args.gpus[0])} if args.gpus else {}))
-            subprocess.run([sys.executable, "-m", "dreambooth_singlora.train_multi", "--subjects", *todo,
-                            "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--dataset_dir",
-                            str(args.dataset_dir), "--output_dir", str(args.work_dir / "adapters" / row), "--method",
-                            method, "--rank", str(rank), "--max_train_steps", str(args.max_train_steps),
-                            "--resolution", str(args.resolution), "--seed", str(args.seed),
-                            "--mixed_precision", args.mixed_precision, "--resume_from_checkpoint", "latest",
-                            *args.train_args], env=env, check=True)
+            subprocess.run(multi_subject_train_command(args, row, todo), env=env, check=True)
+        else:
+            print(f"[train] {row}: all {len(subjects)} subjects already trained", flush=True)
         done.append(row)
     return done
 
@@ -71,10 +88,12 @@ def train_multi_rows(args, rows, subjects) -> list[str]:
 def train_all(args, rows, subjects) -> None:
     """Stage 1: one trainer process per (row, subject), at most one per GPU at a time."""
     if args.multi_subject:
-        rows = [r for r in rows if r not in train_multi_rows(args, rows, subjects)]
+        handled = train_multi_rows(args, rows, subjects)
+        rows = [r for r in rows if r not in handled]
     jobs = [(r, s) for r in rows for s in subjects
             if not trained(args.work_dir / "adapters" / r / s, args.max_train_steps)]
-    print(f"[train] {len(jobs)} of {len(rows) * len(subjects)} adapters to train", flush=True)
+    if rows:
+        print(f"[train] {len(jobs)} of {len(rows) * len(subjects)} adapters to train", flush=True)
     slots = [str(g) for g in args.gpus] if args.gpus else [None]
     running: dict[str, tuple] = {}
     while jobs or running:
@@ -104,33 +123,94 @@ def train_all(args, rows, subjects) -> None:
         time.sleep(0.2)
 
 
+def expected_prompts(subject: str, max_prompts) -> list[str]:
+    """The prompts `render` gives a subject: its first max_prompts evaluation prompts (all 25 if None)."""
+    from dreambooth_singlora.prompts import get_subject
+
+    return get_subject(subject).eval_prompts()[:max_prompts]
+
+
+def rendered(folder: Path, prompts: list[str], n_images: int) -> bool:
+    """True when <folder> (one subject's images) holds every image of these prompts: index.json (written
+    once a subject is complete) names a folder for each prompt and each holds 0.png .. <n_images-1>.png."""
+    try:
+        index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        slugs = {rec["prompt"]: rec["slug"] for rec in index["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p in slugs and all((folder / slugs[p] / f"{k}.png").is_file() for k in range(n_images))
+               for p in prompts)
+
+
+def render_todo(images_dir: Path, subjects, max_prompts, n_images: int) -> list[str]:
+    """The subjects of one row whose images are not all there yet."""
+    return [s for s in subjects
+            if not rendered(Path(images_dir) / s, expected_prompts(s, max_prompts), n_images)]
+
+
 def render_all(args, rows, subjects) -> None:
-    """Stage 2: `python -m eval render` per row, spread over the GPUs by accelerate."""
+    """Stage 2: `python -m dreambooth_singlora.eval render` per row, spread over the GPUs by accelerate;
+    only rows with images missing are launched, for the subjects missing some."""
     for row in rows:
-        n = max(1, len(args.gpus))
+        todo = render_todo(args.work_dir / "images" / row, subjects, args.max_prompts, args.num_images_per_prompt)
+        if not todo:
+            print(f"[render] {row}: all {len(subjects)} subjects already rendered", flush=True)
+            continue
+        n = max(1, min(len(args.gpus), len(todo)))
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no"]
         if args.gpus:
-            launch += ["--gpu_ids", ",".join(map(str, args.gpus))]
-        cmd = [*launch, "-m", "eval", "render", "--adapters", str(args.work_dir / "adapters" / row),
-               "--output", str(args.work_dir / "images" / row), "--subjects", *subjects,
+            launch += ["--gpu_ids", ",".join(map(str, args.gpus[:n]))]
+        cmd = [*launch, "-m", "dreambooth_singlora.eval", "render", "--adapters",
+               str(args.work_dir / "adapters" / row), "--output", str(args.work_dir / "images" / row),
+               "--subjects", *todo,
                "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
                "--num_images_per_prompt", str(args.num_images_per_prompt), "--seed", str(args.seed)]
         cmd += ["--batch_size", str(args.render_batch_size)] + (["--compile"] if args.compile else [])
         if args.max_prompts:
             cmd += ["--max_prompts", str(args.max_prompts)]
-        print(f"[render] {row}", flush=True)
+        print(f"[render] {row}: {len(todo)} of {len(subjects)} subjects", flush=True)
         subprocess.run(cmd, check=True)
 
 
-def score_all(args, rows, subjects) -> dict:
-    """Stage 3: score every row with the same encoders and one cache of real-image features."""
-    from eval import ReferenceCache, load_encoders, score_folder, write_score_outputs
+def current_scores(args, row, subjects) -> dict | None:
+    """<work>/eval/<row>/scores.json if it is the score of what is in <work>/images/<row> now (same subjects,
+    same number of images, same encoders, written after every index.json of the row), else None."""
+    from dreambooth_singlora.eval.report import load_results
+    from dreambooth_singlora.errors import UserError
 
-    encoders = load_encoders(args.encoders, checkpoints={"clip": args.clip_checkpoint, "dino": args.dino_checkpoint})
-    cache = ReferenceCache(args.dataset_dir)
-    results = {}
+    path = args.work_dir / "eval" / row / "scores.json"
+    images = args.work_dir / "images" / row
+    indexes = [images / s / "index.json" for s in subjects]
+    if not path.is_file() or not all(i.is_file() for i in indexes):
+        return None
+    try:
+        result = load_results(path)
+    except UserError:
+        return None
+    n = sum(len(expected_prompts(s, args.max_prompts)) for s in subjects) * args.num_images_per_prompt
+    same = (set(result.get("subjects") or ()) == set(subjects) and result.get("scored", {}).get("images") == n
+            and set(result.get("settings", {}).get("encoders") or ()) == set(args.encoders))
+    newer = path.stat().st_mtime_ns >= max(i.stat().st_mtime_ns for i in indexes)
+    return result if same and newer else None
+
+
+def score_all(args, rows, subjects) -> dict:
+    """Stage 3: score every row with the same encoders and one cache of real-image features; a row whose
+    scores.json is current (current_scores) is read back, and no encoder is loaded if none is left."""
+    from dreambooth_singlora.eval import ReferenceCache, load_encoders, score_folder, write_score_outputs
+
+    results, encoders, cache = {}, None, None
     for row in rows:
+        kept = current_scores(args, row, subjects)
+        if kept is not None:
+            print(f"[score] {row}: scores.json is current, kept", flush=True)
+            results[row] = kept
+            continue
+        if encoders is None:
+            encoders = load_encoders(args.encoders,
+                                     checkpoints={"clip": args.clip_checkpoint, "dino": args.dino_checkpoint})
+            cache = ReferenceCache(args.dataset_dir)
         print(f"[score] {row}", flush=True)
         results[row] = score_folder(args.work_dir / "images" / row, args.dataset_dir, encoders, subjects=subjects,
                                     cache=cache)
@@ -193,7 +273,7 @@ def main(argv=None):
     if "render" in args.stages:
         render_all(args, args.rows, subjects)
     if "score" in args.stages:
-        from eval import write_report
+        from dreambooth_singlora.eval import write_report
 
         results = score_all(args, args.rows, subjects)
         write_report(results, args.work_dir / "report", reference=True)

@@ -1,5 +1,6 @@
 """The evaluation suite: encoders (tiny random weights through the real loaders), folder scoring on
-hand-made features, partial runs and bad input, and end-to-end `python -m eval` runs."""
+hand-made features, partial runs and bad input, and end-to-end `python -m eval` runs
+(the checkout's name of dreambooth_singlora.eval)."""
 
 import csv
 import json
@@ -16,12 +17,12 @@ from torchvision import transforms as T
 
 from dreambooth_singlora.errors import UserError
 from dreambooth_singlora.prompts import get_subject, slugify, strip_identifier
-from eval import encoders as E
-from eval import metrics as M
-from eval.cli import build_parser, main
-from eval.report import write_report
-from eval.score import ReferenceCache, real_image_bound, score_folder
-from eval.testing import TINY_CLIP, TINY_DINO, save_tiny_clip, save_tiny_dino
+from dreambooth_singlora.eval import encoders as E
+from dreambooth_singlora.eval import metrics as M
+from dreambooth_singlora.eval.cli import build_parser, main
+from dreambooth_singlora.eval.report import write_report
+from dreambooth_singlora.eval.score import ReferenceCache, real_image_bound, score_folder
+from dreambooth_singlora.eval.testing import TINY_CLIP, TINY_DINO
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 1 / math.sqrt(2)
@@ -30,11 +31,9 @@ S = 1 / math.sqrt(2)
 # ---------------------------------------------------------------------------------------------
 # fixtures: tiny checkpoints (saved once) and generation folders
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("encoders")
-    return dict(clip_dir=save_tiny_clip(d / "clip"), dino_dir=save_tiny_dino(d / "dino"),
-                clip_file=save_tiny_clip(d / "clip.safetensors"), dino_file=save_tiny_dino(d / "dino.safetensors"))
+@pytest.fixture(scope="session")
+def ckpts(tiny_eval_checkpoints):
+    return tiny_eval_checkpoints  # conftest.py: saved once per session
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval import metrics as M
+from dreambooth_singlora.eval import metrics as M
 
 S = 1 / math.sqrt(2)
 
