@@ -62,7 +62,7 @@ class Routing:
             self._per_sample = {}
             return
         c = self.coef[self.index].view(-1, 1, 1)
-        self._per_sample = {dt: c.to(dt) for dt in (c.dtype, torch.float32, torch.float16, torch.bfloat16)}
+        self._per_sample = {dt: c.to(dt) for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
     def sample_coef(self, dtype: torch.dtype) -> torch.Tensor:  # -> (B, 1, 1)
         return self._per_sample[dtype]

@@ -351,7 +351,8 @@ def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts
 
     out, prompts = Path(output_dir), dict(prompts or {})
     for name in adapters:
-        prompts.setdefault(name, get_subject(name).eval_prompts(cfg.identifier))
+        if name not in prompts:
+            prompts[name] = get_subject(name).eval_prompts(cfg.identifier)
     metas = {name: read_adapter(path)[0] for name, path in adapters.items()}
     groups: dict = {}  # (method, rank, targets) -> subjects that share one bank; None -> one at a time
     for n, m in metas.items():

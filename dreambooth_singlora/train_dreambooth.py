@@ -95,18 +95,20 @@ def finished(cfg: TrainConfig, member: Member) -> bool:
         meta.get(k) == ours[k] for k in ("method", "rank", "alpha", "target_modules", "init", "ramp_steps"))
 
 
-def check_group_size(cfg: TrainConfig, accelerator, size: int) -> None:
-    """What a bank (several subjects in one batch) cannot do: one line that names the way that works."""
+def check_group_size(cfg: TrainConfig, size: int, accelerator=None) -> None:
+    """What a bank (several subjects in one batch) cannot do: one line that names the way that works.
+    Called with the flags alone before anything starts, then with the accelerator accelerate configured."""
     if size < 2:
         return
     one = "or train the subjects one at a time with --subjects_per_batch 1"
     if cfg.method not in BANKED:
         raise UserError(f"--method {cfg.method} does not batch subjects (its per-row weight norm needs the full "
                         f"weight per subject): give --subjects_per_batch 1 to train them one at a time")
-    if accelerator.num_processes > 1:
+    if accelerator is not None and accelerator.num_processes > 1:
         raise UserError(f"several subjects in one batch run in one process: launch with one process, {one} "
                         "(each subject then trains data-parallel over the processes)")
-    for bad, why in ((accelerator.mixed_precision == "fp16", "fp16 loss scaling would skip every subject's step "
+    precision = accelerator.mixed_precision if accelerator is not None else cfg.mixed_precision
+    for bad, why in ((precision == "fp16", "fp16 loss scaling would skip every subject's step "
                       "when one overflows: use --mixed_precision bf16"),
                      (cfg.use_8bit_adam, "8-bit Adam's block-wise quantisation would couple the subjects"),
                      (cfg.validation_prompt, "validation renders one adapter")):
@@ -402,9 +404,10 @@ class AdapterBank:
 def train(cfg: TrainConfig) -> Path:
     """Run DreamBooth training as `cfg` says; returns cfg.output_dir (the adapter, or one folder per subject)."""
     members = plan_members(cfg)  # every input checked before any model loads
-    accelerator, dtype = make_accelerator(cfg)
     size = min(cfg.subjects_per_batch or len(members), len(members))
-    check_group_size(cfg, accelerator, size)
+    check_group_size(cfg, size)
+    accelerator, dtype = make_accelerator(cfg)
+    check_group_size(cfg, size, accelerator)
     models = load_models(cfg, accelerator.device, dtype)
     todo = [m for m in members if not (cfg.resume_from_checkpoint and finished(cfg, m))]
     for m in members:

@@ -1,14 +1,17 @@
-"""Multi-subject mode on the tiny pipeline (CPU, fp32): a bank of adapters routed per sample.
+"""Several subjects in one batch on the tiny pipeline (CPU): a bank of adapters routed per sample.
 
-Tolerances (fp32 on the CPU): a multi-subject run's adapters equal the single-subject runs' to
-1e-5 of the largest weight (seen: 5e-7 to 1.4e-6; the frozen UNet at batch 2 vs 1 and bmm vs matmul
-round differently, and Adam's normalised steps carry that on), and to 1e-2 of the largest change the
-last two steps made (seen: 5e-4 to 1.3e-3). One step's per-subject gradients equal the single-subject
-gradients to 1e-5 of the largest. A resumed run equals the uninterrupted one exactly. Mixed-batch
-images equal one-subject-at-a-time images to 1/255 per pixel (seen: identical).
+Tolerances. The equivalence checks run in float64 (torch's default dtype during the fixture; the
+trainer runs "no" mixed precision in it). A bank and a single adapter compute the same sums in another
+order (batch 2 vs 1 in the frozen UNet, bmm vs matmul): per operation that is a relative rounding
+difference of a few float64 ulps (~1e-15), which Adam's normalised steps carry through a few steps
+(seen: 1e-15 to 7e-14), so 1e-10 of the largest weight holds with four orders of margin on any CPU,
+where float32 (ulp 1e-7) would not. One step's per-subject gradients: the same bound. Routed images:
+1/255 per pixel (the float32 pipeline, one rounding of the PNG). A resumed run equals the
+uninterrupted one exactly: the same code computes the same sums.
 """
 
 import json
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,17 +21,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import dreambooth_singlora.train_dreambooth as T
 from dreambooth_singlora import UserError, load_adapter
-from dreambooth_singlora.adapter import (adapter_state_dict, add_adapter, attention_modules, remove_adapter,
-                                         save_adapter, set_step, trainable_parameters)
+from dreambooth_singlora.adapter import (adapter_state_dict, add_adapter, attention_modules, load_adapter_state_dict,
+                                         remove_adapter, save_adapter, set_step, trainable_parameters)
+from dreambooth_singlora.bank import (BankProcessor, add_bank, bank_parameters, bank_state_dict,
+                                      clip_grad_norm_per_row_, get_routing, staging_to_row)
+from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.config import SingLoRAConfig, TrainConfig
-from dreambooth_singlora.multi import (add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_,
-                                       generate_many, get_routing, load_subject)
+from dreambooth_singlora.generate import generate_many
 from dreambooth_singlora.train_dreambooth import train
-import dreambooth_singlora.train_multi as TM
+from trainer_utils import killed_run
 
 STEPS = 6
 SUBJECTS = ("dog", "cat")
+FP64_TOL = 1e-10  # see the module docstring
 
 
 def base(tiny_pipeline, dataset_dir, **kw):
@@ -48,18 +55,31 @@ def rel_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a) / max(a[k].abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_pipeline, dataset_dir, tmp_path_factory):
-    """Two single-subject runs and one multi-subject run of both subjects, same flags and seed."""
-    root = tmp_path_factory.mktemp("runs")
-    for s in SUBJECTS:
-        train(TrainConfig(**base(tiny_pipeline, dataset_dir), subject=s, output_dir=str(root / "single" / s)))
-    TM.main(["--subjects", *SUBJECTS, "--output_dir", str(root / "multi"), "--pretrained_model_name_or_path",
-             str(tiny_pipeline), "--dataset_dir", dataset_dir, "--resolution", "32", "--max_train_steps", str(STEPS),
-             "--checkpointing_steps", "2", "--log_every", "2", "--random_flip", "--ramp_steps", "3",
-             "--mixed_precision", "no", "--max_grad_norm", "0.05",
-             "--gradient_accumulation_steps", "2"])
-    return root
+class float64:
+    """torch's default dtype is float64 inside the block (the trainer's "no" precision then runs in it)."""
+
+    def __enter__(self):
+        self.before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.before)
+
+
+@pytest.fixture(scope="module", params=["singlora", "lora", "loraplus"])
+def runs(request, tiny_pipeline, dataset_dir, tmp_path_factory):
+    """In float64: two single-subject runs and one run of both subjects in one batch, same flags and seed."""
+    method, root = request.param, tmp_path_factory.mktemp(f"runs-{request.param}")
+    flags = base(tiny_pipeline, dataset_dir, method=method)
+    with float64():
+        for s in SUBJECTS:
+            train(TrainConfig(**flags, subject=s, output_dir=str(root / "single" / s)))
+        T.main(["--subjects", *SUBJECTS, "--output_dir", str(root / "multi"), "--pretrained_model_name_or_path",
+                str(tiny_pipeline), "--dataset_dir", dataset_dir, "--resolution", "32", "--max_train_steps", str(STEPS),
+                "--checkpointing_steps", "2", "--log_every", "2", "--random_flip", "--ramp_steps", "3",
+                "--mixed_precision", "no", "--max_grad_norm", "0.05", "--gradient_accumulation_steps", "2",
+                "--method", method, "--report_to", "none"])
+    return method, root
 
 
 # --------------------------------------------------------------------------- the bank, on the UNet
@@ -78,41 +98,53 @@ def test_clip_per_row_is_torch_clip_of_each_row_alone():
     norms = clip_grad_norm_per_row_(params, 2.0)
     assert norms.shape == (3,)
     for i, r in enumerate(rows):
-        for q, p in zip(r, params):
+        for q, p in zip(r, params):  # float32, 20 elements a row: the norms agree to a few ulps
             torch.testing.assert_close(p.grad[i], q.grad, rtol=1e-6, atol=0)
 
 
+def set_rows(params, rows: list[list[torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for i, tensors in enumerate(rows):
+            for p, v in zip(params, tensors):
+                p[i].copy_(v)
+
+
+@pytest.mark.parametrize("method", ["singlora", "lora"])
 @torch.no_grad()
-def test_routed_bank_equals_each_sample_through_its_own_adapter(tiny_unet):
-    """Rows with different A and u: sample b routed to row index[b] == that adapter alone on sample b."""
+def test_routed_bank_equals_each_sample_through_its_own_adapter(method, tiny_unet):
+    """Rows with different adapters (and, for SingLoRA, different u): sample b routed to row index[b] ==
+    that adapter alone on sample b, in float64."""
+    tiny_unet.double()
     g = torch.Generator().manual_seed(0)
-    x, emb = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 48, generator=g)
-    t = torch.tensor([10, 300, 600, 900])
-    add_adapter(tiny_unet, SingLoRAConfig(rank=4, ramp_steps=4, init="rank"))
-    set_step(tiny_unet, 0)  # u = 0: the staging adapter is off
+    x, emb = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 5, 48, generator=g,
+                                                                                      dtype=torch.float64)
+    t, index = torch.tensor([10, 300, 600, 900]), [2, 0, 1, 0]
+    add_adapter(tiny_unet, SingLoRAConfig(method=method, rank=4, ramp_steps=4, init="rank"))
+    staging = [p.detach().clone() for p in trainable_parameters(tiny_unet)]
+    set_step(tiny_unet, 0)  # SingLoRA: u = 0, the staging adapter is off; LoRA: B = 0
     stock = tiny_unet(x, t, emb).sample
-    rows = []  # (A tensors, step) of three adapters
-    for step in (4, 2, 1):
-        rows.append(([torch.randn(p.shape, generator=g) * 0.2 for p in trainable_parameters(tiny_unet)], step))
+    rows = [([torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2 for p in trainable_parameters(tiny_unet)],
+             step) for step in (4, 2, 1)]
     alone = []
-    for b, r in enumerate([2, 0, 1, 0]):
+    for b, r in enumerate(index):
         for p, v in zip(trainable_parameters(tiny_unet), rows[r][0]):
             p.copy_(v)
         set_step(tiny_unet, rows[r][1])
         alone.append(tiny_unet(x[b:b + 1], t[b:b + 1], emb[b:b + 1]).sample)
     alone = torch.cat(alone)
+    for p, v in zip(trainable_parameters(tiny_unet), staging):
+        p.copy_(v)
     set_step(tiny_unet, 0)
     routing = add_bank(tiny_unet, 3)
-    for i, (tensors, step) in enumerate(rows):
-        for p, v in zip(bank_parameters(tiny_unet), tensors):
-            p[i].copy_(v)
-    routing.set_coef(torch.tensor([1.0, 0.5, 0.25]))  # alpha / r = 1, u = step / 4
+    assert sorted(bank_state_dict(tiny_unet)) == sorted(adapter_state_dict(tiny_unet))  # a single adapter's names
+    set_rows(bank_parameters(tiny_unet), [r for r, _ in rows])
+    routing.set_coef(torch.tensor([1.0, 0.5, 0.25]) if method == "singlora" else 1.0)  # alpha / r = 1, u = step / 4
     assert get_routing(tiny_unet) is routing
-    assert torch.equal(tiny_unet(x, t, emb).sample, stock)  # nothing routed: the staging adapter (u = 0)
-    routing.route(torch.tensor([2, 0, 1, 0]))
+    torch.testing.assert_close(tiny_unet(x, t, emb).sample, stock, rtol=0, atol=0)  # nothing routed: the staging
+    routing.route(torch.tensor(index))
     routed = tiny_unet(x, t, emb).sample
     assert (alone - stock).abs().max() > 1e-2  # the adapters matter
-    torch.testing.assert_close(routed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed, alone, rtol=FP64_TOL, atol=FP64_TOL)
     routing.route(torch.tensor([0, 1]))
     with pytest.raises(UserError, match="2 entries for a batch of 4"):
         tiny_unet(x, t, emb)
@@ -145,201 +177,169 @@ class FakeData:
         return torch.randn(self.m, 4, 8, 8, generator=self.gen), emb, self.gen
 
 
+@pytest.mark.parametrize("method", ["singlora", "lora"])
 @pytest.mark.parametrize("prior_w", [None, 0.5], ids=["plain", "prior"])
-def test_group_loss_gives_each_subject_its_single_run_gradient(prior_w, tiny_unet, tiny_pipeline):
-    """Sum over subjects of each subject's mean loss: row s's gradient is subject s's alone."""
+def test_group_loss_gives_each_subject_its_single_run_gradient(method, prior_w, tiny_unet, tiny_pipeline):
+    """One step, float64: the sum over subjects of each subject's mean loss gives bank row s exactly the
+    gradient subject s's own single adapter gets (SingLoRA's A; PEFT LoRA's lora_A and lora_B)."""
     from diffusers import DDPMScheduler
 
-    from dreambooth_singlora.train_dreambooth import compute_loss
-
-    sched = DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler")
-    m = 2 if prior_w else 1  # per subject: instance (and class) samples
-    datas = [FakeData(s, m) for s in range(3)]
-    add_adapter(tiny_unet, SingLoRAConfig(rank=4, ramp_steps=0))
-    g = torch.Generator().manual_seed(0)
-    rows = [[torch.randn(p.shape, generator=g) * 0.2 for p in trainable_parameters(tiny_unet)] for _ in range(3)]
-    single_losses, single_grads = [], []
-    for s in range(3):
-        params = trainable_parameters(tiny_unet)
-        with torch.no_grad():
-            for p, v in zip(params, rows[s]):
-                p.copy_(v)
-                p.grad = None
-        loss = compute_loss(lambda n, t, e: tiny_unet(n, t, e).sample, sched, *datas[s].batch(3, 1), prior_w,
-                            torch.float32)
-        loss.backward()
-        single_losses.append(loss.item())
-        single_grads.append([p.grad.clone() for p in params])
-    routing = add_bank(tiny_unet, 3)
-    with torch.no_grad():
+    with float64():
+        tiny_unet.double()
+        sched = DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler")
+        m = 2 if prior_w else 1  # per subject: instance (and class) samples
+        datas = [FakeData(s, m) for s in range(3)]
+        add_adapter(tiny_unet, SingLoRAConfig(method=method, rank=4, ramp_steps=0))
+        g = torch.Generator().manual_seed(0)
+        rows = [[torch.randn(p.shape, generator=g) * 0.2 for p in trainable_parameters(tiny_unet)] for _ in range(3)]
+        denoise = T.Denoise(tiny_unet, torch.float64)
+        single_losses, single_grads = [], []
         for s in range(3):
-            for p, v in zip(bank_parameters(tiny_unet), rows[s]):
-                p[s].copy_(v)
-    routing.route(torch.arange(3).repeat_interleave(m))
-    losses = TM.group_losses(tiny_unet, sched, datas, 3, 1, prior_w, torch.float32)
-    losses.sum().backward()
-    np.testing.assert_allclose(losses.tolist(), single_losses, rtol=1e-5)
+            params = trainable_parameters(tiny_unet)
+            with torch.no_grad():
+                for p, v in zip(params, rows[s]):
+                    p.copy_(v)
+                    p.grad = None
+            loss = T.group_losses(denoise, sched, [datas[s]], 3, 1, prior_w, torch.float64)
+            loss.sum().backward()
+            single_losses.append(loss.item())
+            single_grads.append([p.grad.clone() for p in params])
+        routing = add_bank(tiny_unet, 3)
+        set_rows(bank_parameters(tiny_unet), rows)
+        routing.route(torch.arange(3).repeat_interleave(m))
+        losses = T.group_losses(denoise, sched, datas, 3, 1, prior_w, torch.float64)
+        losses.sum().backward()
+    np.testing.assert_allclose(losses.tolist(), single_losses, rtol=FP64_TOL)
     for s in range(3):
         scale = max(gr.abs().max().item() for gr in single_grads[s])
         err = max((p.grad[s] - gr).abs().max().item() for p, gr in zip(bank_parameters(tiny_unet), single_grads[s]))
-        assert err < 1e-5 * scale, (s, err, scale)
+        assert scale > 0 and err < FP64_TOL * scale, (s, err, scale)
 
 
 # --------------------------------------------------------------------------- training
 
-def test_multi_subject_run_equals_single_subject_runs(runs, tiny_unet):
+def test_several_subjects_in_one_batch_equal_single_runs(runs, tiny_unet):
+    method, root = runs
     for s in SUBJECTS:
-        single, multi = runs / "single" / s, runs / "multi" / s
+        single, multi = root / "single" / s, root / "multi" / s
         a, b = weights(single), weights(multi)
-        assert rel_diff(a, b) < 1e-5
-        init = weights(runs / "single" / s / "checkpoints" / "checkpoint-4")  # a point on the way, for scale
-        change = max((a[k] - init[k]).abs().max().item() for k in a)
-        assert change > 0 and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2 * change
+        assert next(iter(a.values())).dtype == torch.float64  # the run was float64
+        assert rel_diff(a, b) < FP64_TOL
+        if method != "singlora":
+            assert any("lora_B" in k for k in a)
+        init = weights(root / "single" / s / "checkpoints" / "checkpoint-4")  # a point on the way: it trained
+        assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e6 * FP64_TOL * max(a[k].abs().max().item() for k in a)
         ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (single, multi))
-        assert ca == cb  # same format, same settings, step and u
+        assert ca == cb and ca["method"] == method  # same format, same settings, step and u
         for f in ("README.md", "loss_curve.png", "train_stats.json"):
             assert (multi / f).stat().st_size > 0
-        hist_single = json.loads((single / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+        hist_single = json.loads((single / "train_stats.json").read_text())["loss_history"]
         hist_multi = json.loads((multi / "train_stats.json").read_text())["loss_history"]
-        assert [h[0] for h in hist_multi] == [h[0] for h in hist_single["history"]]
-        np.testing.assert_allclose([h[1] for h in hist_multi], [h[1] for h in hist_single["history"]], rtol=1e-5)
-    assert rel_diff(weights(runs / "multi" / "dog"), weights(runs / "multi" / "cat")) > 1e-4  # subjects differ
-    assert not TM.list_checkpoints(runs / "multi" / "checkpoints")  # finished batch: checkpoints removed
-    stats = json.loads((runs / "multi" / "train_stats.json").read_text())
+        assert [h[0] for h in hist_multi] == [h[0] for h in hist_single] == [2, 4, 6]
+        np.testing.assert_allclose([h[1] for h in hist_multi], [h[1] for h in hist_single], rtol=FP64_TOL)
+    assert rel_diff(weights(root / "multi" / "dog"), weights(root / "multi" / "cat")) > 1e-4  # subjects differ
+    ckpts = list_checkpoints(root / "multi" / "checkpoints")  # one format: the bank's checkpoints are kept
+    assert [p.name for p in ckpts] == ["checkpoint-4", "checkpoint-6"] and (ckpts[-1] / "bank.safetensors").is_file()
+    stats = json.loads((root / "multi" / "train_stats.json").read_text())
     assert stats["trained"] == list(SUBJECTS) and stats["batches"][0]["steps_run"] == STEPS
-    assert load_adapter(tiny_unet, runs / "multi" / "dog").method == "singlora"
+    assert load_adapter(tiny_unet, root / "multi" / "dog").method == method
 
 
-def test_batches_of_one_crash_and_resume(runs, tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
-    """--subjects_per_batch 1: the first subject's adapter is written when its batch ends; a crash in the
-    second batch loses only that batch's steps since its last checkpoint; resume 'latest' skips the
-    finished subject and ends with what the uninterrupted run gives (exactly: same batches, same data)."""
+def test_batches_of_one_crash_and_resume(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
+    """--subjects_per_batch 1: the first subject's adapter is written when its group ends; a crash in the
+    second group loses only that group's steps since its last checkpoint; resume 'latest' skips the
+    finished subject and ends with what the uninterrupted run gives (exactly: same code, same data)."""
     out = tmp_path / "multi1"
-    cfgs = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(out)))
-    real, saved = TM.save_bank_checkpoint, []
+    flags = base(tiny_pipeline, dataset_dir, subjects=list(SUBJECTS), subjects_per_batch=1, output_dir=str(out))
+    real = T.save_checkpoint
 
-    def crash_after_cat_step_4(cfg, root, names, *a, **k):
-        path = real(cfg, root, names, *a, **k)
-        saved.append((names, path.name))
-        if names == ["cat"] and path.name == "checkpoint-4":
+    def crash_after_cat_step_4(root, step, write, optimizer, sched, state, limit):
+        path = real(root, step, write, optimizer, sched, state, limit)
+        if state["subjects"] == ["cat"] and step == 4:
             raise KeyboardInterrupt  # a kill
         return path
 
-    monkeypatch.setattr(TM, "save_bank_checkpoint", crash_after_cat_step_4)
+    monkeypatch.setattr(T, "save_checkpoint", crash_after_cat_step_4)
     with pytest.raises(KeyboardInterrupt):
-        TM.train_multi(cfgs, out, subjects_per_batch=1)
+        train(TrainConfig(**flags))
     assert (out / "dog" / "adapter_model.safetensors").is_file() and not (out / "cat").exists()
     dog_written = (out / "dog" / "adapter_model.safetensors").stat().st_mtime_ns
-    assert [p.name for p in TM.list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(TM, "save_bank_checkpoint", real)
-    resumed = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(out),
-                                                resume_from_checkpoint="latest"))
-    TM.train_multi(resumed, out, subjects_per_batch=1)
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    train(TrainConfig(**flags, resume_from_checkpoint="latest"))
     assert (out / "dog" / "adapter_model.safetensors").stat().st_mtime_ns == dog_written  # finished: not redone
     assert json.loads((out / "train_stats.json").read_text())["trained"] == ["cat"]
     assert json.loads((out / "cat" / "train_stats.json").read_text())["steps_run"] == STEPS - 4
-    uninterrupted = tmp_path / "multi1-ref"
-    TM.train_multi(TM.subject_configs(["cat"], base(tiny_pipeline, dataset_dir, output_dir=str(uninterrupted))))
-    assert rel_diff(weights(uninterrupted / "cat"), weights(out / "cat")) == 0.0
-    for s in SUBJECTS:  # a batch of one subject == a batch of two, to rounding
-        assert rel_diff(weights(runs / "multi" / s), weights(out / s)) < 1e-5
+    uninterrupted = tmp_path / "ref"
+    train(TrainConfig(**base(tiny_pipeline, dataset_dir, subject="cat", output_dir=str(uninterrupted))))
+    assert rel_diff(weights(uninterrupted), weights(out / "cat")) == 0.0  # a group of one is the plain run
+
+
+def test_sigkill_mid_several_subject_run_then_resume_equals_uninterrupted(tiny_pipeline, dataset_dir, tmp_path):
+    """A real SIGKILL in the middle of step 5 of a two-subject run with a cosine schedule with warm-up; the
+    same command with --resume_from_checkpoint latest ends with exactly the adapters of an uninterrupted
+    run (the bank, AdamW's state and the schedule are restored from checkpoint-4)."""
+    flags = ["--subjects", *SUBJECTS, "--pretrained_model_name_or_path", str(tiny_pipeline), "--dataset_dir",
+             dataset_dir, "--resolution", "32", "--max_train_steps", "8", "--checkpointing_steps", "2", "--log_every",
+             "2", "--ramp_steps", "3", "--mixed_precision", "no", "--report_to", "none", "--lr_scheduler", "cosine",
+             "--lr_warmup_steps", "2", "--learning_rate", "1e-2", "--random_flip"]
+    assert killed_run([*flags, "--output_dir", str(tmp_path / "killed")], 5, tmp_path) == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "killed" / "dog").exists()
+    T.main([*flags, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest"])
+    T.main([*flags, "--output_dir", str(tmp_path / "ref")])
+    for s in SUBJECTS:
+        assert json.loads((tmp_path / "killed" / s / "train_stats.json").read_text())["steps_run"] == 4
+        assert rel_diff(weights(tmp_path / "ref" / s), weights(tmp_path / "killed" / s)) == 0.0
 
 
 def test_out_of_memory_names_the_setting_and_keeps_finished_subjects(tiny_pipeline, dataset_dir, tmp_path,
                                                                       monkeypatch):
-    real, calls = TM.group_losses, []
+    real, calls = T.group_losses, []
 
-    def oom_in_second_batch(unet, sched, datas, *a, **k):
+    def oom_in_second_group(denoise, sched, datas, *a, **k):
         calls.append(len(datas))
-        if len(calls) > 2 * 2:  # batch 1 (dog) takes 2 steps x 2 micro-batches
+        if len(calls) > 2 * 2:  # group 1 (dog) takes 2 steps x 2 micro-batches
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(unet, sched, datas, *a, **k)
+        return real(denoise, sched, datas, *a, **k)
 
-    monkeypatch.setattr(TM, "group_losses", oom_in_second_batch)
-    cfgs = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(tmp_path), max_train_steps=2))
-    with pytest.raises(UserError, match=r"out of GPU memory.*--subjects_per_batch.*1 finished subject"):
-        TM.train_multi(cfgs, tmp_path, subjects_per_batch=1)
+    monkeypatch.setattr(T, "group_losses", oom_in_second_group)
+    cfg = TrainConfig(**base(tiny_pipeline, dataset_dir, output_dir=str(tmp_path), max_train_steps=2,
+                             subjects=list(SUBJECTS), subjects_per_batch=1))
+    with pytest.raises(UserError, match=r"out of GPU memory.*--subjects_per_batch.*finished subjects are saved"):
+        train(cfg)
     assert json.loads((tmp_path / "dog" / "adapter_config.json").read_text())["step"] == 2
 
 
-def test_dora_falls_back_to_one_subject_at_a_time(tiny_pipeline, dataset_dir, tmp_path, caplog, tiny_unet):
-    cfgs = TM.subject_configs(SUBJECTS, base(tiny_pipeline, dataset_dir, output_dir=str(tmp_path), method="dora",
-                                             max_train_steps=1, gradient_accumulation_steps=1))
-    TM.train_multi(cfgs, tmp_path)
-    assert "one at a time" in caplog.text
+def test_dora_trains_one_subject_at_a_time(tiny_pipeline, dataset_dir, tmp_path, tiny_unet):
+    flags = base(tiny_pipeline, dataset_dir, output_dir=str(tmp_path), method="dora", max_train_steps=1,
+                 gradient_accumulation_steps=1, subjects=list(SUBJECTS))
+    with pytest.raises(UserError, match="--subjects_per_batch 1"):  # a bank cannot: the way that works is named
+        train(TrainConfig(**flags))
+    train(TrainConfig(**flags, subjects_per_batch=1))
     for s in SUBJECTS:
         meta = json.loads((tmp_path / s / "adapter_config.json").read_text())
         assert meta["method"] == "dora" and meta["step"] == 1
     add_adapter(tiny_unet, SingLoRAConfig(method="dora"))
-    with pytest.raises(UserError, match="DoRA subjects run one at a time"):
+    with pytest.raises(UserError, match="DoRA subjects train and render one at a time"):
         add_bank(tiny_unet, 2)
-
-
-@pytest.mark.parametrize("method", ["lora", "loraplus"])
-def test_lora_bank_runs_equal_single_runs(method, tiny_pipeline, dataset_dir, tmp_path, tiny_unet):
-    """LoRA and LoRA+ batch like SingLoRA: a bank of (lora_A, lora_B); a two-subject run equals two single
-    runs (same tolerance as SingLoRA's), and writes the files a single run writes."""
-    flags = base(tiny_pipeline, dataset_dir, method=method, max_train_steps=4)
-    for s in SUBJECTS:
-        train(TrainConfig(**flags, subject=s, output_dir=str(tmp_path / "single" / s)))
-    out = TM.train_multi(TM.subject_configs(SUBJECTS, {**flags, "output_dir": str(tmp_path / "multi")}))
-    assert json.loads((tmp_path / "multi" / "train_stats.json").read_text())["batches"][0]["subjects"] == list(SUBJECTS)
-    for s in SUBJECTS:
-        a, b = weights(tmp_path / "single" / s), weights(out[s])
-        assert any("lora_B" in k for k in a) and rel_diff(a, b) < 1e-5
-        init = weights(tmp_path / "single" / s / "checkpoints" / "checkpoint-2")
-        change = max((a[k] - init[k]).abs().max().item() for k in a)
-        assert change > 0 and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2 * change
-        ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "single" / s, out[s]))
-        assert ca == cb and ca["method"] == method
-    assert rel_diff(weights(out["dog"]), weights(out["cat"])) > 1e-4
-    assert load_adapter(tiny_unet, out["dog"]).method == method
-
-
-def test_routed_lora_bank_equals_each_sample_through_its_own_adapter(tiny_unet):
-    g = torch.Generator().manual_seed(0)
-    x, emb = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 48, generator=g)
-    t = torch.tensor([10, 500, 900])
-    add_adapter(tiny_unet, SingLoRAConfig(method="lora", rank=4, alpha=8))
-    staging = [p.detach().clone() for p in trainable_parameters(tiny_unet)]  # B = 0: the base model
-    stock = tiny_unet(x, t, emb).sample
-    rows = [[torch.randn(p.shape, generator=g) * 0.2 for p in trainable_parameters(tiny_unet)] for _ in range(2)]
-    alone = []
-    for b, r in enumerate([1, 0, 1]):
-        with torch.no_grad():
-            for p, v in zip(trainable_parameters(tiny_unet), rows[r]):
-                p.copy_(v)
-        alone.append(tiny_unet(x[b:b + 1], t[b:b + 1], emb[b:b + 1]).sample)
-    with torch.no_grad():
-        for p, v in zip(trainable_parameters(tiny_unet), staging):
-            p.copy_(v)
-    routing = add_bank(tiny_unet, 2)
-    names = list(adapter_state_dict(tiny_unet))
-    assert sorted(bank_state_dict(tiny_unet)) == sorted(names)  # the bank's names are PEFT's
-    for i in range(2):
-        load_subject(tiny_unet, i, dict(zip(names, rows[i])))
-    alone = torch.cat(alone)
-    # nothing routed: PEFT's layers with the staging adapter, which holds the last row loaded (row 1)
-    torch.testing.assert_close(tiny_unet(x[:1], t[:1], emb[:1]).sample, alone[:1], rtol=1e-5, atol=1e-5)
-    routing.route(torch.tensor([1, 0, 1]))
-    routed = tiny_unet(x, t, emb).sample
-    assert (alone - stock).abs().max() > 1e-2
-    torch.testing.assert_close(routed, alone, rtol=1e-5, atol=1e-5)
-    remove_adapter(tiny_unet)
-    assert torch.equal(tiny_unet(x, t, emb).sample, stock)
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--subjects", "dog", "--subject", "cat"], "single-subject flag"),
     (["--subjects", "dog", "nope"], "unknown subject 'nope'"),
     (["--subjects", "dog", "dog"], "listed twice"),
-    (["--subjects", "dog"], "--dataset_dir is required"),
-    (["--subjects", "dog", "--mixed_precision", "fp16", "--dataset_dir", "{data}"], "not fp16"),
-], ids=["single-flag", "unknown", "twice", "no-dataset", "fp16"])
-def test_cli_bad_input_is_one_line(argv, match, tiny_pipeline, dataset_dir, tmp_path, capsys):
-    argv = [a.replace("{data}", dataset_dir) for a in argv]
+    (["--subjects", "dog"], "--subjects needs --dataset_dir"),
+    (["--subjects", "dog", "cat", "--mixed_precision", "bf16", "--use_8bit_adam", "--dataset_dir", "{data}"],
+     "8-bit Adam"),
+    (["--subjects", "dog", "cat", "--dataset_dir", "{tmp}"], "no photo folder for 2 subject(s)"),
+    (["--subject", "dog", "--subjects_per_batch", "2", "--dataset_dir", "{data}"], "goes with --subjects"),
+], ids=["single-flag", "unknown", "twice", "no-dataset", "8bit", "no-photos", "per-batch-alone"])
+def test_cli_bad_input_is_one_line_before_any_model_loads(argv, match, tiny_pipeline, dataset_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("a model loaded before the input was checked"))
+    argv = [a.replace("{data}", dataset_dir).replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as e:
-        TM.main([*argv, "--pretrained_model_name_or_path", str(tiny_pipeline), "--output_dir", str(tmp_path)])
+        T.main([*argv, "--pretrained_model_name_or_path", str(tiny_pipeline), "--output_dir", str(tmp_path / "o")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and "Traceback" not in err
@@ -427,7 +427,5 @@ def no_adapter_left(unet) -> bool:
     """After generate_many the pipeline's UNet has no adapter left on it."""
     from dreambooth_singlora.adapter import get_config
 
-    from dreambooth_singlora.multi import BankAttnProcessor
-
-    return get_config(unet) is None and not any(isinstance(a.processor, BankAttnProcessor)
+    return get_config(unet) is None and not any(isinstance(a.processor, BankProcessor)
                                                 for _, a in attention_modules(unet))

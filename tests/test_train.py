@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,9 @@ from safetensors.torch import load_file
 from dreambooth_singlora import UserError, load_adapter
 from dreambooth_singlora.config import TrainConfig
 from dreambooth_singlora.data import load_images, to_rgb
-from dreambooth_singlora.train_dreambooth import list_checkpoints, main, train
+from dreambooth_singlora.checkpoint import list_checkpoints
+from dreambooth_singlora.train_dreambooth import main, train
+from trainer_utils import killed_run
 
 STEPS = 12
 
@@ -83,24 +84,29 @@ def test_same_seed_same_adapter_and_seed_matters(reference_run, tiny_pipeline, d
 
 
 def test_sigkill_then_resume_latest_equals_uninterrupted(reference_run, tiny_pipeline, dataset_dir, tmp_path):
-    """Kill -9 the real CLI mid-run, resume with --resume_from_checkpoint latest: same final adapter.
-    Tolerance: exact (0.0) - the data of step t is a function of (seed, t) and the optimizer state is restored."""
-    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2,
-                  max_train_steps=10_000)  # far more steps than we let it run
-    cmd = [sys.executable, "-m", "dreambooth_singlora.train_dreambooth", *cli_args(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (ckpts / "checkpoint-4").is_dir():
-        assert proc.poll() is None, "trainer exited early"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list_checkpoints(ckpts)
-    assert done and int(done[-1].name.split("-")[1]) < STEPS
+    """A real SIGKILL of the CLI in the middle of step 7; --resume_from_checkpoint latest ends with exactly the
+    adapter of the uninterrupted run. Tolerance: exact (0.0) - the data of step t is a function of (seed, t)
+    and the optimizer state is restored."""
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2)
+    assert killed_run(cli_args(cfg), 7, tmp_path) == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")] == ["checkpoint-4", "checkpoint-6"]
     resumed = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2,
                             resume_from_checkpoint="latest"))
+    assert json.loads((resumed / "train_stats.json").read_text())["steps_run"] == STEPS - 6
     assert max_diff(reference_run, resumed) == 0.0
+
+
+def test_cosine_schedule_with_warmup_resumes_exactly(tiny_pipeline, dataset_dir, tmp_path):
+    """The schedule's state is restored: killed in step 5 of 8 (warm-up 3, cosine after), resumed == uninterrupted."""
+    kw = dict(checkpointing_steps=2, max_train_steps=8, lr_scheduler="cosine", lr_warmup_steps=3, learning_rate=1e-2,
+              checkpoints_total_limit=0)
+    assert killed_run(cli_args(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", **kw)), 5, tmp_path) \
+        == -signal.SIGKILL
+    resumed = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", resume_from_checkpoint="latest", **kw))
+    ref = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ref", **kw))
+    assert max_diff(ref, resumed) == 0.0
+    state = json.loads((ref / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert 0 < state["lr_scheduler"]["_last_lr"][0] < 1e-2  # past the warm-up, on the cosine
 
 
 def test_accelerate_launch_subprocess(tiny_pipeline, dataset_dir, tmp_path):
@@ -143,14 +149,14 @@ def test_save_failure_keeps_last_good_checkpoint(tiny_pipeline, dataset_dir, tmp
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
     import dreambooth_singlora.train_dreambooth as T
 
-    real, n = T.compute_loss, [0]
+    real, n = T.group_losses, [0]
 
     def nan_after_5(*a, **k):
         n[0] += 1
         loss = real(*a, **k)
         return loss * float("nan") if n[0] > 5 else loss
 
-    monkeypatch.setattr(T, "compute_loss", nan_after_5)
+    monkeypatch.setattr(T, "group_losses", nan_after_5)
     with pytest.raises(UserError, match="non-finite.*checkpoint-4"):
         train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "nan"))
     done = list_checkpoints(tmp_path / "nan" / "checkpoints")
@@ -270,7 +276,7 @@ def test_loraplus_keeps_weight_decay_and_ratio(tiny_unet, tiny_pipeline, dataset
 
 def test_optimizer_state_round_trip_keeps_plain_number_state(tmp_path):
     """bitsandbytes keeps an int 'step' in its state: it must survive a checkpoint (safetensors + JSON)."""
-    from dreambooth_singlora.train_dreambooth import load_optimizer_state, save_optimizer_state
+    from dreambooth_singlora.checkpoint import load_optimizer_state, save_optimizer_state
 
     p = torch.nn.Parameter(torch.randn(3, 2))
     opt = torch.optim.AdamW([p], lr=0.1)
