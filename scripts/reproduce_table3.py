@@ -68,7 +68,7 @@ def multi_subject_train_command(args, row: str, subjects: list[str]) -> list[str
 def train_multi_rows(args, rows, subjects) -> list[str]:
     """--multi_subject: each SingLoRA / LoRA / LoRA+ row's subjects trained together in one process
     (docs/MULTI.md); returns the rows it handled. The adapters are those the per-subject runs would give."""
-    from dreambooth_singlora.multi import BANKED
+    from dreambooth_singlora.bank import BANKED
 
     done = []
     for row in rows:
