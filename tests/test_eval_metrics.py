@@ -9,6 +9,14 @@ from dreambooth_singlora.eval import metrics as M
 
 S = 1 / math.sqrt(2)
 
+# Tolerances. Bare pytest.approx (rel 1e-6): float64 sums and means of a few hand-made numbers, exact to
+# ~1e-15. Cosines are fp32: a cosine of d-component fp32 vectors rounds ~sqrt(d) times, so with d <= 3
+# and an 8x margin it is within 8 * sqrt(3) * eps32 = 1.6e-6 of the exact value.
+FP32_COS = 8 * math.sqrt(3) * torch.finfo(torch.float32).eps
+# fp16 inputs: the result must be fp32, but normalising in the inputs' half precision first is allowed;
+# that rounds S = 0.7071 to within one fp16 ulp at 0.7 (2**-11), and 2 ulps is the bound taken.
+FP16_COS = 2 * 2 ** -11
+
 
 @pytest.mark.parametrize("a, b, expected", [
     ([1.0, 0.0], [1.0, 0.0], 1.0),
@@ -21,22 +29,22 @@ S = 1 / math.sqrt(2)
 def test_cosine_is_raw(a, b, expected):
     got = M.cosine(torch.tensor([a]), torch.tensor([b]))
     assert got.shape == (1, 1)
-    assert got.item() == pytest.approx(expected, abs=1e-6)  # no x100, no logit scale
+    assert got.item() == pytest.approx(expected, abs=FP32_COS)  # no x100, no logit scale
 
 
 def test_cosine_matrix_and_fp32():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float16)
     got = M.cosine(a, a)
     assert got.dtype == torch.float32 and got.shape == (3, 3)
-    assert torch.allclose(got.diagonal(), torch.ones(3))
-    assert got[0, 1].item() == pytest.approx(0.0) and got[0, 2].item() == pytest.approx(S, abs=1e-3)
+    assert torch.allclose(got.diagonal(), torch.ones(3), atol=FP32_COS)
+    assert got[0, 1].item() == pytest.approx(0.0) and got[0, 2].item() == pytest.approx(S, abs=FP16_COS)
 
 
 def test_image_scores_mean_over_real_images():
     real = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     gen = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
     # red vs {red, green}: (1 + 0) / 2; yellow: (S + S) / 2; anti-red: (-1 + 0) / 2
-    assert M.image_scores(gen, real).tolist() == pytest.approx([0.5, S, -0.5], abs=1e-6)
+    assert M.image_scores(gen, real).tolist() == pytest.approx([0.5, S, -0.5], abs=FP32_COS)
 
 
 def test_image_scores_needs_real_images():
@@ -47,13 +55,13 @@ def test_image_scores_needs_real_images():
 def test_text_scores_row_by_row():
     images = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     texts = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    assert M.text_scores(images, texts).tolist() == pytest.approx([1.0, S], abs=1e-6)
+    assert M.text_scores(images, texts).tolist() == pytest.approx([1.0, S], abs=FP32_COS)
 
 
 def test_real_pair_mean_distinct_pairs_only():
     real = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     # pairs i != j: (0,1) 0, (0,2) S, (1,2) S, each counted both ways; the diagonal (1s) excluded
-    assert M.real_pair_mean(real) == pytest.approx(2 * S / 3, abs=1e-6)
+    assert M.real_pair_mean(real) == pytest.approx(2 * S / 3, abs=FP32_COS)
     assert M.real_pair_mean(torch.tensor([[1.0, 2.0], [2.0, 4.0]])) == pytest.approx(1.0)
     assert M.real_pair_mean(torch.tensor([[1.0, 0.0]])) is None
 
