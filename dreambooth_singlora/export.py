@@ -4,9 +4,13 @@
 
 SingLoRA's update (alpha/r) u A[:d_out] A[:d_in]^T is exactly a LoRA with
 down = A[:d_in]^T (r x d_in), up = u A[:d_out] (d_out x r), alpha = alpha:
-- kohya:     lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha (A1111, ComfyUI, diffusers)
-- diffusers: unet.<path>.lora.down.weight / .lora.up.weight, the scale alpha/r folded into up
-LoRA and LoRA+ adapters export the same way; DoRA exports to diffusers layout with its magnitude vectors.
+- kohya (the default): lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha. A1111, ComfyUI,
+  kohya sd-scripts and diffusers' load_lora_weights all apply it exactly.
+- diffusers: unet.<path>.lora.down.weight / .lora.up.weight, the scale alpha/r folded into up. Only
+  diffusers' load_lora_weights reads it: A1111 skips it (it says so only in its debug log) and kohya's
+  merge path skips it without a word, so a UI shows the base model unchanged.
+LoRA and LoRA+ adapters export the same way; DoRA exports to diffusers layout with its magnitude vectors
+(it has no exact kohya equivalent).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter import read_adapter
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter, saved_u
 from .errors import UserError, cli_entry
 from .fileio import atomic_path
 
@@ -37,7 +41,10 @@ def lora_pairs(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[
         for key, A in tensors.items():
             path = key[: -len(".A")]
             d_out, d_in = shapes[path]
-            pairs[path] = (A[:d_in].T.contiguous(), (meta["u"] * A[:d_out]).contiguous())  # (r, d_in), (d_out, r)
+            if tuple(A.shape) != (max(d_in, d_out), int(meta["rank"])):
+                raise UserError(f"{key} is {tuple(A.shape)} but the config says {path} is {d_out} x {d_in} at rank "
+                                f"{meta['rank']}: the folder mixes adapters of two base models")
+            pairs[path] = (A[:d_in].T.contiguous(), (saved_u(meta) * A[:d_out]).contiguous())  # (r, d_in), (d_out, r)
     else:
         for key, down in tensors.items():
             if key.endswith(".lora_A.weight"):
@@ -79,6 +86,11 @@ def export_lora(adapter, fmt: str, output) -> Path:
     output = Path(output)
     if output.suffix != ".safetensors":
         raise UserError(f"--output must end in .safetensors (got {output.name}); pickles are never written")
+    src = Path(adapter)
+    own = {p.resolve() for p in (src, src / WEIGHTS_NAME, src / CONFIG_NAME, src.parent / CONFIG_NAME)}
+    if output.resolve() in own:
+        raise UserError(f"--output {output} is the adapter's own file: the export would overwrite the trained "
+                        "weights; write it elsewhere, e.g. --output dog_kohya.safetensors")
     tensors, info = to_standard_lora(adapter, fmt)
     try:
         with atomic_path(output) as tmp:
@@ -92,7 +104,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="dreambooth-singlora export", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter folder to export")
-    parser.add_argument("--format", default="kohya", choices=FORMATS, help="key layout of the LoRA file")
+    parser.add_argument("--format", default="kohya", choices=FORMATS,
+                        help="key layout of the LoRA file: kohya (default) loads in A1111, ComfyUI, kohya sd-scripts "
+                             "and diffusers; diffusers loads only in diffusers (the UIs silently ignore it)")
     parser.add_argument("--output", required=True, help="the .safetensors file to write")
     return parser
 

@@ -133,18 +133,19 @@ def load_models(cfg: TrainConfig, device, dtype) -> Models:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     src, kw = cfg.pretrained_model_name_or_path, {"revision": cfg.revision}
+    weights = {"variant": cfg.variant, "torch_dtype": dtype, **kw}  # read straight into the compute dtype
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=cfg.variant, **kw)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", variant=cfg.variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=cfg.variant, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
         noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load base model {src!r}: {first} (give a hub id or a local diffusers "
                         "folder with tokenizer/, text_encoder/, vae/, unet/, scheduler/)") from None
     for m in (text_encoder, vae, unet):
-        m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        m.requires_grad_(False).eval().to(device)  # already in `dtype`: no cast (and no diffusers warning)
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
@@ -408,12 +409,15 @@ def train(cfg: TrainConfig) -> Path:
     check_group_size(cfg, size)
     accelerator, dtype = make_accelerator(cfg)
     check_group_size(cfg, size, accelerator)
+    phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
     models = load_models(cfg, accelerator.device, dtype)
+    phases["models_loaded"] = since_start()
     todo = [m for m in members if not (cfg.resume_from_checkpoint and finished(cfg, m))]
     for m in members:
         if m not in todo:
             logger.info("%s: finished adapter in %s, skipped", m.name, m.output_dir)
     datas = {m.name: TrainData(cfg, m, accelerator, models) for m in todo}
+    phases["latents_cached"] = since_start()
     if cfg.validation_prompt is None:  # nothing needs the VAE or the text encoder again
         models.vae = models.text_encoder = None
         if accelerator.device.type == "cuda":
@@ -431,7 +435,7 @@ def train(cfg: TrainConfig) -> Path:
         group = todo[i:i + size]
         try:
             stats.append(train_group(cfg, accelerator, models, unet, params, init, group,
-                                     [datas[m.name] for m in group], dtype))
+                                     [datas[m.name] for m in group], dtype, phases))
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory training {len(group)} subject(s) in one batch: lower "
                             "--subjects_per_batch or add --gradient_checkpointing; finished subjects are saved, "
@@ -446,7 +450,8 @@ def train(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir)
 
 
-def train_group(cfg, accelerator, models, unet, params, init, group: list[Member], datas: list[TrainData], dtype):
+def train_group(cfg, accelerator, models, unet, params, init, group: list[Member], datas: list[TrainData], dtype,
+                phases: dict):
     """Train one group of subjects, all stepping together, and write each one's folder; returns its stats."""
     # 1. the group's adapters (every subject starts from the seed's initial adapter) and their optimizer
     base, names, root = accelerator.unwrap_model(unet), [m.name for m in group], Path(cfg.output_dir)
@@ -462,6 +467,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {names[0]}" if len(group) == 1
                else f"training {len(group)} subjects", disable=not accelerator.is_local_main_process)
     loss_sum, n_sum = torch.zeros(len(group), device=accelerator.device), 0
+    phases["adapters_ready"] = since_start()  # (CUDA graphs captured)
 
     # 3. the loop: sample, forward, backward, update; read the loss back only every log_every steps
     unet.train()
@@ -508,12 +514,13 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
 
     # 4. the result: each subject's adapter, model card, loss curve and stats (main process only)
     accelerator.wait_for_everyone()
+    phases["loop_done"] = since_start()
     stats = {"subjects": names, "steps_run": step - first_step, "loop_seconds": round(loop_seconds, 3),
              "it_per_s": round((step - first_step) / loop_seconds, 3) if loop_seconds > 0 else None,
              "samples_per_s": round((step - first_step) * len(group) * per * cfg.gradient_accumulation_steps
                                     * accelerator.num_processes / loop_seconds, 2) if loop_seconds > 0 else None}
     if accelerator.is_main_process:
-        write_results(cfg, accelerator, group, adapters, histories, step, init, stats, per)
+        write_results(cfg, accelerator, group, adapters, histories, step, init, {**stats, "phases": phases}, per)
     adapters.close()
     return stats
 
@@ -529,7 +536,7 @@ def resume(cfg: TrainConfig, names: list[str], adapters, optimizer, lr_scheduler
 
 def write_results(cfg, accelerator, group: list[Member], adapters, histories, step, init, stats, per) -> None:
     """Each subject's folder: adapter, loss curve, model card, train_stats.json (each file atomically)."""
-    n_params = sum(t.numel() for t in init.values())
+    n_params, phases = sum(t.numel() for t in init.values()), stats.pop("phases")
     for i, m in enumerate(group):
         adapters.save_member(i, m.output_dir, step)
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
@@ -537,6 +544,7 @@ def write_results(cfg, accelerator, group: list[Member], adapters, histories, st
         write_json_atomic(m.output_dir / "train_stats.json", {
             **stats, **device_stats(), "cuda_graphs": adapters.graphed, "trainable_parameters": n_params,
             "num_processes": accelerator.num_processes, "samples_per_unet_call": len(group) * per,
+            "phases_seconds_from_process_start": {**phases, "results_written": since_start()},
             "loss_history": histories[m.name]})
     logger.info("adapter(s) of %s saved", ", ".join(m.name for m in group))
 
@@ -608,6 +616,13 @@ def sync_time(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def since_start() -> float:
+    """Seconds since this process started (interpreter start and imports included)."""
+    import psutil
+
+    return round(time.time() - psutil.Process().create_time(), 3)
 
 
 def device_stats() -> dict:

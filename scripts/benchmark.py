@@ -30,7 +30,7 @@ def unet_alone(model_dir: Path, method: str | None, graphed: bool, iters: int = 
     from diffusers import UNet2DConditionModel
 
     from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
-    from dreambooth_singlora.train_dreambooth import _Denoise
+    from dreambooth_singlora.train_dreambooth import Denoise
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to("cuda", torch.bfloat16)
     x = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=method is None)
@@ -38,7 +38,7 @@ def unet_alone(model_dir: Path, method: str | None, graphed: bool, iters: int = 
     if method:
         add_adapter(unet, SingLoRAConfig(method=method))
         set_step(unet, 1000)
-    f = _Denoise(unet, torch.bfloat16)
+    f = Denoise(unet, torch.bfloat16)
     if graphed:
         f = torch.cuda.make_graphed_callables(f, (x, t, emb))
     for i in range(iters + 10):
@@ -65,7 +65,7 @@ def run_trainer(model_dir: Path, args, method: str, graphs: bool, out: Path) -> 
         print(r.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"trainer failed for {method}")
     stats = json.loads((out / "train_stats.json").read_text())
-    return {"method": method, "cuda_graphs": graphs, "wall_seconds": round(wall, 1),
+    return {"method": method, "cuda_graphs": graphs, "wall_seconds": round(wall, 1), "phases": stats.get("phases_seconds_from_process_start"),
             "it_per_s": round(stats["it_per_s"], 2), "peak_gpu_memory_gb": round(stats["peak_gpu_memory_gb"], 2),
             "trainable_parameters": stats["trainable_parameters"],
             "command": " ".join(c if " " not in c else repr(c) for c in cmd)}
@@ -78,8 +78,7 @@ def compare_runs(work: Path, args, methods) -> dict:
     out = {}
     for m in methods:
         runs = {g: work / f"run-{m}-{g}" for g in ("graphs", "eager")}
-        hist = {g: json.loads((d / "checkpoints" / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())["history"]
-                for g, d in runs.items()}
+        hist = {g: json.loads((d / "train_stats.json").read_text())["loss_history"] for g, d in runs.items()}
         a, b = (load_file(str(d / "adapter_model.safetensors")) for d in runs.values())
         diff = max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
         out[m] = {"max_abs_loss_difference": max(abs(x[1] - y[1]) for x, y in zip(hist["graphs"], hist["eager"])),

@@ -1,20 +1,18 @@
 """Multi-subject speed and memory at full SD1.5 size on one GPU (random weights: speed does not depend on them).
 
-    python scripts/benchmark_multi.py --dataset_dir .devdata/dreambooth --subjects dog backpack --output X.json
+    python scripts/benchmark_multi.py --dataset_dir .devdata/dreambooth --subjects all --output X.json
 
 1. builds the SD1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights in
    diffusers layout (reused from --work_dir if already there);
-2. trains N subjects x --steps steps of --method (SingLoRA, LoRA or LoRA+) in one multi-subject run (bf16, 512 px,
-   dreambooth_singlora.train_multi.train_multi, the function the CLI calls), timing it from the call
-   to the last adapter written; --repeat_subjects R simulates R x len(--subjects) subjects by reusing
-   each photo folder under several names (dog#0, dog#1, ...): with the defaults, 2 folders x 15 = 30,
-   the benchmark's subject count;
+2. trains the --subjects (default: all 30) x --steps steps of --method (SingLoRA, LoRA or LoRA+) in one run
+   (bf16, 512 px, dreambooth_singlora.train_dreambooth.train with --subjects, the function the CLI calls),
+   timing it from the call to the last adapter written;
 3. renders --render_images images (50 steps, guidance 7.5, 4 per prompt) from those adapters with
-   dreambooth_singlora.multi.generate_many, subjects mixed in each batch, and extrapolates to the
+   dreambooth_singlora.generate.generate_many, subjects mixed in each batch, and extrapolates to the
    benchmark's 3,000 images (30 subjects x 25 prompts x 4) two ways: the whole time x 3,000 / N, and
    the first batch (which, with --compile, carries the compile) + the median later batch x the
    remaining batches of 3,000.
-Targets (issue 7): 30 x 400 steps in at most 180 s; 3,000 images in at most 600 s.
+Targets: 30 x 400 steps in at most 60 s; 3,000 images in at most 600 s.
 Prints a summary and writes every figure to --output (JSON). The defaults finish in about 5 minutes
 on an H100.
 """
@@ -35,15 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TRAIN_TARGET_S, RENDER_TARGET_S, BENCH_IMAGES = 180, 600, 3000
+TRAIN_TARGET_S, RENDER_TARGET_S, BENCH_IMAGES = 60, 600, 3000
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_dir", required=True, help="folder of photo folders (<dataset_dir>/<subject>/*.jpg)")
-    p.add_argument("--subjects", nargs="+", default=["dog", "backpack"], help="photo folders to use")
-    p.add_argument("--repeat_subjects", type=int, default=15,
-                   help="train each folder under this many names (default 15: 2 folders -> 30 subjects)")
+    p.add_argument("--subjects", nargs="+", default=["all"], help="DreamBooth subjects in --dataset_dir, or all")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--method", default="singlora", choices=("singlora", "lora", "loraplus"))
     p.add_argument("--compile", action="store_true", help="render with --compile (torch.compile UNet and VAE decoder)")
@@ -64,11 +60,10 @@ def main(argv=None):
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dreambooth_singlora.config import TrainConfig
-    from dreambooth_singlora.generate import GenerateConfig, load_pipeline
-    from dreambooth_singlora.multi import generate_many
-    from dreambooth_singlora.prompts import get_subject, subjects
+    from dreambooth_singlora.generate import GenerateConfig, generate_many, load_pipeline
+    from dreambooth_singlora.prompts import get_subject
     from dreambooth_singlora.testing import build_sd15_pipeline
-    from dreambooth_singlora.train_multi import train_multi
+    from dreambooth_singlora.train_dreambooth import train
 
     work = Path(args.work_dir)
     model = work / "sd15-random"
@@ -78,20 +73,17 @@ def main(argv=None):
     build_s = time.perf_counter() - t0
     torch.cuda.empty_cache()
 
-    # 2. training: one multi-subject run
-    known = subjects()
-    cls = {s: known[s].class_name if s in known else s for s in args.subjects}
-    names = [(f"{s}#{r}", s) for s in args.subjects for r in range(args.repeat_subjects)]
+    # 2. training: one run of every subject
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
-    cfgs = [TrainConfig(pretrained_model_name_or_path=str(model), instance_data_dir=str(Path(args.dataset_dir) / s),
-                        instance_prompt=f"a photo of sks {cls[s]}", output_dir=str(run / n), max_train_steps=args.steps,
-                        mixed_precision="bf16", report_to="none", gradient_checkpointing=args.gradient_checkpointing,
-                        method=args.method)
-            for n, s in names]
+    cfg = TrainConfig(pretrained_model_name_or_path=str(model), subjects=args.subjects, dataset_dir=args.dataset_dir,
+                      output_dir=str(run), max_train_steps=args.steps, mixed_precision="bf16", report_to="none",
+                      gradient_checkpointing=args.gradient_checkpointing, method=args.method,
+                      subjects_per_batch=args.subjects_per_batch)
+    names = [(s, s) for s in cfg.subjects]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    train_multi(cfgs, run, subjects_per_batch=args.subjects_per_batch)
+    train(cfg)
     train_wall = time.perf_counter() - t0
     stats = json.loads((run / "train_stats.json").read_text())
     n = len(names)
@@ -116,8 +108,7 @@ def main(argv=None):
     if args.render_images > 0:
         per_subject = max(1, math.ceil(args.render_images / n))
         n_prompts = max(1, math.ceil(per_subject / 4))
-        prompts = {nm: get_subject(s).eval_prompts()[:n_prompts] if s in known
-                   else [f"a photo of sks {cls[s]}"] * n_prompts for nm, s in names}
+        prompts = {nm: get_subject(s).eval_prompts()[:n_prompts] for nm, s in names}
         cfg = GenerateConfig(adapter=str(run / names[0][0]), num_images_per_prompt=4, seed=0,
                              num_inference_steps=args.render_steps, guidance_scale=args.guidance_scale,
                              batch_size=args.render_batch, merge=False, dtype=args.render_dtype, compile=args.compile)

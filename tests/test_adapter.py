@@ -340,3 +340,28 @@ def test_a_save_that_fails_mid_write_keeps_the_previous_adapter(make_unet, tmp_p
     load_adapter(fresh, tmp_path)  # reads the committed file only, never a stray tmp
     assert fresh._dbsl_step == 4
     assert torch.equal(run(fresh), good_out)
+
+
+def test_u_has_one_source_the_step(make_unet, tmp_path):
+    """u is derived from (step, ramp_steps) everywhere: loading and export agree with the ramp at the saved step,
+    whatever a hand-edited adapter_config.json says."""
+    import json
+
+    from dreambooth_singlora.export import lora_pairs
+    from dreambooth_singlora.adapter import read_adapter
+
+    unet = make_unet()
+    add_adapter(unet, SingLoRAConfig(rank=4, ramp_steps=10))
+    set_step(unet, 5)
+    save_adapter(unet, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["u"] == 0.5
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, "u": 1.0}))
+    fresh = make_unet()
+    load_adapter(fresh, tmp_path)
+    assert fresh._dbsl_u == 0.5
+    meta, tensors = read_adapter(tmp_path)
+    key = next(iter(tensors))
+    down, up = lora_pairs(meta, tensors)[key[:-len(".A")]]
+    d_out = up.shape[0]
+    torch.testing.assert_close(up, 0.5 * tensors[key][:d_out], rtol=0, atol=0)

@@ -348,12 +348,11 @@ def test_cli_bad_input_is_one_line_before_any_model_loads(argv, match, tiny_pipe
 # --------------------------------------------------------------------------- rendering
 
 def make_adapters(tiny_pipeline, tiny_unet, root: Path) -> dict:
-    """Three SingLoRA adapters with strong, different updates (different A, alpha and u), two LoRA, one DoRA."""
+    """Two SingLoRA adapters with strong, different updates (different A, alpha and u), two LoRA, one DoRA."""
     g = torch.Generator().manual_seed(1)
     out = {}
     for name, method, alpha, step in (("one", "singlora", 8.0, 4), ("two", "singlora", 4.0, 2),
-                                      ("three", "singlora", 16.0, 1), ("lora", "lora", 8.0, 0),
-                                      ("lora2", "lora", 4.0, 0), ("dora", "dora", 8.0, 0)):
+                                      ("lora", "lora", 8.0, 0), ("lora2", "lora", 4.0, 0), ("dora", "dora", 8.0, 0)):
         add_adapter(tiny_unet, SingLoRAConfig(method=method, rank=8, alpha=alpha, ramp_steps=4, init="rank"))
         with torch.no_grad():
             for p in trainable_parameters(tiny_unet):
@@ -374,13 +373,13 @@ def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet
     from dreambooth_singlora.generate import GenerateConfig, generate_images, load_pipeline
 
     adapters = make_adapters(tiny_pipeline, tiny_unet, tmp_path / "adapters")
-    prompts = {n: ["a photo of sks dog", "a sks dog on the beach"] for n in adapters}
-    cfg = GenerateConfig(adapter=str(adapters["one"]), num_images_per_prompt=2, num_inference_steps=3,
+    prompts = {n: ["a photo of sks dog"] for n in adapters}
+    cfg = GenerateConfig(adapter=str(adapters["one"]), num_images_per_prompt=2, num_inference_steps=2,
                          batch_size=3, guidance_scale=7.5, merge=False)  # batches of 3: mixed subjects
     pipe = load_pipeline(None, str(tiny_pipeline), device="cpu", dtype="fp32")
     result = generate_many(pipe, adapters, cfg, tmp_path / "mixed", prompts)
-    assert result["batched"] == ["one", "two", "three", "lora", "lora2"] and result["one_at_a_time"] == ["dora"]
-    assert result["images"] == 6 * 2 * 2
+    assert result["batched"] == ["one", "two", "lora", "lora2"] and result["one_at_a_time"] == ["dora"]
+    assert result["images"] == 5 * 1 * 2
     for name, folder in adapters.items():
         ref = load_pipeline(folder, device="cpu", dtype="fp32", merge=False)
         generate_images(ref, cfg, prompts[name], tmp_path / "alone" / name)
@@ -394,10 +393,10 @@ def test_mixed_batch_images_equal_one_subject_at_a_time(tiny_pipeline, tiny_unet
     assert no_adapter_left(pipe.unet)
     # --compile (dynamo tracing with the eager backend here: inductor's C++ build takes a minute on a CPU)
     monkeypatch.setattr(generate, "COMPILE_OPTIONS", {"backend": "eager"})
-    some = {n: adapters[n] for n in ("one", "two")}  # 8 images in batches of 3, the last padded: one trace
+    some = {n: adapters[n] for n in ("one", "two")}  # 4 images in batches of 3, the last padded: one trace
     result = generate_many(pipe, some, replace(cfg, compile=True), tmp_path / "compiled", prompts)
-    assert result["images"] == 8 and len(result["batch_seconds"]) == 3
-    assert len(list((tmp_path / "compiled").glob("*/*/*.png"))) == 8  # the padding's images are dropped
+    assert result["images"] == 4 and len(result["batch_seconds"]) == 2
+    assert len(list((tmp_path / "compiled").glob("*/*/*.png"))) == 4  # the padding's images are dropped
     for f in sorted((tmp_path / "compiled").glob("*/*/*.png")):
         assert np.abs(png(f) - png(tmp_path / "mixed" / f.relative_to(tmp_path / "compiled"))).max() <= 1, f
     assert pipe.unet._compiled_call_impl is None and pipe.vae.decoder._compiled_call_impl is None

@@ -170,3 +170,35 @@ def test_xformers_path_equals_sdpa_path(masked, tiny_unet, strict_fake_xformers)
     with_xformers = run(tiny_unet, masked)
     set_use_xformers(tiny_unet, False)
     torch.testing.assert_close(with_xformers, run(tiny_unet, masked), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["set_attn_processor", "enable_xformers"])
+def test_replacing_processors_keeps_or_refuses_never_drops_the_adapter(how, tiny_unet, strict_fake_xformers):
+    """diffusers' own calls that replace every attention processor cannot silently drop an unmerged SingLoRA
+    adapter: a stock SDPA / xformers processor switches the adapter's backend, anything else is refused."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    from dreambooth_singlora.adapter import remove_adapter
+    from dreambooth_singlora.processor import SingLoRAAttnProcessor
+
+    add_adapter(tiny_unet, SingLoRAConfig(rank=4, ramp_steps=0, init="rank"))
+    n = len(trainable_parameters(tiny_unet))
+    g = torch.Generator().manual_seed(0)
+    x, t, emb = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 5, 48, generator=g)
+    before = tiny_unet(x, t, emb).sample
+    if how == "set_attn_processor":
+        tiny_unet.set_attn_processor(AttnProcessor2_0())
+    else:
+        from diffusers.models.attention_processor import XFormersAttnProcessor
+
+        for _, attn in attention_modules(tiny_unet):
+            attn.set_processor(XFormersAttnProcessor())
+    assert len(trainable_parameters(tiny_unet)) == n  # the adapter is still there, still trainable
+    assert all(isinstance(a.processor, SingLoRAAttnProcessor) for _, a in attention_modules(tiny_unet))
+    assert all(a.processor.use_xformers == (how != "set_attn_processor") for _, a in attention_modules(tiny_unet))
+    if how == "set_attn_processor":
+        torch.testing.assert_close(tiny_unet(x, t, emb).sample, before, rtol=0, atol=0)  # same processor, same math
+    with pytest.raises(UserError, match="would drop the adapter"):
+        tiny_unet.set_attn_processor(AttnAddedKVProcessor())
+    remove_adapter(tiny_unet)  # remove_adapter still puts the stock processors back
+    assert not any(isinstance(a.processor, SingLoRAAttnProcessor) for _, a in attention_modules(tiny_unet))
