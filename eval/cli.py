@@ -24,7 +24,7 @@ from pathlib import Path
 from dreambooth_singlora.errors import UserError, cli_entry
 from dreambooth_singlora.prompts import IDENTIFIER
 
-logger = logging.getLogger("eval")
+logger = logging.getLogger(__package__)  # "dreambooth_singlora.eval" installed, "eval" as `python -m eval`
 
 
 def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
