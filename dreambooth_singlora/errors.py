@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -9,6 +10,27 @@ import sys
 
 class UserError(ValueError):
     """Bad input from the user: the message says what is wrong and what would be right."""
+
+
+#: OS errors that come from the machine (disk, permissions, paths), reported as one line like bad input
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                      errno.EEXIST, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _error_line(message: str) -> None:
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars a failed run left open, so that the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
 
 
 def cli_entry(main):
@@ -20,9 +42,14 @@ def cli_entry(main):
         try:
             return main(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _error_line(str(e))
+        except OSError as e:  # the machine's fault, not the code's: a folder that cannot be made, a full disk
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            _error_line(f"{(e.strerror or str(e)).lower()}{where}; nothing written before it was lost")
         except KeyboardInterrupt:
+            _close_progress_bars()
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
 

@@ -6,27 +6,72 @@ stray `*.tmp-<pid>-<thread>` beside it, which the next save overwrites and nothi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UserError
+
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class WriteError(UserError):
+    """A file could not be written (full disk, no permission, ...): `path`, `reason`, and `disk_full`."""
+
+    def __init__(self, path: Path, reason: str, disk_full: bool):
+        self.path, self.reason, self.disk_full = Path(path), reason, disk_full
+        super().__init__(f"{self.what()} while writing {self.path}")
+
+    def what(self) -> str:
+        """'disk full (1.2 GB free on /x)' or 'permission denied', for messages that name the file themselves."""
+        if not self.disk_full:
+            return self.reason
+        try:
+            free = shutil.disk_usage(next(p for p in (self.path, *self.path.parents) if p.exists())).free
+            return f"disk full ({free / 2**30:.2f} GB free)"
+        except (OSError, StopIteration):
+            return "disk full"
+
+
+def write_error(path, e: BaseException) -> WriteError:
+    """The WriteError for an exception `e` raised while writing `path` (an OSError, or safetensors' error,
+    which carries the OS's message as text)."""
+    text = str(e)
+    full = (isinstance(e, OSError) and e.errno in NO_SPACE) or "No space left" in text or "Disk quota" in text
+    reason = (e.strerror or text) if isinstance(e, OSError) else text
+    return WriteError(getattr(e, "filename", None) or path, (reason or type(e).__name__).lower(), full)
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically. A write that fails
+    (full disk, no permission) raises WriteError and leaves `path` as it was, with no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # unique per writer thread
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if _is_write_failure(e) and not isinstance(e, WriteError):
+            raise write_error(path, e) from None
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        except OSError:
+            pass
     _fsync_dir(path.parent)
 
 
@@ -54,8 +99,6 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 def check_writable(folder) -> None:
     """UserError, before any work starts, unless `folder` can be made and written to."""
-    from .errors import UserError
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output folder {folder} is a file; give a folder path")

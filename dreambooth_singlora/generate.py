@@ -82,6 +82,11 @@ class GenerateConfig:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.adapter and not self.pretrained_model_name_or_path:
             raise UserError("give --adapter (a trained adapter folder) or --pretrained_model_name_or_path")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise UserError(f"--{name} must be a positive multiple of 8 (the VAE works in 8-pixel blocks), "
+                                f"got {v}; e.g. {max(8, round(v / 8) * 8)}")
 
     def settings(self) -> dict:
         """What decides the images (recorded in each PNG and in index.json)."""

@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_check
 from .config import TrainConfig, dataclass_parser, from_args
 from .data import image_grid, load_images, prepare
 from .errors import UserError, cli_entry
-from .fileio import atomic_path, check_writable, write_json_atomic, write_text_atomic
+from .fileio import WriteError, atomic_path, check_writable, write_error, write_json_atomic, write_text_atomic
 from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger("dreambooth_singlora.train")
@@ -63,6 +64,10 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
     from .prompts import get_subject, slugify
 
     check_writable(cfg.output_dir)
+    if cfg.report_to == "tensorboard":
+        check_writable(Path(cfg.output_dir) / "logs")
+    if cfg.with_prior_preservation and cfg.class_data_dir:
+        check_writable(cfg.class_data_dir)
     if cfg.subjects is None:
         if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
@@ -503,9 +508,10 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             check_finite(names, adapters.finite(), step, root)
             if accelerator.is_main_process:
-                save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
-                    "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
-                    "config": cfg.shared_dict()}, cfg.checkpoints_total_limit)
+                with reported(f"checkpoint-{step}", root):
+                    save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
+                        "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
+                        "config": cfg.shared_dict()}, cfg.checkpoints_total_limit)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
             validate(cfg, accelerator, models, base, step, bar)
             unet.train()
@@ -520,7 +526,8 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
              "samples_per_s": round((step - first_step) * len(group) * per * cfg.gradient_accumulation_steps
                                     * accelerator.num_processes / loop_seconds, 2) if loop_seconds > 0 else None}
     if accelerator.is_main_process:
-        write_results(cfg, accelerator, group, adapters, histories, step, init, {**stats, "phases": phases}, per)
+        with reported(f"the results of {', '.join(names)}", root):
+            write_results(cfg, accelerator, group, adapters, histories, step, init, {**stats, "phases": phases}, per)
     adapters.close()
     return stats
 
@@ -599,6 +606,21 @@ def make_optimizer(cfg: TrainConfig, unet, device):
         return create_loraplus_optimizer(unet, opt_cls, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
                                          loraplus_weight_decay=cfg.adam_weight_decay, **kw)
     return opt_cls(trainable_parameters(unet), **kw)
+
+
+@contextmanager
+def reported(what: str, root: Path):
+    """A failed write (full disk, no permission) inside the block becomes one line that names what was being
+    written, what is intact and how to go on."""
+    try:
+        yield
+    except (WriteError, OSError) as e:
+        err = e if isinstance(e, WriteError) else write_error(getattr(e, "filename", None) or root, e)
+        found = list_checkpoints(checkpoint_root(root))
+        keep = f"{found[-1].name} is intact" if found else "no checkpoint was complete before it"
+        raise UserError(f"{err.what()} while writing {what} ({err.path}); {keep} and nothing written before "
+                        "was lost; free space (or fix the permission) and run the same command with "
+                        "--resume_from_checkpoint latest") from None
 
 
 def check_finite(names: list[str], ok: list[bool], step: int, root: Path) -> None:

@@ -83,26 +83,18 @@ def test_same_seed_same_adapter_and_seed_matters(reference_run, tiny_pipeline, d
     assert max_diff(other, ref4) > 0
 
 
-def test_sigkill_then_resume_latest_equals_uninterrupted(reference_run, tiny_pipeline, dataset_dir, tmp_path):
-    """A real SIGKILL of the CLI in the middle of step 7; --resume_from_checkpoint latest ends with exactly the
-    adapter of the uninterrupted run. Tolerance: exact (0.0) - the data of step t is a function of (seed, t)
-    and the optimizer state is restored."""
-    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2)
-    assert killed_run(cli_args(cfg), 7, tmp_path) == -signal.SIGKILL
-    assert [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")] == ["checkpoint-4", "checkpoint-6"]
-    resumed = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", checkpointing_steps=2,
-                            resume_from_checkpoint="latest"))
-    assert json.loads((resumed / "train_stats.json").read_text())["steps_run"] == STEPS - 6
-    assert max_diff(reference_run, resumed) == 0.0
-
-
-def test_cosine_schedule_with_warmup_resumes_exactly(tiny_pipeline, dataset_dir, tmp_path):
-    """The schedule's state is restored: killed in step 5 of 8 (warm-up 3, cosine after), resumed == uninterrupted."""
+def test_sigkill_then_resume_latest_equals_uninterrupted(tiny_pipeline, dataset_dir, tmp_path):
+    """A real SIGKILL of the CLI in the middle of step 5 of 8, with a cosine schedule after 3 warm-up steps;
+    --resume_from_checkpoint latest ends with exactly the adapter of the uninterrupted run. Tolerance: exact
+    (0.0) - the data of step t is a function of (seed, t), and the adapter, AdamW's state and the schedule's
+    state are restored. (Kills at the other phases of a run: tests/test_faults.py.)"""
     kw = dict(checkpointing_steps=2, max_train_steps=8, lr_scheduler="cosine", lr_warmup_steps=3, learning_rate=1e-2,
               checkpoints_total_limit=0)
     assert killed_run(cli_args(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", **kw)), 5, tmp_path) \
         == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
     resumed = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "killed", resume_from_checkpoint="latest", **kw))
+    assert json.loads((resumed / "train_stats.json").read_text())["steps_run"] == 4
     ref = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ref", **kw))
     assert max_diff(ref, resumed) == 0.0
     state = json.loads((ref / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
@@ -137,7 +129,8 @@ def test_save_failure_keeps_last_good_checkpoint(tiny_pipeline, dataset_dir, tmp
         return real(*a, **k)
 
     monkeypatch.setattr(T, "save_adapter", flaky)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"disk full .*while writing checkpoint-8.*checkpoint-4 is intact.*"
+                                        r"--resume_from_checkpoint latest"):
         train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "full"))
     done = list_checkpoints(tmp_path / "full" / "checkpoints")
     assert [p.name for p in done] == ["checkpoint-4"]
