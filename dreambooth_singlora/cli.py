@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": ("dreambooth_singlora.train_dreambooth", "train an adapter on a subject (accelerate launch for many GPUs)"),
-    "train-multi": ("dreambooth_singlora.train_multi",
-                    "train many subjects at once on one GPU (singlora/lora/loraplus batched; dora one at a time)"),
+    "train": ("dreambooth_singlora.train_dreambooth",
+              "train adapters: --subject, --subjects ... or your photos (accelerate launch for many GPUs)"),
+    "train-multi": ("dreambooth_singlora.train_dreambooth", "the same command as train (its earlier name for --subjects)"),
     "generate": ("dreambooth_singlora.generate", "render images from a saved adapter"),
-    "generate-many": ("dreambooth_singlora.multi", "render many subjects' adapters, subjects mixed in each batch"),
+    "generate-many": ("dreambooth_singlora.generate:main_many",
+                      "render many subjects' adapters, subjects mixed in each batch"),
     "export": ("dreambooth_singlora.export", "export an adapter as a standard (kohya / diffusers) LoRA"),
     "eval": ("dreambooth_singlora.eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
 }
@@ -23,7 +24,7 @@ COMMANDS = {
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: dreambooth-singlora <command> [flags]   (<command> --help for its flags)\n\ncommands:\n"
               + "\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):
@@ -32,8 +33,8 @@ def main(argv=None):
         return
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    module, _, function = COMMANDS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 The encoders are the protocol's real architectures (open_clip ViT-B/32 with QuickGELU, timm DINO
 ViT-S/16) with random weights, saved to local files and loaded through the same loaders users
 use with real weights (speed does not depend on the values). The "generations" are smooth random
-512 x 512 PNGs in the layout `python -m eval score` reads. Times the whole `score_folder` call:
+512 x 512 PNGs in the layout `dreambooth-singlora eval score` reads. Times the whole `score_folder` call:
 reading and preprocessing every image, both encoders, the text tower, aggregation.
 """
 
@@ -51,7 +51,7 @@ def main(argv=None):
     import timm
     from safetensors.torch import save_file
 
-    from eval import load_encoders, score_folder
+    from dreambooth_singlora.eval import load_encoders, score_folder
 
     work = Path(args.work_dir)
     n = make_images(work / "images")

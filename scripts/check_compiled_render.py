@@ -38,7 +38,7 @@ def main(argv=None):
     from dreambooth_singlora.adapter import add_adapter, remove_adapter, save_adapter, set_step, trainable_parameters
     from dreambooth_singlora.config import SingLoRAConfig
     from dreambooth_singlora.generate import GenerateConfig, load_pipeline
-    from dreambooth_singlora.multi import generate_many
+    from dreambooth_singlora.generate import generate_many
     from dreambooth_singlora.testing import build_tiny_pipeline
 
     work = Path(args.work_dir)

@@ -24,7 +24,7 @@ print("u by step", [(e.step, round(e.value, 3)) for e in ea.Scalars("u")])
 print("loss by step", [(e.step, round(e.value, 4)) for e in ea.Scalars("loss")])
 print("tmp leftovers", glob.glob("/tmp/ddp/**/*.tmp*", recursive=True))
 PY
-accelerate launch --num_processes 2 --multi_gpu -m eval render --adapters /tmp/ads --output /tmp/imgs --subjects dog backpack \
+accelerate launch --num_processes 2 --multi_gpu -m dreambooth_singlora.eval render --adapters /tmp/ads --output /tmp/imgs --subjects dog backpack \
   --max_prompts 2 --num_inference_steps 20 --num_images_per_prompt 2 2>&1 | grep -v it/s | tail -3
 find /tmp/imgs -name "*.png" | wc -l
 cp /tmp/imgs/dog/contact_sheet.png $OUT/ddp_dog_contact_sheet.png; cp /tmp/ddp/loss_curve.png $OUT/ddp_loss_curve.png

@@ -1,7 +1,7 @@
 """Reproduce the SingLoRA paper's Table 3 (DreamBooth on SD1.5): train, render, score, compare.
 
     python scripts/reproduce_table3.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
-        --dataset_dir ../shared/dreambooth/dataset --work_dir table3 --gpus 0 1 2 3
+        --dataset_dir dreambooth/dataset --work_dir table3 --gpus 0 1 2 3
 
 Rows: LoRA r8, LoRA+ r8, DoRA r8, SingLoRA r8, SingLoRA r16, all on the UNet's to_q/to_k, 400 steps,
 "a photo of sks <class>". Stages, each resumable (rerun the same command after any interruption):
@@ -12,7 +12,7 @@ Rows: LoRA r8, LoRA+ r8, DoRA r8, SingLoRA r8, SingLoRA r16, all on the UNet's t
 2. render <work>/images/<row>/<subject>/<slug>/<k>.png  via
           `accelerate launch -m dreambooth_singlora.eval render` (subjects split over the GPUs, mixed in
           batches of --render_batch_size; --compile for torch.compile; images already there are kept);
-3. score  <work>/eval/<row>/  DINO, CLIP-I, CLIP-T (EVAL_PROTOCOL.md), real-image features shared;
+3. score  <work>/eval/<row>/  DINO, CLIP-I, CLIP-T (docs/EVAL.md), real-image features shared;
 4. report <work>/table3.md (ours beside the paper's numbers) + report.md/csv/json/png/html.
 
 Each stage checks what is already done before it starts anything, so a rerun with nothing left to do
@@ -36,7 +36,7 @@ from pathlib import Path
 from dreambooth_singlora.errors import cli_entry
 
 # The module that trains many subjects of one row in one process (`python -m <it> --subjects ...`).
-MULTI_SUBJECT_TRAINER = "dreambooth_singlora.train_multi"
+MULTI_SUBJECT_TRAINER = "dreambooth_singlora.train_dreambooth"
 
 ROWS = {  # name: (method, rank)
     "lora_r8": ("lora", 8), "loraplus_r8": ("loraplus", 8), "dora_r8": ("dora", 8),
