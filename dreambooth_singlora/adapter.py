@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import SingLoRAConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, SingLoRAConfig
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
 from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, require_xformers
@@ -26,8 +26,6 @@ from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 FORMAT = "dreambooth-singlora"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PEFT_NAME = "default"  # the adapter name PEFT's layers hold the LoRA under (bank.py reads it there too)

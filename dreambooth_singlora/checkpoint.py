@@ -171,7 +171,8 @@ def load_checkpoint(path: Path, names: list[str], adapter_settings: dict, load_w
     for key in ADAPTER_KEYS:
         if saved.get(key) != adapter_settings.get(key):
             raise UserError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, this run has "
-                            f"{adapter_settings.get(key)!r}: resume with the same settings or start a new --output_dir")
+                            f"{adapter_settings.get(key)!r}: resume with the same settings, or start over with --overwrite "
+                            "or a new --output_dir")
     load_weights(path)
     try:
         load_optimizer_state(optimizer, path, state["optimizer"])

@@ -20,6 +20,12 @@ COMMANDS = {
     "eval": ("dreambooth_singlora.eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
 }
 
+#: the parser of each command, built without importing the command's module (which imports torch)
+HELP = {"train": "dreambooth_singlora.config:train_parser", "train-multi": "dreambooth_singlora.config:train_parser",
+        "generate": "dreambooth_singlora.config:generate_parser",
+        "generate-many": "dreambooth_singlora.config:generate_many_parser",
+        "export": "dreambooth_singlora.export:build_parser", "eval": "dreambooth_singlora.eval.cli:build_parser"}
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -33,8 +39,12 @@ def main(argv=None):
         return
     import importlib
 
+    rest = argv[1:]
+    if argv[0] in HELP and ("-h" in rest or "--help" in rest):  # answered from the parser alone: no torch import
+        module, _, function = HELP[argv[0]].partition(":")
+        getattr(importlib.import_module(module), function)().parse_args(rest)
     module, _, function = COMMANDS[argv[0]][0].partition(":")
-    return getattr(importlib.import_module(module), function or "main")(argv[1:])
+    return getattr(importlib.import_module(module), function or "main")(rest)
 
 
 if __name__ == "__main__":

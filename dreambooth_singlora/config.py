@@ -1,7 +1,9 @@
-"""The adapter config: one dataclass for the CLI, the Python API and adapter_config.json.
+"""The configs: one dataclass each for the adapter (adapter_config.json), training and generation,
+shared by the CLI and the Python API.
 
 Every field's help text lives in its metadata; `add_arguments` turns a config dataclass into
-argparse flags and `from_args` back, so the CLI and the API can never drift apart.
+argparse flags and `from_args` back, so the CLI and the API can never drift apart. Nothing here
+imports torch, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -9,13 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from dataclasses import dataclass, field, fields
+from typing import List, Optional
 
 from .errors import UserError
-from .singlora import INITS
+from .prompts import IDENTIFIER, get_subject
 
 METHODS = ("singlora", "lora", "loraplus", "dora")
+#: The two files of a saved adapter
+WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+#: How SingLoRA's A is initialised (singlora.init_A_): "width" (fan-in = the layer's input width) or "rank".
+INITS = ("width", "rank")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -100,15 +107,67 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
             kw.update(nargs="+", type=typing.get_args(tp)[0])
         else:
             kw["type"] = tp
-        parser.add_argument(f"--{f.name}", **kw)
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every flag's default (unless its help says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
 
 
 def dataclass_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser whose flags are the fields of the dataclass `cls`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     add_arguments(parser, cls)
     return parser
+
+
+def module_doc(module: str) -> str:
+    """The docstring of `module`, read from its source without importing it (the heavy modules import torch)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    with open(spec.origin, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read())) or ""
+
+
+def train_parser() -> argparse.ArgumentParser:
+    return dataclass_parser(TrainConfig, "dreambooth-singlora train", module_doc("dreambooth_singlora.train_dreambooth"))
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    return dataclass_parser(GenerateConfig, "dreambooth-singlora generate", module_doc("dreambooth_singlora.generate"))
+
+
+def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
+    """The flags of a many-subject render (generate-many, eval render): every generation flag of `generate`."""
+    other = {"--output_dir": "--output", "--output": "--output_dir"}[output_flag]
+    parser.add_argument("--adapters", required=True, help="folder of per-subject adapter folders (<adapters>/<subject>/)")
+    parser.add_argument(output_flag, other, required=True, dest="output_dir",
+                        help="images folder (<output>/<subject>/<slug>/<k>.png)")
+    parser.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
+    parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of each subject")
+    parser.add_argument("--no_resume", action="store_true", dest="overwrite",
+                        help="the earlier name of --overwrite")
+    add_arguments(parser, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "output_dir",
+                                                   "skip_existing", "merge"))
+
+
+def generate_many_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth-singlora generate-many", formatter_class=HelpFormatter,
+                                     description=module_doc("dreambooth_singlora.generate"))
+    add_many_arguments(parser)
+    return parser
+
+
+def many_config(args) -> "GenerateConfig":
+    """The GenerateConfig of a many-subject render's parsed flags (resumes unless --overwrite; never merged)."""
+    args.adapter, args.merge = args.adapters, False
+    return from_args(GenerateConfig, args)
 
 
 def from_args(cls, ns: argparse.Namespace):
@@ -155,7 +214,7 @@ class TrainConfig(SingLoRAConfig):
     num_class_images: int = field(default=100, metadata=_help("class images for prior preservation"))
     sample_batch_size: int = field(default=4, metadata=_help("batch size when generating class images"))
     output_dir: str = field(default="outputs/dreambooth-singlora", metadata=_help(
-        "where the adapter, checkpoints, logs and samples go"))
+        "where the adapter, checkpoints, logs and samples go", aliases=("--output",)))
     seed: int = field(default=0, metadata=_help("seed: same seed, same run (on the same hardware)"))
     resolution: int = field(default=512, metadata=_help("training resolution in pixels (multiple of 8)"))
     center_crop: bool = field(default=False, metadata=_help(
@@ -183,9 +242,11 @@ class TrainConfig(SingLoRAConfig):
     checkpointing_steps: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps"))
     checkpoints_total_limit: typing.Optional[int] = field(default=2, metadata=_help(
         "keep the newest N checkpoints (oldest removed first); 0 keeps them all"))
-    resume_from_checkpoint: typing.Optional[str] = field(default=None, metadata=_help(
-        "a checkpoint folder, or 'latest' (the newest complete one in <output_dir>/checkpoints; "
-        "starts fresh if there is none)"))
+    resume_from_checkpoint: typing.Optional[str] = field(default="latest", metadata=_help(
+        "a checkpoint folder, or 'latest' (the newest complete one in <output_dir>/checkpoints; starts fresh if "
+        "there is none; subjects whose adapter is already finished are skipped)"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "start over: ignore and delete the checkpoints in --output_dir and train every subject again"))
     validation_prompt: typing.Optional[str] = field(default=None, metadata=_help(
         "prompt for validation image grids (default: none)"))
     num_validation_images: int = field(default=4, metadata=_help("images per validation"))
@@ -200,8 +261,6 @@ class TrainConfig(SingLoRAConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .prompts import get_subject  # late: prompts reads data files
-
         if self.subjects is not None:
             given = [f"--{n}" for n in ("subject", "instance_data_dir", "instance_prompt", "class_prompt",
                                         "class_data_dir", "validation_prompt") if getattr(self, n) is not None]
@@ -258,6 +317,10 @@ class TrainConfig(SingLoRAConfig):
             raise UserError("--checkpoints_total_limit must be >= 1, or 0 to keep every checkpoint")
         if self.checkpoints_total_limit == 0:
             self.checkpoints_total_limit = None
+        if self.overwrite:
+            if self.resume_from_checkpoint not in (None, "latest"):
+                raise UserError("--overwrite starts over; it cannot go with --resume_from_checkpoint <folder>")
+            self.resume_from_checkpoint = None
 
     def adapter_config(self) -> SingLoRAConfig:
         return SingLoRAConfig.from_dict({f.name: getattr(self, f.name) for f in fields(SingLoRAConfig)})
@@ -273,3 +336,85 @@ class TrainConfig(SingLoRAConfig):
 #: TrainConfig fields that belong to one subject; a run of several subjects shares every other one
 PER_SUBJECT = ("subject", "subjects", "instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir",
                "output_dir", "validation_prompt")
+
+
+# --------------------------------------------------------------------------- generation
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler", "ddpm": "DDPMScheduler",
+}
+
+
+@dataclass
+class GenerateConfig:
+    """What to render, from which adapter, how. Shared by the CLI and `generate_images`."""
+
+    adapter: Optional[str] = field(default=None, metadata=_help("adapter folder (adapter_model.safetensors + "
+                                                                "adapter_config.json); none = the base model alone"))
+    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata=_help(
+        "base model (default: the one named in the adapter's config)"))
+    prompt: List[str] = field(default_factory=list, metadata=_help("a prompt (repeat the flag for more)", action="append"))
+    prompts_file: Optional[str] = field(default=None, metadata=_help("a text file, one prompt per line"))
+    subject: Optional[str] = field(default=None, metadata=_help("the 25 DreamBooth prompts of this subject"))
+    identifier: str = field(default=IDENTIFIER, metadata=_help("the subject's identifier token, for --subject"))
+    num_images_per_prompt: int = field(default=4, metadata=_help("images per prompt"))
+    seed: int = field(default=0, metadata=_help("image k of every prompt uses seed + k"))
+    num_inference_steps: int = field(default=50, metadata=_help("denoising steps"))
+    guidance_scale: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
+    scheduler: str = field(default="ddim", metadata=_help("sampler", choices=tuple(SCHEDULERS)))
+    batch_size: int = field(default=4, metadata=_help("images per UNet batch (does not change the images)"))
+    adapter_scale: float = field(default=1.0, metadata=_help("strength of the adapter (1 = as trained)"))
+    merge: bool = field(default=True, metadata=_help("merge the adapter into the weights (same images, faster)"))
+    height: Optional[int] = field(default=None, metadata=_help("image height (default: the model's)"))
+    width: Optional[int] = field(default=None, metadata=_help("image width (default: the model's)"))
+    dtype: Optional[str] = field(default=None, metadata=_help(
+        "fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)", choices=("fp32", "fp16", "bf16")))
+    output_dir: Optional[str] = field(default=None, metadata=_help(
+        "where the PNGs, index.json and contact sheet go (default: a new outputs/samples/<date-time>/ per run)",
+        aliases=("--output",)))
+    skip_existing: bool = field(default=True, metadata=_help(
+        "keep images already in output_dir (resume); --no-skip_existing or --overwrite renders them again"))
+    overwrite: bool = field(default=False, metadata=_help("render every image again, replacing those there"))
+    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help("xformers attention"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the UNet and the VAE decoder: one to two minutes to compile, then faster sampling "
+        "(H100: UNet 1.4x, VAE decode 2.2x); worth it for hundreds of images"))
+
+    def __post_init__(self):
+        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.adapter and not self.pretrained_model_name_or_path:
+            raise UserError("give --adapter (a trained adapter folder) or --pretrained_model_name_or_path")
+        if self.overwrite:
+            self.skip_existing = False
+        if self.output_dir is None:
+            import time
+
+            self.output_dir = f"outputs/samples/{time.strftime('%Y%m%d-%H%M%S')}"
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise UserError(f"--{name} must be a positive multiple of 8 (the VAE works in 8-pixel blocks), "
+                                f"got {v}; e.g. {max(8, round(v / 8) * 8)}")
+
+    def settings(self) -> dict:
+        """What decides the images (recorded in each PNG and in index.json)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("prompt", "prompts_file", "output_dir", "skip_existing", "overwrite")}
+
+    def prompts(self) -> list[str]:
+        """The prompts, in order: --prompt flags, then --prompts_file lines, then --subject's 25."""
+        out = list(self.prompt)
+        if self.prompts_file:
+            path = Path(self.prompts_file)
+            if not path.is_file():
+                raise UserError(f"prompts file {path} does not exist")
+            out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if self.subject:
+            out += get_subject(self.subject).eval_prompts(self.identifier)
+        if not out:
+            raise UserError("no prompt: give --prompt, --prompts_file or --subject")
+        return out

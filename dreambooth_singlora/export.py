@@ -19,19 +19,18 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter, saved_u
+from .config import CONFIG_NAME, WEIGHTS_NAME
 from .errors import UserError, cli_entry
 from .fileio import atomic_path
+
 
 logger = logging.getLogger("dreambooth_singlora.export")
 FORMATS = ("kohya", "diffusers")
 
 
-def lora_pairs(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_pairs(meta: dict, tensors: dict) -> dict:
     """{layer path: (down (r, d_in), up (d_out, r))} such that delta W = (alpha / r) up @ down."""
+    from .adapter import saved_u
     pairs = {}
     if meta["method"] == "singlora":
         shapes = meta.get("shapes")
@@ -53,8 +52,11 @@ def lora_pairs(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[
     return pairs
 
 
-def to_standard_lora(adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_standard_lora(adapter, fmt: str) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of the adapter at `adapter` as a standard LoRA in layout `fmt`."""
+    import torch
+
+    from .adapter import read_adapter
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     meta, tensors = read_adapter(adapter)
@@ -64,7 +66,7 @@ def to_standard_lora(adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[s
     if dora and fmt == "kohya":
         raise UserError("DoRA has no exact kohya equivalent (its magnitude vectors rescale W0); "
                         "use --format diffusers, which diffusers loads with DoRA intact")
-    out: dict[str, torch.Tensor] = {}
+    out: dict = {}
     for path, (down, up) in lora_pairs(meta, tensors).items():
         if fmt == "kohya":
             name = "lora_unet_" + path.replace(".", "_")
@@ -91,6 +93,8 @@ def export_lora(adapter, fmt: str, output) -> Path:
     if output.resolve() in own:
         raise UserError(f"--output {output} is the adapter's own file: the export would overwrite the trained "
                         "weights; write it elsewhere, e.g. --output dog_kohya.safetensors")
+    from safetensors.torch import save_file
+
     tensors, info = to_standard_lora(adapter, fmt)
     try:
         with atomic_path(output) as tmp:
@@ -101,13 +105,16 @@ def export_lora(adapter, fmt: str, output) -> Path:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .config import HelpFormatter
+
     parser = parser or argparse.ArgumentParser(prog="dreambooth-singlora export", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                                               formatter_class=HelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter folder to export")
     parser.add_argument("--format", default="kohya", choices=FORMATS,
                         help="key layout of the LoRA file: kohya (default) loads in A1111, ComfyUI, kohya sd-scripts "
                              "and diffusers; diffusers loads only in diffusers (the UIs silently ignore it)")
-    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("--output", "--output_dir", required=True, dest="output",
+                        help="the .safetensors file to write")
     return parser
 
 

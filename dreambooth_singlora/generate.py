@@ -20,9 +20,9 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from PIL import PngImagePlugin
@@ -30,82 +30,13 @@ from tqdm.auto import tqdm
 
 from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, merge_adapter,
                       read_adapter, remove_adapter, singlora_layers)
-from .config import _help, add_arguments, dataclass_parser, from_args
+from .config import SCHEDULERS, GenerateConfig, from_args, generate_many_parser, generate_parser, many_config
 from .data import image_grid
 from .errors import UserError, cli_entry
 from .fileio import atomic_path, check_writable, write_json_atomic
-from .prompts import IDENTIFIER, get_subject, slugify
+from .prompts import get_subject, slugify
 
 logger = logging.getLogger("dreambooth_singlora.generate")
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler", "ddpm": "DDPMScheduler",
-}
-
-
-@dataclass
-class GenerateConfig:
-    """What to render, from which adapter, how. Shared by the CLI and `generate_images`."""
-
-    adapter: Optional[str] = field(default=None, metadata=_help("adapter folder (adapter_model.safetensors + "
-                                                                "adapter_config.json); none = the base model alone"))
-    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata=_help(
-        "base model (default: the one named in the adapter's config)"))
-    prompt: List[str] = field(default_factory=list, metadata=_help("a prompt (repeat the flag for more)", action="append"))
-    prompts_file: Optional[str] = field(default=None, metadata=_help("a text file, one prompt per line"))
-    subject: Optional[str] = field(default=None, metadata=_help("the 25 DreamBooth prompts of this subject"))
-    identifier: str = field(default=IDENTIFIER, metadata=_help("the subject's identifier token, for --subject"))
-    num_images_per_prompt: int = field(default=4, metadata=_help("images per prompt"))
-    seed: int = field(default=0, metadata=_help("image k of every prompt uses seed + k"))
-    num_inference_steps: int = field(default=50, metadata=_help("denoising steps"))
-    guidance_scale: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
-    scheduler: str = field(default="ddim", metadata=_help("sampler", choices=tuple(SCHEDULERS)))
-    batch_size: int = field(default=4, metadata=_help("images per UNet batch (does not change the images)"))
-    adapter_scale: float = field(default=1.0, metadata=_help("strength of the adapter (1 = as trained)"))
-    merge: bool = field(default=True, metadata=_help("merge the adapter into the weights (same images, faster)"))
-    height: Optional[int] = field(default=None, metadata=_help("image height (default: the model's)"))
-    width: Optional[int] = field(default=None, metadata=_help("image width (default: the model's)"))
-    dtype: Optional[str] = field(default=None, metadata=_help(
-        "fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)", choices=("fp32", "fp16", "bf16")))
-    output_dir: str = field(default="outputs/samples", metadata=_help("where the PNGs, index.json and sheet go"))
-    skip_existing: bool = field(default=False, metadata=_help("keep images already in output_dir (resume)"))
-    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help("xformers attention"))
-    compile: bool = field(default=False, metadata=_help(
-        "torch.compile the UNet and the VAE decoder: one to two minutes to compile, then faster sampling "
-        "(H100: UNet 1.4x, VAE decode 2.2x); worth it for hundreds of images"))
-
-    def __post_init__(self):
-        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not self.adapter and not self.pretrained_model_name_or_path:
-            raise UserError("give --adapter (a trained adapter folder) or --pretrained_model_name_or_path")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (v < 8 or v % 8):
-                raise UserError(f"--{name} must be a positive multiple of 8 (the VAE works in 8-pixel blocks), "
-                                f"got {v}; e.g. {max(8, round(v / 8) * 8)}")
-
-    def settings(self) -> dict:
-        """What decides the images (recorded in each PNG and in index.json)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("prompt", "prompts_file", "output_dir")}
-
-    def prompts(self) -> list[str]:
-        """The prompts, in order: --prompt flags, then --prompts_file lines, then --subject's 25."""
-        out = list(self.prompt)
-        if self.prompts_file:
-            path = Path(self.prompts_file)
-            if not path.is_file():
-                raise UserError(f"prompts file {path} does not exist")
-            out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if self.subject:
-            out += get_subject(self.subject).eval_prompts(self.identifier)
-        if not out:
-            raise UserError("no prompt: give --prompt, --prompts_file or --subject")
-        return out
-
 
 def _dtype(name: Optional[str], device: torch.device) -> torch.dtype:
     if name is None:
@@ -481,39 +412,17 @@ def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, m
     return {"rendered": list(mine), "skipped": problems, "images": result["images"]}
 
 
-def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
-    """The flags of a many-subject render (generate-many, eval render): every generation flag of `generate`."""
-    parser.add_argument("--adapters", required=True, help="folder of per-subject adapter folders (<adapters>/<subject>/)")
-    parser.add_argument(output_flag, required=True, dest="output_dir",
-                        help="images folder (<output>/<subject>/<slug>/<k>.png)")
-    parser.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
-    parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of each subject")
-    parser.add_argument("--no_resume", action="store_true", help="re-render images already in the output folder")
-    add_arguments(parser, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "output_dir",
-                                                   "skip_existing", "merge"))
-
-
-def many_config(args) -> GenerateConfig:
-    args.adapter, args.skip_existing, args.merge = args.adapters, not args.no_resume, False
-    return from_args(GenerateConfig, args)
-
-
 @cli_entry
 def main_many(argv=None):
     """`dreambooth-singlora generate-many`: many subjects' adapters, subjects mixed in each batch."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="dreambooth-singlora generate-many", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_many_arguments(p)
-    args = p.parse_args(argv)
+    args = generate_many_parser().parse_args(argv)
     result = render_subjects(args.adapters, args.output_dir, many_config(args), args.subjects, args.max_prompts)
     print(f"{result['images']} images for {len(result['rendered'])} subjects in {args.output_dir}")
 
 
 @cli_entry
 def main(argv=None):
-    cfg = from_args(GenerateConfig, dataclass_parser(GenerateConfig, "dreambooth-singlora generate", __doc__).parse_args(argv))
+    cfg = from_args(GenerateConfig, generate_parser().parse_args(argv))
     prompts = cfg.prompts()
     check_writable(cfg.output_dir)
     pipe = load_pipeline(cfg.adapter, cfg.pretrained_model_name_or_path, dtype=cfg.dtype, merge=cfg.merge,

@@ -19,7 +19,7 @@ from torch import nn
 #: (entries of variance 1/(3 d_in), as PEFT initialises LoRA's A), so A A^T starts small
 #: (diagonal ~ r / (3 d_in)). "rank": fan-in = r, what the public SingLoRA code does; then
 #: A A^T starts near I/3, a huge update that only the ramp u(t) hides.
-INITS = ("width", "rank")
+from .config import INITS  # noqa: E402  (the names live with the config that offers them)
 
 
 def ramp(step: int, ramp_steps: int) -> float:

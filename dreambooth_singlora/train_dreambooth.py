@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, 
 from .bank import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank, row_to_staging
 from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint,
                          save_checkpoint)
-from .config import TrainConfig, dataclass_parser, from_args
+from .config import TrainConfig, from_args, train_parser
 from .data import image_grid, load_images, prepare
 from .errors import UserError, cli_entry
 from .fileio import WriteError, atomic_path, check_writable, write_error, write_json_atomic, write_text_atomic
@@ -414,6 +415,9 @@ def train(cfg: TrainConfig) -> Path:
     check_group_size(cfg, size)
     accelerator, dtype = make_accelerator(cfg)
     check_group_size(cfg, size, accelerator)
+    if cfg.overwrite and accelerator.is_main_process:  # --overwrite: start over, once every input checked
+        shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)
+    accelerator.wait_for_everyone()
     phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
     models = load_models(cfg, accelerator.device, dtype)
     phases["models_loaded"] = since_start()
@@ -738,7 +742,7 @@ All settings are in `adapter_config.json` and `checkpoints/*/trainer_state.json`
 
 @cli_entry
 def main(argv=None):
-    cfg = from_args(TrainConfig, dataclass_parser(TrainConfig, "dreambooth-singlora train", __doc__).parse_args(argv))
+    cfg = from_args(TrainConfig, train_parser().parse_args(argv))
     train(cfg)
 
 

@@ -1,6 +1,10 @@
-"""`python -m eval render`: the benchmark's images for a folder of per-subject adapters.
+"""`eval render`: the benchmark's images for a folder of per-subject adapters.
 
-    accelerate launch -m dreambooth_singlora.eval render --adapters runs/singlora --output images/singlora
+    python -m dreambooth_singlora.eval render --adapters runs/singlora --output images/singlora
+    accelerate launch --num_processes 4 -m dreambooth_singlora.eval render --adapters runs/singlora --output ...
+
+(`python -m eval render` from a checkout.) Messages go to the logger of dreambooth_singlora.generate,
+which does the work, and the summary line to stdout.
 
 <adapters>/<subject>/ holds each subject's adapter (what `train --subjects ... --output_dir <adapters>`
 writes). For every subject: its 25 prompts x 4 images into <output>/<subject>/<prompt-slug>/<k>.png,
@@ -17,7 +21,7 @@ import argparse
 
 
 def add_render_command(subparsers) -> None:
-    from dreambooth_singlora.generate import add_many_arguments
+    from dreambooth_singlora.config import add_many_arguments
 
     p = subparsers.add_parser("render", help="render the 25 prompts x 4 images of every subject's adapter",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +30,8 @@ def add_render_command(subparsers) -> None:
 
 
 def run_render(args) -> int:
-    from dreambooth_singlora.generate import many_config, render_subjects
+    from dreambooth_singlora.config import many_config
+    from dreambooth_singlora.generate import render_subjects
 
     result = render_subjects(args.adapters, args.output_dir, many_config(args), args.subjects, args.max_prompts,
                              skip_missing=True)

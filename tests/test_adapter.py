@@ -330,9 +330,11 @@ def test_a_save_that_fails_mid_write_keeps_the_previous_adapter(make_unet, tmp_p
     monkeypatch.setattr(adapter_mod, "save_file", disk_full)
     perturb(unet, seed=1)
     set_step(unet, 9)
-    with pytest.raises(OSError) as e:
+    from dreambooth_singlora.fileio import WriteError
+
+    with pytest.raises(WriteError, match="disk full") as e:  # one line for the CLI, naming the file
         save_adapter(unet, tmp_path)
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.disk_full and e.value.path.name == WEIGHTS_NAME
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == good_bytes  # no tmp file left either
 
     (tmp_path / f"{WEIGHTS_NAME}.tmp-12345").write_bytes(b"half a file from a killed save")

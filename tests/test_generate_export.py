@@ -174,8 +174,10 @@ def test_png_writer_writes_in_the_background_and_reports_a_failed_write(tmp_path
     """Writes run on worker threads; leaving the block waits for them and re-raises the first error."""
     from dreambooth_singlora.generate import PngWriter
 
+    from dreambooth_singlora.fileio import WriteError
+
     (tmp_path / "a-file").write_bytes(b"")
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="a-file"):  # a UserError: one line for the CLI, naming the path
         with PngWriter(workers=2) as w:
             for k in range(5):  # one image object per write, as the pipeline returns them
                 w.write(Image.new("RGB", (8, 8), (10, 200, k)), tmp_path / "ok" / f"{k}.png", "a sks dog", k, {})
