@@ -7,8 +7,8 @@
 
 Installed, this folder is the package `dreambooth_singlora.eval` (pyproject.toml's package-dir): import
 it by that name. From a checkout, `python -m eval ...` runs the same code under the folder's name; the
-modules import each other relatively, so either name works. The protocol is ../shared/EVAL_PROTOCOL.md;
-docs/EVAL.md says how to run it.
+modules import each other relatively, so either name works. The protocol, in this project's words
+with its sources, is docs/PROTOCOL.md; docs/EVAL.md says how to run it.
 """
 
 from .encoders import Encoder, available_encoders, image_encoder, load_encoder, load_encoders, register_encoder

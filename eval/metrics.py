@@ -110,3 +110,34 @@ def aggregate(records: Sequence[Mapping], metrics: Sequence[str], kinds: Mapping
     subjects = {s: dict(kind=kinds[s], n_images=len(rs), n_prompts=len(by_prompt[s]),
                         **{m: _mean(r[m] for r in rs) for m in metrics}) for s, rs in by_subject.items()}
     return dict(prompts=prompts, subjects=subjects, groups=summarize_subjects(subjects, kinds, metrics))
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_resamples: int = 10_000,
+                     confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean paired difference mean_i(a_i - b_i) and its percentile bootstrap interval over the units i.
+
+    a, b: one value per unit (e.g. per subject: a method's mean over seeds and LoRA's mean over seeds), in
+    the same order. The units are resampled with replacement `n_resamples` times (indices drawn by a
+    torch.Generator seeded with `seed`, so the same inputs give the same interval on every run); each
+    resample's mean difference is taken, and the interval is the (1 - confidence) / 2 and
+    (1 + confidence) / 2 quantiles of those means (linear interpolation, float64). Equal inputs give
+    exactly [0, 0]; a constant difference c gives [c, c] up to float64 rounding of a_i - b_i and the mean.
+    With fewer than 2 units the spread is unknown: low and high are None.
+
+    Returns {mean, low, high, n, n_resamples, confidence, seed}.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same length, got {len(a)} and {len(b)}")
+    if n_resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples}, {confidence}")
+    n = len(a)
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    out = dict(mean=math.fsum(d.tolist()) / n if n else None, low=None, high=None, n=n,
+               n_resamples=n_resamples, confidence=confidence, seed=seed)
+    if n < 2:
+        return out
+    g = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(n, (n_resamples, n), generator=g)].mean(dim=1)
+    q = torch.quantile(means, torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
+    out["low"], out["high"] = float(q[0]), float(q[1])
+    return out

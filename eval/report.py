@@ -9,8 +9,13 @@ Files written to the output folder:
     report.csv       the summary in long form: method, source, group, metric, mean, std, counts
     per_subject.csv  per_prompt.csv  per_image.csv
     report.json      every number of every method plus the settings that made it
-    report.png       bar chart: one bar per method (and the real-image bound) per metric, std as error bar
-    report.html      each subject's real images beside every method's generations (relative paths)
+    report.png       bar chart: one bar per method (and the real-image bound) per metric, std as error bar,
+                     each value in a white box above its bar (below a negative one)
+    report.html      the tables and the chart, then each subject's real images beside every method's
+                     generations (relative paths)
+
+`provenance` ({label: text}, optional) records where the numbers came from (base model, steps, seeds,
+render settings, encoder checkpoints) at the top of report.md, report.html and in report.json.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_p
 METRIC_ORDER = ("dino", "clip_i", "clip_t", "dino_patch")
 GROUP_TITLES = {"all": "All subjects", "object": "Objects", "live": "Live subjects"}
 
-# EVAL_PROTOCOL.md's reference table: (method, DINO, CLIP-I, CLIP-T, source).
+# docs/PROTOCOL.md's reference table: (method, DINO, CLIP-I, CLIP-T, source).
 REFERENCE_ROWS = (
     ("Real images (upper bound)", 0.774, 0.885, None, "DreamBooth Table 1"),
     ("DreamBooth, Stable Diffusion (full fine-tune)", 0.668, 0.803, 0.305, "DreamBooth Table 1"),
@@ -131,13 +136,27 @@ def summary_rows(results: Mapping[str, dict], group: str, metrics: list) -> list
     return rows
 
 
-def markdown(results: Mapping[str, dict], reference: bool = False) -> str:
+def provenance_lines(provenance: Optional[Mapping[str, str]]) -> list:
+    """Markdown lines for where the numbers came from; a run off the protocol says so first."""
+    if not provenance:
+        return []
+    off = provenance.get("differs from the protocol")
+    lines = ["## Where these numbers came from", ""]
+    if off and off != "nothing":
+        lines += [f"**Not a protocol run: {off}. These numbers are not comparable with published ones.**", ""]
+    return lines + [f"- {k}: {v}" for k, v in provenance.items()] + [""]
+
+
+def markdown(results: Mapping[str, dict], reference: bool = False,
+             provenance: Optional[Mapping[str, str]] = None) -> str:
     """The whole report as Markdown."""
     metrics = metric_order(results)
     header = ["Method"] + [label(m) for m in metrics] + ["Images", "Subjects"]
     out = ["# Subject fidelity (DreamBooth protocol)", "",
            "Raw cosine similarities of L2-normalised features (no x100, no clamp). Each cell: mean of the "
-           "subject means ± their sample standard deviation across subjects. See docs/EVAL.md.", ""]
+           "subject means ± their sample standard deviation across subjects. See docs/EVAL.md and "
+           "docs/PROTOCOL.md.", ""]
+    out += provenance_lines(provenance)
     for group in GROUPS:
         out += [f"## {GROUP_TITLES[group]}", "", _md_table(header, summary_rows(results, group, metrics)), ""]
     if reference:
@@ -275,7 +294,8 @@ def bar_chart(results: Mapping[str, dict], path) -> None:
         series.append((row_label, {m: results[name]["bound"]["groups"]["all"].get(m) for m in metrics}))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + len(metrics) * len(series) * 0.5), 5.0))
-    low = 0.0
+    low, high = 0.0, 1.0
+    box = dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9)
     for i, (name, values) in enumerate(series):
         xs, ys, es = [], [], []
         for j, m in enumerate(metrics):
@@ -285,11 +305,16 @@ def bar_chart(results: Mapping[str, dict], path) -> None:
                 ys.append(e["mean"])
                 es.append(e["std"] or 0.0)
                 low = min(low, e["mean"] - (e["std"] or 0.0))
-        bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=name, hatch="//" if name.startswith("Real") else None)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, label_type="center", rotation=90)
+                high = max(high, e["mean"] + (e["std"] or 0.0))
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=name, hatch="//" if name.startswith("Real") else None)
+        for x, y, err in zip(xs, ys, es):  # the value past the end of its error bar, on white: readable on
+            up = y >= 0                    # hatched bars, negative bars and any bar colour
+            ax.annotate(f"{y:.3f}", (x, y + err if up else y - err), xytext=(0, 3 if up else -3),
+                        textcoords="offset points", ha="center", va="bottom" if up else "top", rotation=90,
+                        fontsize=7, bbox=box, zorder=5)
     ax.set_xticks(range(len(metrics)), [label(m) for m in metrics])
     ax.set_ylabel("cosine similarity (mean of subject means)")
-    ax.set_ylim(min(0.0, low - 0.05), 1.05)
+    ax.set_ylim(min(0.0, low - 0.15) if low < 0 else 0.0, high + 0.15)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_title("Subject fidelity (DreamBooth protocol)\nerror bars: std across subjects", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(3, len(series)), frameon=False)
@@ -317,19 +342,31 @@ def _img(path: Path, out_dir: Path, title: str, size: int = 96) -> str:
             f'height="{size}" style="object-fit:cover" title="{html.escape(title)}" alt="{html.escape(title)}"></a>')
 
 
-def html_page(results: Mapping[str, dict], out_dir) -> str:
-    """Each subject's real images beside every method's generations, with the scores."""
+def html_page(results: Mapping[str, dict], out_dir, provenance: Optional[Mapping[str, str]] = None,
+              chart: Optional[str] = "report.png") -> str:
+    """The tables, the bar chart (`chart`, a file beside the page) and each subject's real images beside
+    every method's generations, with the scores."""
     out_dir = Path(out_dir).resolve()
     metrics = metric_order(results)
     header = ["Method"] + [label(m) for m in metrics] + ["Images", "Subjects"]
     parts = ["<!doctype html><meta charset='utf-8'><title>Subject fidelity</title>", f"<style>{_CSS}</style>",
              "<h1>Subject fidelity (DreamBooth protocol)</h1>",
              "<p>Raw cosine similarities; mean of subject means &plusmn; std across subjects.</p>"]
+    if provenance:
+        off = provenance.get("differs from the protocol")
+        if off and off != "nothing":
+            parts.append(f"<p><b>Not a protocol run: {html.escape(str(off))}. These numbers are not comparable "
+                         "with published ones.</b></p>")
+        parts.append("<ul>" + "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>"
+                                      for k, v in provenance.items()) + "</ul>")
     for group in GROUPS:
         rows = summary_rows(results, group, metrics)
         parts.append(f"<h3>{GROUP_TITLES[group]}</h3><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
                      + "</tr>" + "".join("<tr>" + "".join(f"<td class=num>{html.escape(str(c))}</td>" for c in row)
                                          + "</tr>" for row in rows) + "</table>")
+    if chart:
+        parts.append(f'<p><img src="{html.escape(quote(chart))}" alt="bar chart of every metric" '
+                     'style="max-width:100%"></p>')
     order = [s for s in all_subjects() if any(s in r["subjects"] for r in results.values())]
     parts.append("<p>Subjects: " + " ".join(f'<a href="#{s}">{s}</a>' for s in order) + "</p>")
     for s in order:
@@ -366,10 +403,12 @@ def html_page(results: Mapping[str, dict], out_dir) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writers
 
-def write_report(results: Mapping[str, dict], output_dir, *, reference: bool = False) -> dict:
+def write_report(results: Mapping[str, dict], output_dir, *, reference: bool = False,
+                 provenance: Optional[Mapping[str, str]] = None) -> dict:
     """Write report.md/.csv/.json/.png/.html and the per-subject/prompt/image CSVs for the methods.
 
-    results: {method name: score_folder(...) result}. Returns {kind: path written}.
+    results: {method name: score_folder(...) result}; provenance: {label: text} of where the numbers
+    came from (printed first). Returns {kind: path written}.
     """
     if not results:
         raise UserError("no results to report")
@@ -377,7 +416,7 @@ def write_report(results: Mapping[str, dict], output_dir, *, reference: bool = F
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     paths["md"] = out / "report.md"
-    write_text_atomic(paths["md"], markdown(results, reference=reference))
+    write_text_atomic(paths["md"], markdown(results, reference=reference, provenance=provenance))
     for fname, text in csv_tables(results).items():
         paths[fname] = out / fname
         write_text_atomic(paths[fname], text)
@@ -385,11 +424,11 @@ def write_report(results: Mapping[str, dict], output_dir, *, reference: bool = F
     write_json_atomic(paths["json"], dict(
         format=FORMAT, methods=dict(results), comparable=len({_comparable(r) for r in results.values()}) == 1,
         reference=[dict(method=n, dino=d, clip_i=c, clip_t=t, source=s) for n, d, c, t, s in REFERENCE_ROWS]
-        if reference else None))
+        if reference else None, provenance=dict(provenance) if provenance else None))
     paths["png"] = out / "report.png"
     bar_chart(results, paths["png"])
     paths["html"] = out / "report.html"
-    write_text_atomic(paths["html"], html_page(results, out))
+    write_text_atomic(paths["html"], html_page(results, out, provenance, chart=paths["png"].name))
     return paths
 
 

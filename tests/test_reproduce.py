@@ -1,11 +1,13 @@
 """Render and the Table-3 reproduction, end to end on the tiny pipeline with tiny random encoders
-(2 subjects x 2 prompts x 4 images, 2 rows). Numbers from random encoders mean nothing; the plumbing is real."""
+(2 subjects x 2 prompts x 4 images, 2 rows; then a second seed added to a copy). Numbers from random
+encoders mean nothing; the plumbing is real."""
 
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,16 +35,48 @@ def table3_run(tiny_pipeline, dataset_dir, tiny_eval_checkpoints, tmp_path_facto
             str(work), "--rows", *ROWS, "--subjects", *SUBJECTS, "--max_train_steps", "2", "--resolution", "32",
             "--num_inference_steps", "2", "--max_prompts", str(PROMPTS), "--num_images_per_prompt", str(IMAGES),
             "--clip_checkpoint", str(tiny_eval_checkpoints["clip_dir"]),
-            "--dino_checkpoint", str(tiny_eval_checkpoints["dino_dir"]), "--multi_subject",
+            "--dino_checkpoint", str(tiny_eval_checkpoints["dino_dir"]), "--multi_subject", "--mixed_precision", "no",
             "--train_args", "--report_to", "none"]
     load_script().main(argv)
     return work, argv
 
 
+def in_process_trainer(mod, calls):
+    """Run the trainer command the script builds in this process (the same argv, without a process start:
+    the subprocess path itself is what the session's table3_run exercises)."""
+    from dreambooth_singlora.train_dreambooth import main as train_main
+
+    def run(cmd, env):
+        assert cmd[1:3] == ["-m", mod.MULTI_SUBJECT_TRAINER], cmd
+        calls.append(cmd)
+        with fresh_accelerate_state():
+            train_main(cmd[3:])
+    return run
+
+
+@contextmanager
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset before and after an in-process trainer run (as a process of
+    its own would start and end), so its mixed precision does not leak into other tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_table3_end_to_end(table3_run):
     work, _ = table3_run
     table = (work / "table3.md").read_text()
-    assert "| lora_r8 |" in table and "| singlora_r8 |" in table and "0.677" in table  # ours beside the paper's
+    assert "| lora_r8 | 1 |" in table and "| singlora_r8 | 1 |" in table and "0.677" in table  # beside the paper's
+    assert "DINO patch (diag.)" in table and "about 0.15" in table and "Paired difference" in table
+    assert "Not a protocol run" in table and "max_train_steps 2 (protocol: 400)" in table  # a toy run says so
+    assert '"a photo of sks <class>"' in table and "400 optimizer steps" in table
+    report = (work / "report" / "report.md").read_text()
+    assert "Not a protocol run" in report and f"base model: {argv_value(table3_run[1], '--pretrained_model_name_or_path')}" in report
+    assert '<img src="report.png"' in (work / "report" / "report.html").read_text()
     for row in ROWS:
         for subject in SUBJECTS:
             meta = json.loads((work / "adapters" / row / subject / "adapter_config.json").read_text())
@@ -52,6 +86,10 @@ def test_table3_end_to_end(table3_run):
         assert scores["summary"]["all"]["dino"]["n_images"] == len(SUBJECTS) * PROMPTS * IMAGES
     for f in ("report.md", "report.png", "report.html", "report.json"):
         assert (work / "report" / f).stat().st_size > 0
+
+
+def argv_value(argv, flag):
+    return argv[argv.index(flag) + 1]
 
 
 def test_table3_rerun_with_nothing_to_do_starts_no_process(table3_run, monkeypatch):
@@ -99,11 +137,13 @@ def test_scores_are_kept_only_while_current(table3_run, tmp_path):
     for part in ("images", "eval"):
         shutil.copytree(work / part / "lora_r8", tmp_path / part / "lora_r8")
     args = SimpleNamespace(work_dir=tmp_path, max_prompts=PROMPTS, num_images_per_prompt=IMAGES,
-                           encoders=["clip", "dino"])
+                           encoders=["clip", "dino"], dino_patch_tokens=True)
     assert mod.current_scores(args, "lora_r8", list(SUBJECTS))["scored"]["images"] == len(SUBJECTS) * PROMPTS * IMAGES
     assert mod.current_scores(args, "lora_r8", ["dog"]) is None  # other subjects
     assert mod.current_scores(SimpleNamespace(**{**vars(args), "encoders": ["clip"]}), "lora_r8", list(SUBJECTS)) is None
     assert mod.current_scores(SimpleNamespace(**{**vars(args), "max_prompts": 1}), "lora_r8", list(SUBJECTS)) is None
+    assert mod.current_scores(SimpleNamespace(**{**vars(args), "dino_patch_tokens": False}), "lora_r8",
+                              list(SUBJECTS)) is None  # scored with the patch diagnostic, asked without
     scores = tmp_path / "eval" / "lora_r8" / "scores.json"
     index = tmp_path / "images" / "lora_r8" / "dog" / "index.json"
     later = scores.stat().st_mtime_ns + 10**9
@@ -116,9 +156,43 @@ def test_multi_subject_trainer_is_one_command():
     mod = load_script()
     args = SimpleNamespace(pretrained_model_name_or_path="base", dataset_dir="d", work_dir=Path("w"),
                            max_train_steps=3, resolution=32, seed=0, mixed_precision="no", train_args=["--x"])
-    cmd = mod.multi_subject_train_command(args, "singlora_r8", ["dog", "cat"])
+    run = mod.seed_runs(["singlora_r8"], 2)[1]
+    cmd = mod.multi_subject_train_command(args, run, ["dog", "cat"])
     assert cmd[1:5] == ["-m", mod.MULTI_SUBJECT_TRAINER, "--subjects", "dog"] and cmd[-1] == "--x"
     assert cmd[cmd.index("--method") + 1] == "singlora" and cmd[cmd.index("--rank") + 1] == "8"
+    assert cmd[cmd.index("--seed") + 1] == "1" and cmd[cmd.index("--output_dir") + 1] == str(
+        Path("w") / "adapters" / "singlora_r8_seed1")
+    dora = mod.multi_subject_train_command(args, mod.seed_runs(["dora_r8"], 1)[0], ["dog", "cat"])
+    assert dora[dora.index("--subjects_per_batch") + 1] == "1"  # DoRA does not bank: one at a time
+
+
+def test_more_seeds_extend_a_one_seed_work_dir(table3_run, tmp_path, monkeypatch):
+    """--seeds 2 on a copy of the one-seed work dir: seed 0 is reused as it is (the one-seed layout), only
+    the seed-1 runs train (one trainer command per run, --seed 1) and render; the table gets the paired
+    differences with intervals over the 2 subjects."""
+    work, argv = table3_run
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    mod = load_script()
+    calls = []
+    monkeypatch.setattr(mod, "run_trainer", in_process_trainer(mod, calls))
+    kept = [copy / "adapters" / "lora_r8" / "dog" / "adapter_model.safetensors", copy / "eval" / "lora_r8" / "scores.json"]
+    stamps = [f.stat().st_mtime_ns for f in kept]
+    argv = [*argv[:argv.index("--train_args")], "--seeds", "2", *argv[argv.index("--train_args"):]]
+    argv[argv.index("--work_dir") + 1] = str(copy)
+    mod.main(argv)
+    assert sorted(c[c.index("--output_dir") + 1] for c in calls) == [
+        str(copy / "adapters" / f"{r}_seed1") for r in ROWS]
+    assert all(c[c.index("--seed") + 1] == "1" for c in calls) and [f.stat().st_mtime_ns for f in kept] == stamps
+    for row in ROWS:
+        assert len(list((copy / "images" / f"{row}_seed1" / "dog").glob("*/*.png"))) == PROMPTS * IMAGES
+    stats = json.loads((copy / "table3.json").read_text())["rows"]
+    assert stats["lora_r8"]["seeds"] == [0, 1] and stats["lora_r8"]["metrics"]["dino"]["difference"] is None
+    diff = stats["singlora_r8"]["metrics"]["clip_i"]["difference"]
+    assert diff["n"] == len(SUBJECTS) and diff["low"] <= diff["mean"] <= diff["high"]
+    assert stats["singlora_r8"]["metrics"]["dino"]["std_seeds"] is not None
+    table = (copy / "table3.md").read_text()
+    assert "| singlora_r8 | 2 |" in table and "seeds: 0, 1" in table
 
 
 def test_render_reports_missing_and_rejects_unknown(table3_run, tmp_path, capsys):

@@ -1,0 +1,148 @@
+"""Table 3's statistics without training: the paired bootstrap (eval.metrics.paired_bootstrap), the --seeds
+layout and the table on a small synthetic scores input.
+
+Tolerances. Equal inputs are compared exactly (every difference is 0.0, so every resample mean is 0.0).
+For a constant shift c, a_i = fl(b_i + c) and d_i = fl(a_i - b_i) are each one rounding, so
+|d_i - c| <= eps * (|b_i| + |c|); a float64 mean of n such values adds at most n * eps * max|d| (a crude
+bound on a sum's rounding) and the quantile's interpolation one more rounding, hence
+tol = 2 * (n + 4) * eps * (max|b| + |c|). The synthetic scores are dyadic (multiples of 2^-10), so their
+seed means and differences are exact and the intervals are compared exactly.
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dreambooth_singlora.errors import UserError
+from dreambooth_singlora.eval.metrics import paired_bootstrap
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS = torch.finfo(torch.float64).eps
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("reproduce_table3", ROOT / "scripts" / "reproduce_table3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bootstrap_of_a_method_against_itself_is_exactly_zero():
+    a = torch.rand(30, generator=torch.Generator().manual_seed(1), dtype=torch.float64).tolist()
+    r = paired_bootstrap(a, a)
+    assert (r["mean"], r["low"], r["high"]) == (0.0, 0.0, 0.0) and r["n"] == 30 and r["n_resamples"] == 10_000
+
+
+def test_bootstrap_of_a_constant_shift_is_that_shift():
+    b = torch.rand(30, generator=torch.Generator().manual_seed(2), dtype=torch.float64).tolist()
+    c = 0.0371
+    a = [x + c for x in b]
+    r = paired_bootstrap(a, b)
+    tol = 2 * (len(b) + 4) * EPS * (max(map(abs, b)) + abs(c))  # module docstring
+    for k in ("mean", "low", "high"):
+        assert abs(r[k] - c) <= tol, (k, r[k] - c, tol)
+
+
+def test_bootstrap_two_subjects_and_determinism():
+    # d = (0, 1): a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5%
+    # quantiles are 0 and 1 unless fewer than 2.5% of 10,000 resamples hit an end (expected 25%: never seen)
+    r = paired_bootstrap([1.0, 2.0], [1.0, 1.0])
+    assert (r["mean"], r["low"], r["high"]) == (0.5, 0.0, 1.0)
+    a = torch.rand(12, generator=torch.Generator().manual_seed(3), dtype=torch.float64).tolist()
+    b = torch.rand(12, generator=torch.Generator().manual_seed(4), dtype=torch.float64).tolist()
+    assert paired_bootstrap(a, b) == paired_bootstrap(a, b)  # fixed RNG seed: the same interval every run
+    one = paired_bootstrap([0.7], [0.5])
+    assert one["low"] is None and one["high"] is None and abs(one["mean"] - 0.2) <= 2 * EPS
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_seeds_layout_keeps_the_one_seed_layout_for_the_first_seed(tmp_path):
+    mod = load_script()
+    runs = mod.seed_runs(["lora_r8", "dora_r8"], 3)
+    assert [(r.name, r.seed, r.group, r.method) for r in runs] == [
+        ("lora_r8", 0, "lora_r8", "lora"), ("lora_r8_seed1", 1, "lora_r8", "lora"),
+        ("lora_r8_seed2", 2, "lora_r8", "lora"), ("dora_r8", 0, "dora_r8", "dora"),
+        ("dora_r8_seed1", 1, "dora_r8", "dora"), ("dora_r8_seed2", 2, "dora_r8", "dora")]
+    assert [r.name for r in mod.seed_runs(["lora_r8"], 2, first_seed=5)] == ["lora_r8", "lora_r8_seed6"]
+    assert mod.seed_runs(["lora_r8"], 1) == [mod.Run("lora_r8", "lora", 8, 0, "lora_r8")]  # today's layout
+    with pytest.raises(UserError):
+        mod.seed_runs(["lora_r8"], 0)
+    args = SimpleNamespace(pretrained_model_name_or_path="base", dataset_dir="d", work_dir=tmp_path,
+                           max_train_steps=3, resolution=32, mixed_precision="no", train_args=[],
+                           num_inference_steps=2, guidance_scale=7.5, num_images_per_prompt=4,
+                           render_batch_size=4, compile=False, max_prompts=None, instance_prompt_template=None)
+    one = mod.train_command(args, runs[4], ["dog"], one_subject=True)
+    assert one[one.index("--output_dir") + 1] == str(tmp_path / "adapters" / "dora_r8_seed1" / "dog")
+    assert one[one.index("--seed") + 1] == "1" and "--instance_prompt" not in one
+    argv = mod.render_argv(args, runs[1], ["dog"])
+    assert argv[argv.index("--output") + 1] == str(tmp_path / "images" / "lora_r8_seed1")
+    assert argv[argv.index("--seed") + 1] == "1"
+    args.instance_prompt_template = "a photo of a {identifier} {cls}"
+    one = mod.train_command(args, runs[0], ["backpack"], one_subject=True)
+    assert one[one.index("--instance_prompt") + 1] == "a photo of a sks backpack"
+
+
+SUBJECTS = {"dog": 600, "cat": 420, "backpack": 700}   # base scores in units of 2^-10
+SEED_NOISE = (0, 16)                                   # seed 1 adds 16 / 1024 to every subject
+SHIFT = 8                                              # singlora = lora + 8 / 1024
+
+
+def synthetic(mod):
+    """2 rows x 2 seeds x 3 subjects of scores.json-like results, every value a multiple of 2^-10."""
+    runs = mod.seed_runs(["lora_r8", "singlora_r8"], 2)
+    results = {}
+    for r in runs:
+        shift = SHIFT if r.group == "singlora_r8" else 0
+        subj = {s: {m: (v + SEED_NOISE[r.seed] + shift + k) / 1024 for k, m in enumerate(("dino", "clip_i", "clip_t"))}
+                for s, v in SUBJECTS.items()}
+        summary = {m: dict(mean=math.fsum(x[m] for x in subj.values()) / len(subj), std=None)
+                   for m in ("dino", "clip_i", "clip_t")}
+        results[r.name] = dict(metrics=["dino", "clip_i", "clip_t"], subjects=subj, summary={"all": summary})
+    return mod, runs, results
+
+
+def test_table_on_synthetic_scores():
+    mod, runs, results = synthetic(load_script())
+    stats = mod.group_stats(results, runs)
+    lora, sing = stats["lora_r8"], stats["singlora_r8"]
+    assert lora["runs"] == ["lora_r8", "lora_r8_seed1"] and lora["seeds"] == [0, 1]
+    for k, m in enumerate(("dino", "clip_i", "clip_t")):
+        per = {s: (v + 8 + k) / 1024 for s, v in SUBJECTS.items()}  # mean over the two seeds: +16/2
+        assert lora["metrics"][m]["subjects"] == per  # exact: dyadic
+        expected = math.fsum(per.values()) / 3
+        assert abs(lora["metrics"][m]["mean"] - expected) <= 2 * EPS * expected
+        assert lora["metrics"][m]["difference"] is None  # the baseline is not compared with itself
+        # seed runs' means differ by 16/1024: sample std of two values = 16/1024 / sqrt(2)
+        assert abs(lora["metrics"][m]["std_seeds"] - 16 / 1024 / math.sqrt(2)) <= 4 * EPS
+        d = sing["metrics"][m]["difference"]
+        assert (d["mean"], d["low"], d["high"], d["n"]) == (SHIFT / 1024, SHIFT / 1024, SHIFT / 1024, 3)
+    assert "dino_patch" not in lora["metrics"]  # not scored, not shown
+    table = mod.table3(results, runs, None, stats)
+    assert "| lora_r8 | 2 |" in table and "| singlora_r8 | 2 |" in table and "DINO patch" not in table.split("\n\n")[1]
+    assert "| singlora_r8 | 3 | +0.008 [+0.008, +0.008] |" in table
+    assert "about 0.15" in table and "about 0.67" in table and "10000 resamples" in table
+    assert '"a photo of sks <class>"' in table and "400 optimizer steps" in table
+
+
+def test_provenance_says_when_a_run_is_not_the_protocol():
+    mod = load_script()
+    args = SimpleNamespace(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", dataset_dir="data",
+                           max_train_steps=400, resolution=512, mixed_precision="bf16", train_args=[],
+                           num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=4, max_prompts=None,
+                           render_batch_size=16, compile=False, encoders=["clip", "dino"], dino_patch_tokens=True,
+                           clip_checkpoint=None, dino_checkpoint=None, instance_prompt_template=None)
+    from dreambooth_singlora.prompts import subjects
+
+    runs = mod.seed_runs(["lora_r8"], 3)
+    prov = mod.provenance(args, runs, list(subjects()))
+    assert prov["differs from the protocol"] == "nothing" and prov["seeds"] == "0, 1, 2"
+    assert "400 optimizer steps" in prov["training"] and "'a photo of {identifier} {cls}'" in prov["training"]
+    args.max_train_steps, args.resolution = 2, 32
+    toy = mod.provenance(args, runs, ["dog"])["differs from the protocol"]
+    assert "max_train_steps 2 (protocol: 400)" in toy and "resolution 32 (protocol: 512)" in toy
+    assert "subjects 1 (protocol: 30)" in toy
