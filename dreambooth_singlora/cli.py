@@ -18,13 +18,15 @@ COMMANDS = {
                       "render many subjects' adapters, subjects mixed in each batch"),
     "export": ("dreambooth_singlora.export", "export an adapter as a standard (kohya / diffusers) LoRA"),
     "eval": ("dreambooth_singlora.eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
+    "demo": ("dreambooth_singlora.demo", "every command once on a tiny random-weight model: checks the install"),
 }
 
 #: the parser of each command, built without importing the command's module (which imports torch)
 HELP = {"train": "dreambooth_singlora.config:train_parser", "train-multi": "dreambooth_singlora.config:train_parser",
         "generate": "dreambooth_singlora.config:generate_parser",
         "generate-many": "dreambooth_singlora.config:generate_many_parser",
-        "export": "dreambooth_singlora.export:build_parser", "eval": "dreambooth_singlora.eval.cli:build_parser"}
+        "export": "dreambooth_singlora.export:build_parser", "eval": "dreambooth_singlora.eval.cli:build_parser",
+        "demo": "dreambooth_singlora.demo:build_parser"}
 
 
 def main(argv=None):

@@ -23,6 +23,15 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
+def use_cpu_threads(device) -> None:
+    """On a CPU, unless OMP_NUM_THREADS says otherwise, half the cores (at least one): torch's default of one
+    thread per core ran about 20x slower than one thread on a 2-core machine that had other work to do."""
+    import os
+
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB, orientation applied, transparency on white."""
     img = ImageOps.exif_transpose(img)
@@ -98,14 +107,33 @@ def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
-    """Paste same-size images into rows of `cols` on a white sheet (the last row may be short)."""
+def image_grid(images: list[Image.Image], cols: int = 4, captions: list[str] | None = None,
+               title: str | None = None, row_titles: list[str] | None = None) -> Image.Image:
+    """Paste same-size images into rows of `cols` on a white sheet (the last row may be short): a title line
+    on top, a line above each row (e.g. its prompt) and a caption under each image (e.g. its seed)."""
+    from PIL import ImageDraw, ImageFont
+
     if not images:
         raise UserError("no images to put on a sheet")
+    font = ImageFont.load_default()
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
     w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    line = 12  # the default font's line height
+    cap = line * max((c.count("\n") + 1 for c in captions), default=0) + 4 if captions else 0
+    top = line + 6 if title else 0
+    head = line + 4 if row_titles else 0
+    sheet = Image.new("RGB", (cols * w, top + rows * (head + h + cap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 3), title, fill="black", font=font)
+    chars = max(8, w // 6)  # what fits under a tile
     for i, im in enumerate(images):
-        sheet.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+        x, y = (i % cols) * w, top + (i // cols) * (head + h + cap) + head
+        if row_titles and i % cols == 0:
+            draw.text((2, y - head + 1), row_titles[i // cols][: cols * w // 6], fill="black", font=font)
+        sheet.paste(im.convert("RGB"), (x, y))
+        if captions:
+            text = "\n".join(part[:chars] for part in captions[i].split("\n"))
+            draw.text((x + 2, y + h + 2), text, fill="black", font=font)
     return sheet

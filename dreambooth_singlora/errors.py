@@ -33,12 +33,25 @@ def _close_progress_bars() -> None:
             pass
 
 
+def quiet_libraries() -> None:
+    """The project's own log lines at INFO; the libraries' at WARNING, less the known-harmless ones: open_clip's
+    INFO lines, the deprecation of `torch_dtype` that diffusers' pipeline loader passes on. Called once, by
+    every command."""
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("dreambooth_singlora", "eval"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*should be kept in float32.*")
+
+
 def cli_entry(main):
     """Wrap a CLI main(argv): UserError (and Ctrl-C) -> one line on stderr and a non-zero exit."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        quiet_libraries()
         try:
             return main(argv)
         except UserError as e:

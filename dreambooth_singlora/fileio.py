@@ -109,3 +109,35 @@ def check_writable(folder) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+
+
+def check_base_model(src: str) -> None:
+    """UserError at once, not after minutes of retries, for a base model that cannot be had: a local path
+    that does not exist, or a hub id that is neither in the local cache nor reachable (HF_HUB_OFFLINE set,
+    or no network)."""
+    from .errors import UserError
+
+    path = Path(src)
+    if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
+        if not path.expanduser().exists():
+            raise UserError(f"base model folder {src} does not exist (give a local diffusers folder with "
+                            "model_index.json, unet/, vae/, ... or a hub id such as runwayml/stable-diffusion-v1-5)")
+        return
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(src, local_files_only=True, allow_patterns=["model_index.json"])
+        return  # in the local cache
+    except Exception:  # noqa: BLE001 - not cached (the hub client raises several types)
+        pass
+    how = ("pass a local diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-v1-5 "
+           "(e.g. one made by `huggingface-cli download` on a machine with network)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"HF_HUB_OFFLINE is set and {src} is not in the local cache: {how}, or unset HF_HUB_OFFLINE")
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        raise UserError(f"no network to the model hub (huggingface.co) and {src} is not in the local cache: "
+                        f"{how}") from None

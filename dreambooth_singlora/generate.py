@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, merge_adapter,
                       read_adapter, remove_adapter, singlora_layers)
 from .config import SCHEDULERS, GenerateConfig, from_args, generate_many_parser, generate_parser, many_config
-from .data import image_grid
+from .data import image_grid, use_cpu_threads
 from .errors import UserError, cli_entry
-from .fileio import atomic_path, check_writable, write_json_atomic
+from .fileio import atomic_path, check_base_model, check_writable, write_json_atomic
 from .prompts import get_subject, slugify
 
 logger = logging.getLogger("dreambooth_singlora.generate")
@@ -73,7 +73,9 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
     base = base_model or meta.get("base_model")
     if not base:
         raise UserError(f"adapter {adapter} records no base model: give --pretrained_model_name_or_path")
+    check_base_model(base)
     device = torch.device(device) if device else PartialState().device
+    use_cpu_threads(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else _dtype(dtype, device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
@@ -357,8 +359,14 @@ def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Pat
     for rec in images:
         with Image.open(out / rec["file"]) as im:
             im.thumbnail((192, 192))
+            if max(im.size) < 128:  # tiny images: blown up so that the captions fit
+                im = im.resize((128 * im.size[0] // max(im.size), 128 * im.size[1] // max(im.size)),
+                               Image.Resampling.NEAREST)
             thumbs.append(im.convert("RGB"))
-    sheet = image_grid(thumbs, cols=cfg.num_images_per_prompt)
+    sheet = image_grid(thumbs, cols=cfg.num_images_per_prompt, captions=[f"seed {r['seed']}" for r in images],
+                       row_titles=list(dict.fromkeys(r["prompt"] for r in images)),
+                       title=f"{cfg.adapter or cfg.pretrained_model_name_or_path}: {cfg.num_inference_steps} steps, "
+                             f"guidance {cfg.guidance_scale:g}, {cfg.scheduler}")
     with atomic_path(out / "contact_sheet.png") as tmp:
         sheet.save(tmp, format="PNG")
     return out

@@ -38,9 +38,9 @@ from .bank import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_
 from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint,
                          save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
-from .data import image_grid, load_images, prepare
+from .data import image_grid, load_images, prepare, use_cpu_threads
 from .errors import UserError, cli_entry
-from .fileio import WriteError, atomic_path, check_writable, write_error, write_json_atomic, write_text_atomic
+from .fileio import WriteError, atomic_path, check_base_model, check_writable, write_error, write_json_atomic, write_text_atomic
 from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger("dreambooth_singlora.train")
@@ -65,6 +65,7 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
     from .prompts import get_subject, slugify
 
     check_writable(cfg.output_dir)
+    check_base_model(cfg.pretrained_model_name_or_path)
     if cfg.report_to == "tensorboard":
         check_writable(Path(cfg.output_dir) / "logs")
     if cfg.with_prior_preservation and cfg.class_data_dir:
@@ -142,7 +143,8 @@ def load_models(cfg: TrainConfig, device, dtype) -> Models:
     weights = {"variant": cfg.variant, "torch_dtype": dtype, **kw}  # read straight into the compute dtype
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=cfg.variant, dtype=dtype,
+                                                     **kw)  # transformers names it dtype
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **weights)
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
         noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
@@ -573,6 +575,7 @@ def make_accelerator(cfg: TrainConfig):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     set_seed(cfg.seed)  # the same seed before the same model loads gives the same initial adapter
+    use_cpu_threads(accelerator.device)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}  # "no": torch's default dtype (fp32; the tests' fp64)
@@ -672,7 +675,8 @@ def validate(cfg: TrainConfig, accelerator, models: Models, unet, step: int, bar
     with accelerator.autocast():
         images = pipe([cfg.validation_prompt] * cfg.num_validation_images, generator=gen, height=cfg.resolution,
                       width=cfg.resolution, num_inference_steps=25).images
-    grid = image_grid(images, cols=4)
+    grid = image_grid(images, cols=4, captions=[f"image {i}" for i in range(len(images))],
+                      title=f"step {step}, seed {cfg.seed}: {cfg.validation_prompt}")
     with atomic_path(Path(cfg.output_dir) / "validation" / f"step-{step:05d}.png") as tmp:
         grid.save(tmp, format="PNG")
     for tracker in accelerator.trackers:

@@ -251,7 +251,22 @@ def test_bad_base_model_is_one_line_in_a_real_process(tmp_path, dataset_dir):
                         str(tmp_path / "o"), "--report_to", "none"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
-    assert "Traceback" not in r.stderr and "cannot load base model" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and "base model folder" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("{tmp}/empty-folder", "cannot load base model"),  # exists, but is no diffusers folder
+    ("someone/not-cached-model", "HF_HUB_OFFLINE is set and someone/not-cached-model is not in the local cache"),
+])
+def test_unusable_base_model_fails_at_once(model, message, tiny_pipeline, dataset_dir, tmp_path, capsys, monkeypatch):
+    """Offline, a hub id that is not cached fails before anything loads (no minutes of retries), naming the fix."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--pretrained_model_name_or_path", model.format(tmp=tmp_path), "--subject", "dog", "--dataset_dir",
+              dataset_dir, "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and message in line and ("--pretrained_model_name_or_path" in line or "cannot" in line)
 
 
 # --------------------------------------------------------------------------- optimizer state, checkpoints
