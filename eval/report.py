@@ -314,7 +314,7 @@ def bar_chart(results: Mapping[str, dict], path) -> None:
                         fontsize=7, bbox=box, zorder=5)
     ax.set_xticks(range(len(metrics)), [label(m) for m in metrics])
     ax.set_ylabel("cosine similarity (mean of subject means)")
-    ax.set_ylim(min(0.0, low - 0.15) if low < 0 else 0.0, high + 0.15)
+    ax.set_ylim(low - 0.2 if low < 0 else 0.0, high + 0.15)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_title("Subject fidelity (DreamBooth protocol)\nerror bars: std across subjects", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(3, len(series)), frameon=False)

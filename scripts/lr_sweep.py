@@ -113,6 +113,7 @@ def sweep_plot(table: dict, path) -> None:
                 ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
                             yerr=[p[1]["std"] or 0.0 for p in pts], marker="o", capsize=3, label=meth)
         ax.set_xscale("log")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("learning rate")
         ax.set_title(LABELS.get(m, m), fontsize=10)
         ax.grid(True, alpha=0.3)
