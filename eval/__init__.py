@@ -11,12 +11,18 @@ modules import each other relatively, so either name works. The protocol, in thi
 with its sources, is docs/PROTOCOL.md; docs/EVAL.md says how to run it.
 """
 
-from .encoders import Encoder, available_encoders, image_encoder, load_encoder, load_encoders, register_encoder
-from .report import load_results, write_bound, write_report, write_score_outputs
-from .score import ReferenceCache, real_image_bound, scan_images, score_folder
+import importlib
 
-__all__ = [
-    "Encoder", "ReferenceCache", "available_encoders", "image_encoder", "load_encoder", "load_encoders",
-    "load_results", "real_image_bound", "register_encoder", "scan_images", "score_folder", "write_bound",
-    "write_report", "write_score_outputs",
-]
+_API = {  # name -> the module that defines it; loaded on first use, so that `eval --help` imports no torch
+    **dict.fromkeys(("Encoder", "available_encoders", "image_encoder", "load_encoder", "load_encoders",
+                     "register_encoder"), "encoders"),
+    **dict.fromkeys(("load_results", "write_bound", "write_report", "write_score_outputs"), "report"),
+    **dict.fromkeys(("ReferenceCache", "real_image_bound", "scan_images", "score_folder"), "score"),
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,9 +29,9 @@ logger = logging.getLogger(__package__)  # "dreambooth_singlora.eval" installed,
 
 def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
     """--encoders, --clip_checkpoint, --dino_checkpoint, --dino_patch_tokens, --device, --batch_size."""
-    from .encoders import available_encoders
-
-    p.add_argument("--encoders", nargs="+", default=["clip", "dino"], choices=available_encoders(),
+    # no choices= here: the registry lives beside torch, and --help must not import it; load_encoders
+    # refuses an unknown name with the list of registered ones
+    p.add_argument("--encoders", nargs="+", default=["clip", "dino"],
                    help="encoders to score with (default: clip dino; clip gives CLIP-I and CLIP-T, dino gives DINO)")
     p.add_argument("--clip_checkpoint", default=None,
                    help="local OpenAI CLIP ViT-B/32 weights: a file (.safetensors, or .bin/.pt state dict) or an "
