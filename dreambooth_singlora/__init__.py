@@ -5,8 +5,18 @@ loaded on first use, so that importing the package (the command line's `--help`)
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# Installed (pip install ., -e ., or the wheel), the repository's eval/ folder is this package's `eval`
+# subpackage (pyproject.toml's package-dir). Imported straight from a checkout that is not installed (the
+# checkout on PYTHONPATH, or as the current folder shadowing an install), the same mapping is made here: the
+# repository root joins this package's search path, so `dreambooth_singlora.eval` is eval/ there too.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "eval", "__init__.py")) and \
+        os.path.isfile(os.path.join(_checkout, "pyproject.toml")):
+    __path__.append(_checkout)  # noqa: F821 - the package's own __path__
 
 _API = {  # name -> the module that defines it
     **dict.fromkeys(("add_adapter", "add_singlora", "adapter_state_dict", "get_config", "load_adapter",

@@ -3,6 +3,8 @@
 # architecture, and random-weight CLIP ViT-B/32 and DINO ViT-S/16 of the real architectures (the fidelity
 # numbers mean nothing; the stage times, GPU use and the files do). Usage, from the repository root:
 #   bash scripts/gpu_table3_check.sh OUT_DIR [subjects...]
+# The package must be installed (pip install ., or its wheel on PYTHONPATH): `-m dreambooth_singlora.eval`
+# is the installed name of eval/. STEPS sets the training steps (default 400).
 # Writes OUT_DIR/table3_check.json (stage times, rerun time, file counts) and OUT_DIR/gpu_util.csv
 # (nvidia-smi every second).
 set -euo pipefail
@@ -26,15 +28,15 @@ save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, "/tmp/dino_
 PY
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$OUT/gpu_util.csv" &
 SMI=$!
+trap 'kill $SMI 2>/dev/null || true' EXIT
 run() {
   python scripts/reproduce_table3.py --pretrained_model_name_or_path /tmp/sd15 --dataset_dir "$DATA" \
     --work_dir "$WORK" --rows lora_r8 singlora_r8 --subjects $SUBJECTS --multi_subject --gpus 0 \
-    --mixed_precision bf16 --max_train_steps 400 --max_prompts 2 --render_batch_size 16 \
+    --mixed_precision bf16 --max_train_steps "${STEPS:-400}" --max_prompts 2 --render_batch_size 16 \
     --clip_checkpoint /tmp/clip_vitb32_random.safetensors --dino_checkpoint /tmp/dino_vits16_random.safetensors
 }
 T0=$(date +%s.%N); run > "$OUT/first_run.log" 2>&1; T1=$(date +%s.%N)
 run > "$OUT/rerun.log" 2>&1; T2=$(date +%s.%N)
-kill $SMI
 python - "$OUT" "$T0" "$T1" "$T2" "$WORK" <<'PY'
 import json, sys, glob, os
 out, t0, t1, t2, work = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
