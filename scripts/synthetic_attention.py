@@ -35,6 +35,9 @@ if ROOT not in sys.path:
 from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
 from dreambooth_singlora.singlora import init_A_, ramp, singlora_matmul  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic_common import torch_threads  # noqa: E402
+
 METHODS = ("lora", "singlora")
 TARGETS = ("general", "psd")
 
@@ -324,12 +327,8 @@ def make_plot(res: dict, curves: dict, path: str) -> None:
 
 def run(cfg: Config) -> dict:
     """The whole sweep: results dict (what --output holds); writes the JSON and the plot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config) -> dict:

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,17 @@ class Method:
 
 
 # ---------------------------------------------------------------- the problem
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's thread count is `n` inside the block and what it was afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_problem(seed: int, tokens: int, dim: int) -> dict:

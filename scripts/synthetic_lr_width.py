@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_common import (ROOT, Method, check_lrs, check_positive, diverged, machine,  # noqa: E402
-                              parse_config, quartiles, r4, train)
+                              parse_config, quartiles, r4, torch_threads, train)
 from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
 
 METHODS = ("lora", "loraplus", "singlora_width", "singlora_rank")
@@ -121,12 +121,8 @@ def slope(widths: list[int], best_lrs: list[float]) -> float:
 
 def run(cfg: Config) -> dict:
     """The whole sweep; results dict (what --output holds); writes the JSON and the plot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config) -> dict:
