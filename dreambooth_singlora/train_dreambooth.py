@@ -65,11 +65,11 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
     from .prompts import get_subject, slugify
 
     check_writable(cfg.output_dir)
-    check_base_model(cfg.pretrained_model_name_or_path)
     if cfg.report_to == "tensorboard":
         check_writable(Path(cfg.output_dir) / "logs")
     if cfg.with_prior_preservation and cfg.class_data_dir:
         check_writable(cfg.class_data_dir)
+    check_base_model(cfg.pretrained_model_name_or_path)
     if cfg.subjects is None:
         if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "

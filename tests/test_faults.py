@@ -171,7 +171,11 @@ def test_disk_full_message_names_what_is_intact_and_how_to_go_on(made, tiny_pipe
       "--output_dir", "{tmp}/file"], "is a file"),
     (["train", "--pretrained_model_name_or_path", "x", "--subject", "dog", "--dataset_dir", "{data}",
       "--output_dir", "{tmp}/ro/out"], "cannot write"),
-], ids=["size", "export-over-adapter", "output-is-a-file", "read-only-output"])
+    (["train", "--pretrained_model_name_or_path", "x", "--subject", "dog", "--dataset_dir", "{data}",
+      "--output_dir", "{tmp}/tb", "--report_to", "tensorboard"], "logs is a file"),
+    (["train", "--pretrained_model_name_or_path", "x", "--subject", "dog", "--dataset_dir", "{data}",
+      "--output_dir", "{tmp}/prior", "--with_prior_preservation", "--class_data_dir", "{tmp}/file/classes"], "cannot write"),
+], ids=["size", "export-over-adapter", "output-is-a-file", "read-only-output", "tensorboard-logs", "class-images"])
 def test_environment_faults_found_before_any_model_loads(argv, message, made, dataset_dir, tmp_path, capsys,
                                                          monkeypatch):
     import dreambooth_singlora.train_dreambooth as T
@@ -183,6 +187,8 @@ def test_environment_faults_found_before_any_model_loads(argv, message, made, da
         (tmp_path / "ro").mkdir()
         os.chmod(tmp_path / "ro", 0o500)
     (tmp_path / "file").write_text("x")
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "logs").write_text("a file where tensorboard's folder goes")
     monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("a model loaded before the check"))
     before = (made / "out" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(SystemExit) as e:

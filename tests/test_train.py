@@ -310,3 +310,11 @@ def test_incomplete_or_corrupt_checkpoint(reference_run, tiny_pipeline, dataset_
     (out / "checkpoints" / "checkpoint-8" / "optimizer.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="unreadable optimizer state"):
         train(cfg_for(tiny_pipeline, dataset_dir, out, resume_from_checkpoint="latest"))
+
+
+def test_subject_with_own_photos_says_which_photos_and_prompt(tiny_pipeline, dataset_dir, tmp_path, caplog):
+    """--subject dog --instance_data_dir mine/: the photos of mine/ with dog's prompt, said in so many words."""
+    out = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "o", instance_data_dir=str(Path(dataset_dir) / "cat"),
+                        max_train_steps=1, random_flip=False))
+    assert "with subject dog's prompt 'a photo of sks dog'" in caplog.text and str(Path(dataset_dir) / "cat") in caplog.text
+    assert json.loads((out / "adapter_config.json").read_text())["step"] == 1
