@@ -46,9 +46,10 @@ def _step_of(path: Path) -> int | None:
     return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
 
 
-def list_checkpoints(root) -> list[Path]:
-    """Complete checkpoint folders, oldest first. A `.tmp` folder (a save that did not finish) is never
-    listed; a `.replaced` one stands for its step while the folder replacing it is not complete."""
+def list_checkpoints(root, names: list[str] | None = None) -> list[Path]:
+    """Complete checkpoint folders (of the group `names`, if given), oldest first. A `.tmp` folder (a save
+    that did not finish) is never listed; a `.replaced` one stands for its step while the folder replacing
+    it is not complete."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -57,7 +58,8 @@ def list_checkpoints(root) -> list[Path]:
         step = _step_of(p)
         if step is not None and step not in found and (p / STATE_NAME).is_file():
             found[step] = p
-    return [found[s] for s in sorted(found)]
+    listed = [found[s] for s in sorted(found)]
+    return listed if names is None else [p for p in listed if _holds(read_state(p), names)]
 
 
 def save_optimizer_state(optimizer, folder: Path) -> dict:
@@ -66,11 +68,23 @@ def save_optimizer_state(optimizer, folder: Path) -> dict:
     from safetensors.torch import save_file
 
     sd = optimizer.state_dict()
+    flat = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in _flatten(s)}  # "<param>.<key>[.<key>...]"
+    bad = [k for k, v in flat.items() if not (torch.is_tensor(v) or isinstance(v, (int, float, bool, str, type(None))))]
+    if bad:
+        raise UserError(f"the optimizer's state holds {type(flat[bad[0]]).__name__} at {bad[0]}, which a checkpoint "
+                        "cannot store without pickle; use AdamW (drop --use_8bit_adam) or report it")
     with atomic_path(folder / OPTIMIZER_NAME) as tmp:
-        save_file({f"state.{i}.{k}": v.detach().cpu().contiguous()
-                   for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}, str(tmp))
-    scalars = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, (int, float))}
-    return {"param_groups": sd["param_groups"], "scalars": scalars}
+        save_file({f"state.{k}": v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)}, str(tmp))
+    return {"param_groups": sd["param_groups"], "scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
+
+
+def _flatten(state: dict, prefix: str = ""):
+    """(dotted key, value) of a possibly nested state dict (bitsandbytes nests its quantisation state)."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
@@ -78,12 +92,13 @@ def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
     from safetensors.torch import load_file
 
     state: dict = {}
-    for name, v in load_file(str(folder / OPTIMIZER_NAME)).items():
-        _, i, k = name.split(".", 2)
-        state.setdefault(int(i), {})[k] = v
-    for name, v in saved.get("scalars", {}).items():
-        i, k = name.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
+    values = {name.split(".", 1)[1]: v for name, v in load_file(str(folder / OPTIMIZER_NAME)).items()}
+    for name, v in {**values, **saved.get("scalars", {})}.items():  # "<param>.<key>[.<key>...]"
+        i, *path = name.split(".")
+        node = state.setdefault(int(i), {})
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
@@ -108,12 +123,13 @@ def save_checkpoint(output_dir, step: int, write_weights, optimizer, lr_schedule
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return commit_checkpoint(tmp, final, limit)
+    return commit_checkpoint(tmp, final, limit, state.get("subjects"))
 
 
-def commit_checkpoint(tmp: Path, final: Path, limit: int | None) -> Path:
+def commit_checkpoint(tmp: Path, final: Path, limit: int | None, names: list[str] | None = None) -> Path:
     """Rename the complete folder `tmp` to `final` (an existing `final` is moved aside first and removed
-    last, so some complete copy is always listed), then keep only the newest `limit` checkpoints."""
+    last, so some complete copy is always listed), then keep only the newest `limit` checkpoints (of the
+    group `names`: another group's are not this group's to prune)."""
     old = final.with_name(final.name + ".replaced")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -121,9 +137,15 @@ def commit_checkpoint(tmp: Path, final: Path, limit: int | None) -> Path:
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     if limit:
-        for stale in list_checkpoints(final.parent)[:-limit]:
+        for stale in list_checkpoints(final.parent, names)[:-limit]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def remove_checkpoints(output_dir, names: list[str]) -> None:
+    """Remove the checkpoints of the group `names` (its adapters are written; another group reuses the steps)."""
+    for p in list_checkpoints(checkpoint_root(output_dir), names):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def read_state(path: Path) -> dict:
@@ -139,16 +161,23 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def find_checkpoint(output_dir, resume: str, names: list[str]) -> Path | None:
+def find_checkpoint(output_dir, resume: str, names: list[str], max_steps: int) -> Path | None:
     """The checkpoint --resume_from_checkpoint names for the group `names`: 'latest' is the newest one in
-    <output_dir>/checkpoints that holds exactly these subjects (None if there is none: start at step 0)."""
+    <output_dir>/checkpoints that holds exactly these subjects at a step <= max_steps (None if there is
+    none: start at step 0). A folder given by name serves the group it holds; the others take 'latest'."""
     if resume != "latest":
         path = Path(resume)
         if not (path / STATE_NAME).is_file():
             raise UserError(f"{path} is not a training checkpoint (no {STATE_NAME}); give a checkpoint-<step> "
                             "folder or 'latest'")
-        return path
-    found = [p for p in list_checkpoints(checkpoint_root(output_dir)) if _holds(read_state(p), names)]
+        state = read_state(path)
+        if state["subjects"] is not None or len(names) == 1:
+            if _holds(state, names):
+                if state["step"] > max_steps:
+                    raise UserError(f"{path} is at step {state['step']}, past --max_train_steps {max_steps}")
+                return path
+            return find_checkpoint(output_dir, "latest", names, max_steps)
+    found = [p for p in list_checkpoints(checkpoint_root(output_dir), names) if read_state(p)["step"] <= max_steps]
     if not found:
         logger.info("no checkpoint of %s in %s: starting from step 0", ", ".join(names), checkpoint_root(output_dir))
         return None

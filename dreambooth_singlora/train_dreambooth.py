@@ -36,7 +36,7 @@ from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, 
                       trainable_parameters)
 from .bank import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank, row_to_staging
 from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint,
-                         save_checkpoint)
+                         remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
 from .data import image_grid, load_images, prepare, use_cpu_threads
 from .errors import UserError, cli_entry
@@ -44,6 +44,7 @@ from .fileio import WriteError, atomic_path, check_base_model, check_writable, w
 from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger("dreambooth_singlora.train")
+MAX_SKIPPED_STEPS = 100  # fp16 overflows in a row before the run stops as non-finite
 
 
 # --------------------------------------------------------------------------- the subjects of a run
@@ -335,8 +336,11 @@ class OneAdapter:
     def set_step(self, step: int) -> float:
         return set_step(self.base, step)
 
-    def clip(self) -> None:
-        self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+    def clip(self, optimizer) -> None:
+        # unscale this group's optimizer only (accelerator.clip_grad_norm_ would unscale every optimizer it
+        # prepared: earlier groups' hold the same tensors, so fp16 gradients would be divided again per group)
+        self.accelerator.unscale_gradients(optimizer=optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
 
     def finite(self) -> list[bool]:
         return [bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())]
@@ -376,8 +380,8 @@ class AdapterBank:
             self.u = u
         return u
 
-    def clip(self) -> None:
-        clip_grad_norm_per_row_(self.params, self.cfg.max_grad_norm)
+    def clip(self, optimizer) -> None:
+        clip_grad_norm_per_row_(self.params, self.cfg.max_grad_norm)  # (no fp16 in a bank: nothing to unscale)
 
     def finite(self) -> list[bool]:
         return torch.stack([torch.isfinite(p).flatten(1).all(1) for p in self.params]).all(0).tolist()
@@ -447,6 +451,8 @@ def train(cfg: TrainConfig) -> Path:
         try:
             stats.append(train_group(cfg, accelerator, models, unet, params, init, group,
                                      [datas[m.name] for m in group], dtype, phases))
+            if len(todo) > size and accelerator.is_main_process:  # written: the next group reuses the step names
+                remove_checkpoints(cfg.output_dir, [m.name for m in group])
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory training {len(group)} subject(s) in one batch: lower "
                             "--subjects_per_batch or add --gradient_checkpointing; finished subjects are saved, "
@@ -482,7 +488,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
 
     # 3. the loop: sample, forward, backward, update; read the loss back only every log_every steps
     unet.train()
-    first_step, loop_start = step, sync_time(accelerator.device)
+    first_step, loop_start, skipped = step, sync_time(accelerator.device), 0
     while step < cfg.max_train_steps:
         step_loss = 0.0
         for micro in range(cfg.gradient_accumulation_steps):
@@ -490,13 +496,16 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
                 losses = group_losses(adapters.denoise, models.noise_scheduler, datas, step, micro, prior_w, dtype)
                 accelerator.backward(losses.sum())
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    adapters.clip()
+                    adapters.clip(optimizer)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss = step_loss + losses.detach() / cfg.gradient_accumulation_steps
         if accelerator.optimizer_step_was_skipped:  # fp16 overflow: no optimizer step, so t and u stay
+            skipped += 1
+            check_finite(names, [skipped < MAX_SKIPPED_STEPS] * len(names), step, root)
             continue
+        skipped = 0
         loss_sum += step_loss
         step, n_sum = step + 1, n_sum + 1
         u = adapters.set_step(step)
@@ -514,7 +523,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             check_finite(names, adapters.finite(), step, root)
             if accelerator.is_main_process:
-                with reported(f"checkpoint-{step}", root):
+                with reported(f"checkpoint-{step}", root, names):
                     save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
                         "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
                         "config": cfg.shared_dict()}, cfg.checkpoints_total_limit)
@@ -532,7 +541,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
              "samples_per_s": round((step - first_step) * len(group) * per * cfg.gradient_accumulation_steps
                                     * accelerator.num_processes / loop_seconds, 2) if loop_seconds > 0 else None}
     if accelerator.is_main_process:
-        with reported(f"the results of {', '.join(names)}", root):
+        with reported(f"the results of {', '.join(names)}", root, names):
             write_results(cfg, accelerator, group, adapters, histories, step, init, {**stats, "phases": phases}, per)
     adapters.close()
     return stats
@@ -540,7 +549,8 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
 
 def resume(cfg: TrainConfig, names: list[str], adapters, optimizer, lr_scheduler) -> tuple[int, dict]:
     """(step, loss histories by subject) from --resume_from_checkpoint; (0, empty) for a fresh start."""
-    found = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint, names) if cfg.resume_from_checkpoint else None
+    found = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint, names, cfg.max_train_steps) \
+        if cfg.resume_from_checkpoint else None
     step, histories = load_checkpoint(found, names, cfg.adapter_config().to_dict(), adapters.load_weights,
                                       optimizer, lr_scheduler) if found is not None else (0, {})
     logger.info("%s: %s, steps %d -> %d", ", ".join(names), cfg.method, step, cfg.max_train_steps)
@@ -586,14 +596,14 @@ def make_optimizer_and_schedule(cfg: TrainConfig, accelerator, unet):
     """The optimizer over the UNet's trainable tensors and its learning-rate schedule, prepared by accelerate."""
     from diffusers.optimization import get_scheduler
 
-    optimizer = make_optimizer(cfg, unet, accelerator.device)
+    optimizer = make_optimizer(cfg, unet, accelerator.device, fp16=accelerator.mixed_precision == "fp16")
     n = accelerator.num_processes  # accelerate steps a prepared schedule once per process
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
                                  num_training_steps=cfg.max_train_steps * n)
     return accelerator.prepare(optimizer, lr_scheduler)
 
 
-def make_optimizer(cfg: TrainConfig, unet, device):
+def make_optimizer(cfg: TrainConfig, unet, device, fp16: bool = False):
     """AdamW (fused on CUDA, or bitsandbytes' 8-bit) over the UNet's trainable tensors; LoRA+ through PEFT."""
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
@@ -605,8 +615,9 @@ def make_optimizer(cfg: TrainConfig, unet, device):
         opt_cls = bnb.optim.AdamW8bit
     else:
         opt_cls = torch.optim.AdamW
-        if device.type == "cuda" and cfg.fused_adam:
-            kw["fused"] = True  # one kernel for all adapter tensors
+        if device.type == "cuda" and cfg.fused_adam and not fp16:
+            kw["fused"] = True  # one kernel for all adapter tensors (with fp16 the fused kernel skips an
+            # overflowed step inside itself, where accelerate cannot see it: t, u and the schedule would move on)
     if cfg.method == "loraplus":  # B's tensors (a bank's are named *_lora_B too) get lr x ratio
         from peft.optimizers import create_loraplus_optimizer
 
@@ -616,14 +627,14 @@ def make_optimizer(cfg: TrainConfig, unet, device):
 
 
 @contextmanager
-def reported(what: str, root: Path):
+def reported(what: str, root: Path, names: list[str]):
     """A failed write (full disk, no permission) inside the block becomes one line that names what was being
     written, what is intact and how to go on."""
     try:
         yield
     except (WriteError, OSError) as e:
         err = e if isinstance(e, WriteError) else write_error(getattr(e, "filename", None) or root, e)
-        found = list_checkpoints(checkpoint_root(root))
+        found = list_checkpoints(checkpoint_root(root), names)
         keep = f"{found[-1].name} is intact" if found else "no checkpoint was complete before it"
         raise UserError(f"{err.what()} while writing {what} ({err.path}); {keep} and nothing written before "
                         "was lost; free space (or fix the permission) and run the same command with "
@@ -635,7 +646,7 @@ def check_finite(names: list[str], ok: list[bool], step: int, root: Path) -> Non
     bad = [n for n, good in zip(names, ok) if not good]
     if not bad:
         return
-    found = list_checkpoints(checkpoint_root(root))
+    found = list_checkpoints(checkpoint_root(root), names)
     keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before it"
     raise UserError(f"loss of {', '.join(bad)} became non-finite by step {step}; training stopped and {keep}. "
                     "Lower --learning_rate or use --mixed_precision bf16 instead of fp16")

@@ -428,3 +428,29 @@ def no_adapter_left(unet) -> bool:
 
     return get_config(unet) is None and not any(isinstance(a.processor, BankProcessor)
                                                 for _, a in attention_modules(unet))
+
+
+def test_groups_do_not_prune_each_others_checkpoints(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
+    """Three subjects in groups of 2 and 1 share <output_dir>/checkpoints and its step names: a finished group's
+    checkpoints go once its adapters are written, and the limit prunes only the group's own."""
+    out = tmp_path / "run"
+    flags = base(tiny_pipeline, dataset_dir, subjects=["dog", "cat", "backpack"], subjects_per_batch=2,
+                 output_dir=str(out), max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
+                 gradient_accumulation_steps=1)
+    real = T.save_checkpoint
+
+    def crash_in_backpack_after_step_3(root, step, write, optimizer, sched, state, limit):
+        path = real(root, step, write, optimizer, sched, state, limit)
+        if state["subjects"] == ["backpack"] and step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(T, "save_checkpoint", crash_in_backpack_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**flags))
+    root = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(root, ["backpack"])] == ["checkpoint-2", "checkpoint-3"]
+    assert list_checkpoints(root, ["dog", "cat"]) == []  # written, then removed
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    train(TrainConfig(**flags))  # resumes backpack from its own checkpoint-3
+    assert json.loads((out / "backpack" / "train_stats.json").read_text())["steps_run"] == 1

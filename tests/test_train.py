@@ -282,8 +282,9 @@ def test_loraplus_keeps_weight_decay_and_ratio(tiny_unet, tiny_pipeline, dataset
     assert sorted({g["lr"] for g in groups}) == [cfg.learning_rate, cfg.learning_rate * cfg.loraplus_lr_ratio]
 
 
-def test_optimizer_state_round_trip_keeps_plain_number_state(tmp_path):
-    """bitsandbytes keeps an int 'step' in its state: it must survive a checkpoint (safetensors + JSON)."""
+def test_optimizer_state_round_trip_keeps_plain_number_and_nested_state(tmp_path):
+    """bitsandbytes keeps an int 'step' and, in current versions, a nested dict of quantisation state
+    (tensors and numbers) per parameter: all of it must survive a checkpoint (safetensors + JSON)."""
     from dreambooth_singlora.checkpoint import load_optimizer_state, save_optimizer_state
 
     p = torch.nn.Parameter(torch.randn(3, 2))
@@ -291,12 +292,16 @@ def test_optimizer_state_round_trip_keeps_plain_number_state(tmp_path):
     p.grad = torch.ones_like(p)
     opt.step()
     opt.state[p]["int_step"] = 7
+    opt.state[p]["__bnb_optimizer_quant_state__"] = {"state1": torch.arange(4.0), "absmax1": torch.ones(2),
+                                                     "blocksize": 256}
     saved = json.loads(json.dumps(save_optimizer_state(opt, tmp_path)))
     q = torch.nn.Parameter(p.detach().clone())
     opt2 = torch.optim.AdamW([q], lr=0.5)
     load_optimizer_state(opt2, tmp_path, saved)
     assert opt2.state[q]["int_step"] == 7 and opt2.param_groups[0]["lr"] == 0.1
     assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+    nested = opt2.state[q]["__bnb_optimizer_quant_state__"]
+    assert torch.equal(nested["state1"], torch.arange(4.0)) and nested["blocksize"] == 256
 
 
 def test_incomplete_or_corrupt_checkpoint(reference_run, tiny_pipeline, dataset_dir, tmp_path):
