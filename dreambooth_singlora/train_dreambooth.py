@@ -35,7 +35,7 @@ from . import __version__
 from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, read_adapter, save_adapter, set_step,
                       trainable_parameters)
 from .bank import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank, row_to_staging
-from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint,
+from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint, read_state,
                          remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
 from .data import image_grid, load_images, prepare, use_cpu_threads
@@ -58,6 +58,7 @@ class Member:
     class_prompt: str | None
     class_data_dir: str | None
     output_dir: Path
+    photos: list  # [name, bytes] of each photo read: with the settings, what tells this run from another
 
 
 def plan_members(cfg: TrainConfig) -> list[Member]:
@@ -76,8 +77,9 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
                            "over --subject's photos)", cfg.instance_data_dir, cfg.subject, cfg.instance_prompt)
         name = cfg.subject or Path(cfg.output_dir).name
-        images, _ = load_images(cfg.instance_data_dir, "instance")
-        return [Member(name, images, cfg.instance_prompt, cfg.class_prompt, cfg.class_data_dir, Path(cfg.output_dir))]
+        images, paths = load_images(cfg.instance_data_dir, "instance")
+        return [Member(name, images, cfg.instance_prompt, cfg.class_prompt, cfg.class_data_dir, Path(cfg.output_dir),
+                       _photos(paths))]
     missing = [n for n in cfg.subjects if not (Path(cfg.dataset_dir) / n).is_dir()]
     if missing:
         raise UserError(f"no photo folder for {len(missing)} subject(s) in {cfg.dataset_dir}: "
@@ -86,21 +88,49 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
     for n in cfg.subjects:
         s = get_subject(n)
         classes = Path(cfg.output_dir) / "class_images" / slugify(s.class_prompt())  # one set per class prompt
-        members.append(Member(n, load_images(Path(cfg.dataset_dir) / n, "instance")[0], s.instance_prompt(cfg.identifier),
-                              s.class_prompt(), str(classes) if cfg.with_prior_preservation else None,
-                              Path(cfg.output_dir) / n))
+        images, paths = load_images(Path(cfg.dataset_dir) / n, "instance")
+        members.append(Member(n, images, s.instance_prompt(cfg.identifier), s.class_prompt(),
+                              str(classes) if cfg.with_prior_preservation else None, Path(cfg.output_dir) / n,
+                              _photos(paths)))
     return members
 
 
-def finished(cfg: TrainConfig, member: Member) -> bool:
-    """Whether the member's folder already holds its final adapter (same settings, last step)."""
+def _photos(paths) -> list:
+    return [[p.name, p.stat().st_size] for p in paths]
+
+
+#: the settings that decide what an adapter learns (not how long, where it is logged or checkpointed)
+RUN_KEYS = ("pretrained_model_name_or_path", "revision", "variant", "seed", "resolution", "center_crop",
+            "random_flip", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+            "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_8bit_adam",
+            "max_grad_norm", "with_prior_preservation", "prior_loss_weight", "num_class_images", "identifier",
+            "method", "rank", "alpha", "ramp_steps", "init", "target_modules", "loraplus_lr_ratio")
+
+
+def run_of(cfg: TrainConfig, member: Member) -> dict:
+    """What identifies the run that trains `member`: its subject, prompts, photos and the settings of RUN_KEYS.
+    Saved with each adapter and checkpoint; a folder holding another run's is never taken for this one's."""
+    d = cfg.to_dict()
+    return {"subject": member.name, "instance_prompt": member.instance_prompt, "class_prompt": member.class_prompt,
+            "photos": member.photos, **{k: d[k] for k in RUN_KEYS}}
+
+
+def check_not_another_run(cfg: TrainConfig, member: Member) -> bool:
+    """True if the member's folder holds its finished adapter; UserError if it holds another run's adapter
+    (other photos, subject or settings), unless --overwrite; False otherwise."""
     try:
         meta, _ = read_adapter(member.output_dir)
     except UserError:
         return False
-    ours = cfg.adapter_config().to_dict()
-    return meta.get("step") == cfg.max_train_steps and all(
-        meta.get(k) == ours[k] for k in ("method", "rank", "alpha", "target_modules", "init", "ramp_steps"))
+    ours = run_of(cfg, member)
+    if meta.get("run") == ours:
+        return bool(cfg.resume_from_checkpoint) and meta.get("step") == cfg.max_train_steps
+    if cfg.overwrite:
+        return False
+    theirs = meta.get("run") or {}
+    diff = next((k for k in ours if theirs.get(k) != ours[k]), None) if theirs else "its settings (written by 0.1)"
+    raise UserError(f"{member.output_dir} holds the adapter of another run ({diff} differs): give another "
+                    "--output_dir, or --overwrite to replace it")
 
 
 def check_group_size(cfg: TrainConfig, size: int, accelerator=None) -> None:
@@ -351,9 +381,10 @@ class OneAdapter:
     def load_weights(self, folder: Path) -> None:
         load_adapter_state_dict(self.base, read_adapter(folder)[1])
 
-    def save_member(self, i: int, out: Path, step: int) -> None:
+    def save_member(self, i: int, member: Member, step: int) -> None:
         set_step(self.base, step)
-        save_adapter(self.base, out, base_model=self.cfg.pretrained_model_name_or_path)
+        save_adapter(self.base, member.output_dir, base_model=self.cfg.pretrained_model_name_or_path,
+                     extra={"run": run_of(self.cfg, member)})
 
     def close(self) -> None:
         pass
@@ -402,10 +433,11 @@ class AdapterBank:
             for k, v in bank.items():
                 own[k].copy_(v)
 
-    def save_member(self, i: int, out: Path, step: int) -> None:
+    def save_member(self, i: int, member: Member, step: int) -> None:
         row_to_staging(self.base, i)  # the staging adapter then holds subject i's tensors: save it as one
         set_step(self.base, step)
-        save_adapter(self.base, out, base_model=self.cfg.pretrained_model_name_or_path)
+        save_adapter(self.base, member.output_dir, base_model=self.cfg.pretrained_model_name_or_path,
+                     extra={"run": run_of(self.cfg, member)})
 
     def close(self) -> None:
         self.routing.route(None)
@@ -424,13 +456,15 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.overwrite and accelerator.is_main_process:  # --overwrite: start over, once every input checked
         shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)
     accelerator.wait_for_everyone()
-    phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
-    models = load_models(cfg, accelerator.device, dtype)
-    phases["models_loaded"] = since_start()
-    todo = [m for m in members if not (cfg.resume_from_checkpoint and finished(cfg, m))]
+    todo = [m for m in members if not check_not_another_run(cfg, m)]
     for m in members:
         if m not in todo:
             logger.info("%s: finished adapter in %s, skipped", m.name, m.output_dir)
+    if not todo:
+        return Path(cfg.output_dir)
+    phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
+    models = load_models(cfg, accelerator.device, dtype)
+    phases["models_loaded"] = since_start()
     datas = {m.name: TrainData(cfg, m, accelerator, models) for m in todo}
     phases["latents_cached"] = since_start()
     if cfg.validation_prompt is None:  # nothing needs the VAE or the text encoder again
@@ -479,7 +513,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
     optimizer, lr_scheduler = make_optimizer_and_schedule(cfg, accelerator, base)
 
     # 2. resume: adapters, optimizer, schedule, step; the data of step t is a function of t
-    step, histories = resume(cfg, names, adapters, optimizer, lr_scheduler)
+    step, histories = resume(cfg, group, adapters, optimizer, lr_scheduler)
     u, prior_w = adapters.set_step(step), cfg.prior_loss_weight if cfg.with_prior_preservation else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {names[0]}" if len(group) == 1
                else f"training {len(group)} subjects", disable=not accelerator.is_local_main_process)
@@ -526,7 +560,8 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
                 with reported(f"checkpoint-{step}", root, names):
                     save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
                         "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
-                        "config": cfg.shared_dict()}, cfg.checkpoints_total_limit)
+                        "runs": {m.name: run_of(cfg, m) for m in group}, "config": cfg.shared_dict()},
+                        cfg.checkpoints_total_limit)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
             validate(cfg, accelerator, models, base, step, bar)
             unet.train()
@@ -547,10 +582,19 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
     return stats
 
 
-def resume(cfg: TrainConfig, names: list[str], adapters, optimizer, lr_scheduler) -> tuple[int, dict]:
-    """(step, loss histories by subject) from --resume_from_checkpoint; (0, empty) for a fresh start."""
+def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_scheduler) -> tuple[int, dict]:
+    """(step, loss histories by subject) from --resume_from_checkpoint; (0, empty) for a fresh start.
+    A checkpoint of another run (other photos or settings; 0.1 checkpoints record none) is refused."""
+    names = [m.name for m in group]
     found = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint, names, cfg.max_train_steps) \
         if cfg.resume_from_checkpoint else None
+    runs = read_state(found).get("runs") if found is not None else None
+    other = [m for m in group if runs is not None and runs.get(m.name) != run_of(cfg, m)]
+    if other:
+        theirs, ours = runs.get(other[0].name) or {}, run_of(cfg, other[0])
+        diff = next(k for k in ours if theirs.get(k) != ours[k])
+        raise UserError(f"{found} is a checkpoint of another run of {other[0].name} ({diff} differs): give another "
+                        "--output_dir, or --overwrite to start over")
     step, histories = load_checkpoint(found, names, cfg.adapter_config().to_dict(), adapters.load_weights,
                                       optimizer, lr_scheduler) if found is not None else (0, {})
     logger.info("%s: %s, steps %d -> %d", ", ".join(names), cfg.method, step, cfg.max_train_steps)
@@ -561,7 +605,7 @@ def write_results(cfg, accelerator, group: list[Member], adapters, histories, st
     """Each subject's folder: adapter, loss curve, model card, train_stats.json (each file atomically)."""
     n_params, phases = sum(t.numel() for t in init.values()), stats.pop("phases")
     for i, m in enumerate(group):
-        adapters.save_member(i, m.output_dir, step)
+        adapters.save_member(i, m, step)
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
         write_text_atomic(m.output_dir / "README.md", model_card(cfg, m, step, n_params, stats["loop_seconds"]))
         write_json_atomic(m.output_dir / "train_stats.json", {

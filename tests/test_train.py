@@ -323,3 +323,31 @@ def test_subject_with_own_photos_says_which_photos_and_prompt(tiny_pipeline, dat
                         max_train_steps=1, random_flip=False))
     assert "with subject dog's prompt 'a photo of sks dog'" in caplog.text and str(Path(dataset_dir) / "cat") in caplog.text
     assert json.loads((out / "adapter_config.json").read_text())["step"] == 1
+
+
+def test_another_runs_folder_is_never_taken_for_this_one(reference_run, tiny_pipeline, dataset_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    """Resume is the default, so a folder holding another run (another subject, other photos, other settings)
+    must not be skipped as finished or resumed: one line naming what differs; --overwrite starts over."""
+    import shutil
+
+    import dreambooth_singlora.train_dreambooth as T
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    argv = cli_args(cfg_for(tiny_pipeline, dataset_dir, out))
+    monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("a finished run loaded the model"))
+    main(argv)  # the same run: finished, skipped without loading a model
+    monkeypatch.undo()
+    for change, differs in ((["--subject", "cat"], "subject"), (["--learning_rate", "3e-4"], "learning_rate")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + change)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"({differs} differs)" in line and "--overwrite" in line
+    (out / "adapter_model.safetensors").unlink()  # killed before its adapter: only its checkpoints are there
+    with pytest.raises(SystemExit):
+        main(argv + ["--learning_rate", "3e-4"])
+    assert "a checkpoint of another run of dog (learning_rate differs)" in capsys.readouterr().err
+    main(argv + ["--learning_rate", "3e-4", "--overwrite", "--max_train_steps", "2"])
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["step"] == 2 and meta["run"]["learning_rate"] == 3e-4
