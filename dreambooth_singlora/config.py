@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -108,6 +109,24 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
         else:
             kw["type"] = tp
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
+
+
+def _digest(adapter: Path) -> str | None:
+    """sha256 (16 hex digits) of an adapter folder's weights file; None if there is none."""
+    weights = adapter if adapter.suffix == ".safetensors" else adapter / WEIGHTS_NAME
+    try:
+        st = weights.stat()
+    except OSError:
+        return None
+    return _digest_of(str(weights), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is read again
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -401,9 +420,13 @@ class GenerateConfig:
                                 f"got {v}; e.g. {max(8, round(v / 8) * 8)}")
 
     def settings(self) -> dict:
-        """What decides the images (recorded in each PNG and in index.json)."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("prompt", "prompts_file", "output_dir", "skip_existing", "overwrite")}
+        """What decides the images (recorded in each PNG and in index.json), the adapter's weights included
+        (a digest of the file: an adapter trained again under the same path renders again)."""
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("prompt", "prompts_file", "output_dir", "skip_existing", "overwrite")}
+        if self.adapter:
+            out["adapter_weights"] = _digest(Path(self.adapter))
+        return out
 
     def prompts(self) -> list[str]:
         """The prompts, in order: --prompt flags, then --prompts_file lines, then --subject's 25."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, merge_adapter,
@@ -234,6 +234,16 @@ def _cfg_doubles_batch(pipe, guidance_scale: float) -> bool:
     return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
+def rendered(job: Job) -> bool:
+    """Whether job.path already holds this job's image: a complete PNG whose recorded prompt, seed and settings
+    (the adapter's weights digest among them) are the job's. Another run's image there is rendered again."""
+    try:
+        with Image.open(job.path) as im:
+            return im.text.get("prompt") == job.prompt and im.text.get("settings") == json.dumps(job.settings)
+    except Exception:  # noqa: BLE001 - missing, truncated or not a PNG: render it
+        return False
+
+
 def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[float]:
     """The renderer: every job's image, cfg.batch_size a batch (routed per sample through a bank when
     `routing` is given), PNGs written on worker threads. Jobs whose PNG exists are skipped with
@@ -241,7 +251,7 @@ def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[flo
     for p in dict.fromkeys(j.prompt for j in jobs):
         check_prompt_length(pipe.tokenizer, p)
     if cfg.skip_existing:
-        jobs = [j for j in jobs if not j.path.is_file()]
+        jobs = [j for j in jobs if not rendered(j)]
     doubled, seconds = _cfg_doubles_batch(pipe, cfg.guidance_scale), []
     with compiled(pipe, cfg.compile), PngWriter() as writer:
         for batch, n in tqdm(batches(jobs, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch"):

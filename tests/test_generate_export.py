@@ -18,11 +18,11 @@ from dreambooth_singlora.generate import main as generate_main
 from dreambooth_singlora.testing import TINY_UNET_CONFIG
 
 
-def make_adapter(tiny_pipeline, folder, method="singlora", unet=None, **kw):
+def make_adapter(tiny_pipeline, folder, method="singlora", unet=None, seed=0, **kw):
     """A saved adapter with random (non-zero) weights, mid-ramp, so every test can fail."""
     unet = unet or UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
     add_adapter(unet, SingLoRAConfig(method=method, rank=4, alpha=6.0, ramp_steps=10, **kw))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in unet.parameters():
             if p.requires_grad:
@@ -230,3 +230,24 @@ def test_plan_never_puts_two_prompts_in_one_folder():
 
     slugs = [s for _, s, k in plan(["a sks dog", "a sks dog", "a sks dog 2", "a sks dog"], 1)]
     assert slugs == ["a-sks-dog", "a-sks-dog-2", "a-sks-dog-2-2", "a-sks-dog-3"]
+
+
+def test_resume_keeps_its_own_images_and_renders_another_adapters_again(tiny_pipeline, tmp_path):
+    """generate resumes by default: a second run keeps the images it made, but images of an adapter that was
+    trained again under the same path (or of other settings) are rendered again, never kept as if current."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_pipeline, adapter)
+    cfg = GenerateConfig(adapter=str(adapter), prompt=["a sks dog"], num_images_per_prompt=2, num_inference_steps=2,
+                         output_dir=str(tmp_path / "out"), seed=3)
+    pipe = load_pipeline(cfg.adapter, scheduler=cfg.scheduler)
+    generate_images(pipe, cfg)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "a-sks-dog").glob("*.png")}
+    generate_images(pipe, cfg)  # nothing to do
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "a-sks-dog").glob("*.png")} == stamps
+    shutil.rmtree(adapter)
+    make_adapter(tiny_pipeline, adapter, seed=5)  # trained again: other weights, same path
+    generate_images(load_pipeline(cfg.adapter, scheduler=cfg.scheduler), cfg)
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "a-sks-dog").glob("*.png")}
+    assert again.keys() == stamps.keys() and all(again[k] != stamps[k] for k in stamps)
