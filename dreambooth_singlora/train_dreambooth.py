@@ -449,6 +449,10 @@ class AdapterBank:
 def train(cfg: TrainConfig) -> Path:
     """Run DreamBooth training as `cfg` says; returns cfg.output_dir (the adapter, or one folder per subject)."""
     members = plan_members(cfg)  # every input checked before any model loads
+    if cfg.resume_from_checkpoint not in (None, "latest") and len(members) > 1 and \
+            read_state(Path(cfg.resume_from_checkpoint)).get("subjects") is None:
+        raise UserError(f"{cfg.resume_from_checkpoint} is a 0.1 checkpoint of one unnamed subject: resume it in a "
+                        "run of that one subject (--subject or --instance_data_dir), not with --subjects")
     size = min(cfg.subjects_per_batch or len(members), len(members))
     check_group_size(cfg, size)
     accelerator, dtype = make_accelerator(cfg)

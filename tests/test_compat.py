@@ -81,3 +81,12 @@ def test_legacy_checkpoint_with_other_settings_is_refused(tiny_pipeline, dataset
               "--output_dir", str(out), "--rank", "4", "--resolution", "32", "--report_to", "none",
               "--resume_from_checkpoint", "latest", "--max_train_steps", "4"])
     assert e.value.code == 2 and "rank=2" in capsys.readouterr().err
+
+
+def test_legacy_checkpoint_named_for_several_subjects_is_refused(tiny_pipeline, dataset_dir, tmp_path):
+    """A 0.1 checkpoint names no subject: given by path to a run of several subjects, it would fit each one."""
+    from dreambooth_singlora import UserError
+
+    with pytest.raises(UserError, match="0.1 checkpoint of one unnamed subject"):
+        train(settings(tiny_pipeline, dataset_dir, tmp_path / "run", subjects=["dog", "cat"], subjects_per_batch=1,
+                       resume_from_checkpoint=str(LEGACY / "single-checkpoint-2")))
