@@ -3,13 +3,13 @@ rates x 1 subject, 2 steps at 32 px, 1 prompt x 2 images of 2 inference steps. T
 process with the argv the script builds (tests/test_reproduce.py's table3_run runs the same stage functions
 through real processes); rendering and scoring run in this process as the script runs them without --gpus."""
 
-import importlib.util
 import json
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +30,7 @@ def fresh_accelerate_state():
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("lr_sweep", ROOT / "scripts" / "lr_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("lr_sweep")
 
 
 @pytest.fixture(scope="module")

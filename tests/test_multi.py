@@ -23,15 +23,15 @@ from safetensors.torch import load_file
 
 import dreambooth_singlora.train_dreambooth as T
 from dreambooth_singlora import UserError, load_adapter
-from dreambooth_singlora.adapter import (adapter_state_dict, add_adapter, attention_modules, load_adapter_state_dict,
-                                         remove_adapter, save_adapter, set_step, trainable_parameters)
+from dreambooth_singlora.adapter import (adapter_state_dict, add_adapter, attention_modules, remove_adapter,
+                                         save_adapter, set_step, trainable_parameters)
 from dreambooth_singlora.bank import (BankProcessor, add_bank, bank_parameters, bank_state_dict,
-                                      clip_grad_norm_per_row_, get_routing, staging_to_row)
+                                      clip_grad_norm_per_row_, get_routing)
 from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.config import SingLoRAConfig, TrainConfig
 from dreambooth_singlora.generate import generate_many
 from dreambooth_singlora.train_dreambooth import train
-from trainer_utils import killed_run
+from helpers import killed_run
 
 STEPS = 6
 SUBJECTS = ("dog", "cat")

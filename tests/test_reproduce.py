@@ -2,7 +2,6 @@
 (2 subjects x 2 prompts x 4 images, 2 rows; then a second seed added to a copy). Numbers from random
 encoders mean nothing; the plumbing is real."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import load_script
 
 from dreambooth_singlora.eval.cli import main as eval_main
 
@@ -19,11 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS, SUBJECTS, PROMPTS, IMAGES = ("lora_r8", "singlora_r8"), ("dog", "backpack"), 2, 4
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reproduce_table3", ROOT / "scripts" / "reproduce_table3.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_table3():
+    return load_script("reproduce_table3")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +34,7 @@ def table3_run(tiny_pipeline, dataset_dir, tiny_eval_checkpoints, tmp_path_facto
             "--clip_checkpoint", str(tiny_eval_checkpoints["clip_dir"]),
             "--dino_checkpoint", str(tiny_eval_checkpoints["dino_dir"]), "--multi_subject", "--mixed_precision", "no",
             "--train_args", "--report_to", "none"]
-    load_script().main(argv)
+    load_table3().main(argv)
     return work, argv
 
 
@@ -112,14 +109,14 @@ def test_table3_rerun_with_nothing_to_do_starts_no_process(table3_run, monkeypat
     monkeypatch.setattr(subprocess, "run", no_process)
     monkeypatch.setattr(subprocess, "Popen", no_process)
     monkeypatch.setattr(ev, "load_encoders", no_encoder)
-    load_script().main(argv)
+    load_table3().main(argv)
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert (work / "table3.md").read_text() == table  # the same scores read back, the same table
 
 
 def test_render_todo_finds_every_kind_of_missing_image(table3_run, tmp_path):
     work, _ = table3_run
-    mod = load_script()
+    mod = load_table3()
     images = tmp_path / "images"
     shutil.copytree(work / "images" / "lora_r8", images)
     assert mod.render_todo(images, SUBJECTS, PROMPTS, IMAGES) == []
@@ -133,7 +130,7 @@ def test_render_todo_finds_every_kind_of_missing_image(table3_run, tmp_path):
 
 def test_scores_are_kept_only_while_current(table3_run, tmp_path):
     work, _ = table3_run
-    mod = load_script()
+    mod = load_table3()
     for part in ("images", "eval"):
         shutil.copytree(work / part / "lora_r8", tmp_path / part / "lora_r8")
     args = SimpleNamespace(work_dir=tmp_path, max_prompts=PROMPTS, num_images_per_prompt=IMAGES,
@@ -153,7 +150,7 @@ def test_scores_are_kept_only_while_current(table3_run, tmp_path):
 
 def test_multi_subject_trainer_is_one_command():
     """The multi-subject trainer call lives in one place and passes the trainer's own flags."""
-    mod = load_script()
+    mod = load_table3()
     args = SimpleNamespace(pretrained_model_name_or_path="base", dataset_dir="d", work_dir=Path("w"),
                            max_train_steps=3, resolution=32, seed=0, mixed_precision="no", train_args=["--x"])
     run = mod.seed_runs(["singlora_r8"], 2)[1]
@@ -173,7 +170,7 @@ def test_more_seeds_extend_a_one_seed_work_dir(table3_run, tmp_path, monkeypatch
     work, argv = table3_run
     copy = tmp_path / "work"
     shutil.copytree(work, copy)
-    mod = load_script()
+    mod = load_table3()
     calls = []
     monkeypatch.setattr(mod, "run_trainer", in_process_trainer(mod, calls))
     kept = [copy / "adapters" / "lora_r8" / "dog" / "adapter_model.safetensors", copy / "eval" / "lora_r8" / "scores.json"]

@@ -1,23 +1,15 @@
 """scripts/synthetic_attention.py: a tiny run of the LoRA vs SingLoRA attention experiment, end to end."""
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "synthetic_attention.py")
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("synthetic_attention")
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,15 @@
 """scripts/synthetic_lr_width.py: the learning-rate x width sweep on a tiny config, and its summary maths."""
 
-import importlib.util
 import json
-import math
-import os
-import sys
 
 import pytest
+from helpers import load_script
 import torch
-
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
 
 @pytest.fixture(scope="module")
 def lw():
-    if SCRIPTS not in sys.path:
-        sys.path.insert(0, SCRIPTS)
-    spec = importlib.util.spec_from_file_location("synthetic_lr_width", os.path.join(SCRIPTS, "synthetic_lr_width.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("synthetic_lr_width")
 
 
 @pytest.fixture(scope="module")

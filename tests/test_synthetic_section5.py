@@ -1,24 +1,14 @@
 """scripts/synthetic_section5.py and scripts/synthetic_common.py: the section-5 task, end to end on a tiny config."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
+from helpers import load_script
 import torch
-
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
 
 def load(name):
-    if SCRIPTS not in sys.path:
-        sys.path.insert(0, SCRIPTS)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 @pytest.fixture(scope="module")

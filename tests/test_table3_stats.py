@@ -9,12 +9,12 @@ tol = 2 * (n + 4) * eps * (max|b| + |c|). The synthetic scores are dyadic (multi
 seed means and differences are exact and the intervals are compared exactly.
 """
 
-import importlib.util
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import load_script
 import torch
 
 from dreambooth_singlora.errors import UserError
@@ -24,11 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EPS = torch.finfo(torch.float64).eps
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reproduce_table3", ROOT / "scripts" / "reproduce_table3.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_table3():
+    return load_script("reproduce_table3")
 
 
 def test_bootstrap_of_a_method_against_itself_is_exactly_zero():
@@ -62,7 +59,7 @@ def test_bootstrap_two_subjects_and_determinism():
 
 
 def test_seeds_layout_keeps_the_one_seed_layout_for_the_first_seed(tmp_path):
-    mod = load_script()
+    mod = load_table3()
     runs = mod.seed_runs(["lora_r8", "dora_r8"], 3)
     assert [(r.name, r.seed, r.group, r.method) for r in runs] == [
         ("lora_r8", 0, "lora_r8", "lora"), ("lora_r8_seed1", 1, "lora_r8", "lora"),
@@ -107,7 +104,7 @@ def synthetic(mod):
 
 
 def test_table_on_synthetic_scores():
-    mod, runs, results = synthetic(load_script())
+    mod, runs, results = synthetic(load_table3())
     stats = mod.group_stats(results, runs)
     lora, sing = stats["lora_r8"], stats["singlora_r8"]
     assert lora["runs"] == ["lora_r8", "lora_r8_seed1"] and lora["seeds"] == [0, 1]
@@ -130,7 +127,7 @@ def test_table_on_synthetic_scores():
 
 
 def test_provenance_says_when_a_run_is_not_the_protocol():
-    mod = load_script()
+    mod = load_table3()
     args = SimpleNamespace(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", dataset_dir="data",
                            max_train_steps=400, resolution=512, mixed_precision="bf16", train_args=[],
                            num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=4, max_prompts=None,

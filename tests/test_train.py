@@ -18,7 +18,7 @@ from dreambooth_singlora.config import TrainConfig
 from dreambooth_singlora.data import load_images, to_rgb
 from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.train_dreambooth import main, train
-from trainer_utils import killed_run
+from helpers import killed_run
 
 STEPS = 12
 

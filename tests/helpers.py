@@ -1,8 +1,23 @@
-"""Helpers for the trainer tests: a real process killed at a chosen point."""
+"""Helpers shared by the tests: a script of scripts/ loaded as a module, a real process killed at a chosen point."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a fresh module (registered in sys.modules: dataclasses look their module up
+    there; scripts/ on sys.path: the scripts import their siblings)."""
+    if SCRIPTS not in sys.path:
+        sys.path.insert(0, SCRIPTS)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def killed_run(argv: list[str], kill_at_step: int, cwd) -> int:
