@@ -311,7 +311,7 @@ def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts
         for group in ([names] if key is not None else [[n] for n in names]):
             jobs = [Job(p, k, out / n / slug / f"{k}.png", replace(cfg, adapter=str(adapters[n])).settings(), row)
                     for row, n in enumerate(group) for p, slug, k in plan(prompts[n], cfg.num_images_per_prompt)]
-            with placed(pipe.unet, [adapters[n] for n in group], cfg) as routing:
+            with placed(pipe.unet, [adapters[n] for n in group], cfg, bank=key is not None) as routing:
                 seconds += render(pipe, cfg, jobs, routing)
             n_images += len(jobs)
     for n in adapters:
@@ -322,14 +322,15 @@ def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts
 
 
 @contextmanager
-def placed(unet, paths: list, cfg: GenerateConfig):
-    """For the `with` block, the adapter at paths[0] merged on `unet` (yields None), or the adapters at
-    `paths` in one bank, row i = paths[i] (yields the bank's routing); the UNet is bare again afterwards."""
+def placed(unet, paths: list, cfg: GenerateConfig, bank: bool):
+    """For the `with` block, the adapter at paths[0] merged on `unet` (yields None), or with `bank` the
+    adapters at `paths` in one bank, row i = paths[i] (yields the bank's routing); the UNet is bare again
+    afterwards."""
     from .adapter import load_adapter_state_dict
-    from .bank import BANKED, add_bank, staging_to_row
+    from .bank import add_bank, staging_to_row
 
     xformers = cfg.enable_xformers_memory_efficient_attention
-    if len(paths) == 1 and read_adapter(paths[0])[0].get("method") not in BANKED:
+    if not bank:
         place_adapter(unet, paths[0], adapter_scale=cfg.adapter_scale, use_xformers=xformers)
         try:
             yield None
