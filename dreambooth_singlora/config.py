@@ -9,15 +9,15 @@ imports torch, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
 from .errors import UserError
 from .prompts import IDENTIFIER, get_subject
+from .prompts import subjects as all_subjects
 
 METHODS = ("singlora", "lora", "loraplus", "dora")
 #: The two files of a saved adapter
@@ -82,11 +82,8 @@ class SingLoRAConfig:
 # --------------------------------------------------------------------------- CLI <-> dataclass
 
 def _unwrap_optional(tp):
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
@@ -96,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
         if f.metadata.get("cli") is False or f.name in exclude:
             continue
         tp = _unwrap_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not MISSING else f.default_factory()
         kw = {"help": f.metadata.get("help", ""), "default": default}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
@@ -137,10 +134,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return text if "default" in text.lower() else super()._get_help_string(action)
 
 
-def dataclass_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser whose flags are the fields of the dataclass `cls`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
-    add_arguments(parser, cls)
+def command_parser(command: str, description: str, cls=None) -> argparse.ArgumentParser:
+    """The parser of `dreambooth-singlora <command>`; with `cls`, one flag per field of that dataclass."""
+    parser = argparse.ArgumentParser(prog=f"dreambooth-singlora {command}", description=description,
+                                     formatter_class=HelpFormatter)
+    if cls is not None:
+        add_arguments(parser, cls)
     return parser
 
 
@@ -155,11 +154,11 @@ def module_doc(module: str) -> str:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    return dataclass_parser(TrainConfig, "dreambooth-singlora train", module_doc("dreambooth_singlora.train_dreambooth"))
+    return command_parser("train", module_doc("dreambooth_singlora.train_dreambooth"), TrainConfig)
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    return dataclass_parser(GenerateConfig, "dreambooth-singlora generate", module_doc("dreambooth_singlora.generate"))
+    return command_parser("generate", module_doc("dreambooth_singlora.generate"), GenerateConfig)
 
 
 def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
@@ -177,8 +176,7 @@ def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
 
 
 def generate_many_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth-singlora generate-many", formatter_class=HelpFormatter,
-                                     description=module_doc("dreambooth_singlora.generate"))
+    parser = command_parser("generate-many", module_doc("dreambooth_singlora.generate"))
     add_many_arguments(parser)
     return parser
 
@@ -197,8 +195,8 @@ def from_args(cls, ns: argparse.Namespace):
 
 # --------------------------------------------------------------------------- training
 
-PRECISIONS = ("no", "fp16", "bf16")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+NEEDS_DATASET = "--dataset_dir (the DreamBooth dataset folder, <dataset_dir>/<subject>/*.jpg)"
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 @dataclass
@@ -244,7 +242,7 @@ class TrainConfig(SingLoRAConfig):
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for UNet activation memory"))
     learning_rate: float = field(default=1e-4, metadata=_help("adapter learning rate"))
-    lr_scheduler: str = field(default="constant", metadata=_help("learning-rate schedule", choices=SCHEDULERS))
+    lr_scheduler: str = field(default="constant", metadata=_help("learning-rate schedule", choices=LR_SCHEDULERS))
     lr_warmup_steps: int = field(default=0, metadata=_help("warm-up steps of the schedule"))
     adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
@@ -254,7 +252,7 @@ class TrainConfig(SingLoRAConfig):
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
     mixed_precision: typing.Optional[str] = field(default=None, metadata=_help(
         "no, fp16 or bf16 (default: accelerate's config); frozen models run in it, the adapter stays fp32",
-        choices=PRECISIONS))
+        choices=("no", "fp16", "bf16")))
     allow_tf32: bool = field(default=False, metadata=_help("allow TF32 matmuls on Ampere+ GPUs"))
     enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help(
         "xformers attention (needs the xformers extra)"))
@@ -288,8 +286,6 @@ class TrainConfig(SingLoRAConfig):
                                 "prompts and output folder come from --dataset_dir and --output_dir/<subject>")
             self.subjects = list(self.subjects)
             if self.subjects == ["all"]:
-                from .prompts import subjects as all_subjects
-
                 self.subjects = list(all_subjects())
             if not self.subjects or "all" in self.subjects:
                 raise UserError("--subjects takes 'all' alone, or a list of subject names")
@@ -299,8 +295,7 @@ class TrainConfig(SingLoRAConfig):
             for n in self.subjects:
                 get_subject(n)
             if not self.dataset_dir:
-                raise UserError("--subjects needs --dataset_dir (the DreamBooth dataset folder, "
-                                "<dataset_dir>/<subject>/*.jpg)")
+                raise UserError(f"--subjects needs {NEEDS_DATASET}")
         elif self.subjects_per_batch is not None:
             raise UserError("--subjects_per_batch goes with --subjects")
         if self.subjects_per_batch is not None and self.subjects_per_batch < 1:
@@ -308,22 +303,22 @@ class TrainConfig(SingLoRAConfig):
         if self.subject is not None:
             subj = get_subject(self.subject)
             if not self.dataset_dir and not self.instance_data_dir:
-                raise UserError("--subject needs --dataset_dir (the DreamBooth dataset folder, "
-                                "<dataset_dir>/<subject>/*.jpg)")
+                raise UserError(f"--subject needs {NEEDS_DATASET}")
             self.instance_data_dir = self.instance_data_dir or str(Path(self.dataset_dir) / subj.name)
             self.instance_prompt = self.instance_prompt or subj.instance_prompt(self.identifier)
             self.class_prompt = self.class_prompt or subj.class_prompt()
         if not self.pretrained_model_name_or_path:
             raise UserError("--pretrained_model_name_or_path is required (a hub id or a local diffusers folder)")
-        if self.subjects is None and not self.instance_data_dir:
-            raise UserError("give --instance_data_dir (and --instance_prompt), --subject or --subjects with "
-                            "--dataset_dir")
-        if self.subjects is None and not self.instance_prompt:
-            raise UserError("--instance_prompt is required with --instance_data_dir, e.g. 'a photo of sks dog'")
-        if self.with_prior_preservation and self.subjects is None and not self.class_prompt:
-            raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog') or --subject")
-        if self.with_prior_preservation and self.subjects is None and not self.class_data_dir:
-            self.class_data_dir = str(Path(self.output_dir) / "class_images")
+        if self.subjects is None:
+            if not self.instance_data_dir:
+                raise UserError("give --instance_data_dir (and --instance_prompt), --subject or --subjects with "
+                                "--dataset_dir")
+            if not self.instance_prompt:
+                raise UserError("--instance_prompt is required with --instance_data_dir, e.g. 'a photo of sks dog'")
+            if self.with_prior_preservation and not self.class_prompt:
+                raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog') or --subject")
+            if self.with_prior_preservation and not self.class_data_dir:
+                self.class_data_dir = str(Path(self.output_dir) / "class_images")
         if self.resolution < 8 or self.resolution % 8:
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
@@ -342,10 +337,10 @@ class TrainConfig(SingLoRAConfig):
             self.resume_from_checkpoint = None
 
     def adapter_config(self) -> SingLoRAConfig:
-        return SingLoRAConfig.from_dict({f.name: getattr(self, f.name) for f in fields(SingLoRAConfig)})
+        return SingLoRAConfig(**SingLoRAConfig.to_dict(self))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"target_modules": list(self.target_modules)}
+        return asdict(self) | {"target_modules": list(self.target_modules)}
 
     def shared_dict(self) -> dict:
         """The settings every subject of a run shares (what a checkpoint records as the run's config)."""
