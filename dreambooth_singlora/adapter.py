@@ -21,7 +21,7 @@ from . import __version__
 from .config import CONFIG_NAME, WEIGHTS_NAME, SingLoRAConfig
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
-from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, require_xformers
+from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, key_of, require_xformers
 from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ def attention_modules(unet):
 def get_config(unet) -> SingLoRAConfig | None:
     """The config of the adapter on `unet`, or None."""
     return getattr(unet, "_dbsl_config", None)
+
+
+def _require_config(unet, purpose: str = "") -> SingLoRAConfig:
+    """The config of the adapter on `unet`; UserError "this UNet has no adapter<purpose>" if there is none."""
+    config = get_config(unet)
+    if config is None:
+        raise UserError(f"this UNet has no adapter{purpose}")
+    return config
 
 
 def set_processor(attn, processor) -> None:
@@ -162,7 +170,7 @@ def singlora_layers(unet):
     for name, attn in attention_modules(unet):
         proc = singlora_processor(attn)
         if proc is not None:
-            out += [(name, t, proc.adapters[t.replace(".", "_")]) for t in proc.targets]
+            out += [(name, t, proc.adapters[key_of(t)]) for t in proc.targets]
     return out
 
 
@@ -179,9 +187,7 @@ def trainable_parameters(unet) -> list[torch.nn.Parameter]:
 
 def set_step(unet, step: int) -> float:
     """Set the SingLoRA ramp from the optimizer step count; returns u. No-op (u = 1) for baselines."""
-    config = get_config(unet)
-    if config is None:
-        raise UserError("this UNet has no adapter")
+    config = _require_config(unet)
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before setting the step")
     u = ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0
@@ -193,9 +199,7 @@ def set_step(unet, step: int) -> float:
 
 def set_use_xformers(unet, enabled: bool) -> None:
     """Switch the adapted UNet's attention between SDPA and xformers (UserError if xformers is missing)."""
-    config = get_config(unet)
-    if config is None:
-        raise UserError("this UNet has no adapter")
+    _require_config(unet)
     if enabled:
         require_xformers()
     from diffusers.models.attention_processor import XFormersAttnProcessor
@@ -211,9 +215,7 @@ def set_use_xformers(unet, enabled: bool) -> None:
 
 def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors under architecture-level names (no processor/PEFT internals)."""
-    config = get_config(unet)
-    if config is None:
-        raise UserError("this UNet has no adapter")
+    config = _require_config(unet)
     if config.method == "singlora":
         return {f"{path}.{target}.A": layer.A for path, target, layer in singlora_layers(unet)}
     from peft import get_peft_model_state_dict
@@ -246,9 +248,7 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
     generation is exact), targets, base model and tool version; it is also stored in the
     safetensors metadata, so the weights file alone is self-describing.
     """
-    config = get_config(unet)
-    if config is None:
-        raise UserError("this UNet has no adapter to save")
+    config = _require_config(unet, " to save")
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
     step = getattr(unet, "_dbsl_step", 0)
@@ -356,9 +356,7 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
     safe=True computes the merged weights first and refuses (UserError, nothing changed)
     if any is non-finite. Merging a merged UNet is a no-op with a warning.
     """
-    config = get_config(unet)
-    if config is None:
-        raise UserError("this UNet has no adapter to merge")
+    config = _require_config(unet, " to merge")
     if is_merged(unet):
         logger.warning("adapter already merged; nothing to do")
         return
@@ -380,10 +378,11 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
     else:
         merged = []
         for path, target, layer in singlora_layers(unet):
-            weight = unet.get_submodule(path).get_submodule(target).weight
-            merged.append((weight, (at_least_fp32(weight) + layer.delta_weight()).to(weight.dtype)))
-            if safe and not torch.isfinite(merged[-1][1]).all():
+            weight = unet.get_submodule(f"{path}.{target}").weight
+            new = (at_least_fp32(weight) + layer.delta_weight()).to(weight.dtype)
+            if safe and not torch.isfinite(new).all():
                 raise UserError(f"merge refused: {path}.{target} would get non-finite weights; nothing changed")
+            merged.append((weight, new))
         with torch.no_grad():
             for weight, new in merged:
                 weight.copy_(new)
@@ -407,7 +406,7 @@ def unmerge_adapter(unet) -> None:
     else:
         with torch.no_grad():
             for path, target, layer in singlora_layers(unet):
-                weight = unet.get_submodule(path).get_submodule(target).weight
+                weight = unet.get_submodule(f"{path}.{target}").weight
                 weight.copy_((at_least_fp32(weight) - layer.delta_weight()).to(weight.dtype))
         for _, attn in attention_modules(unet):
             singlora_processor(attn).merged = False
