@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter import read_adapter
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
 
@@ -73,8 +74,9 @@ def save_optimizer_state(optimizer, folder: Path) -> dict:
     if bad:
         raise UserError(f"the optimizer's state holds {type(flat[bad[0]]).__name__} at {bad[0]}, which a checkpoint "
                         "cannot store without pickle; use AdamW (drop --use_8bit_adam) or report it")
+    tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)}
     with atomic_path(folder / OPTIMIZER_NAME) as tmp:
-        save_file({f"state.{k}": v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)}, str(tmp))
+        save_file(tensors, str(tmp))
     return {"param_groups": sd["param_groups"], "scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
 
 
@@ -102,10 +104,6 @@ def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-
-
 def save_checkpoint(output_dir, step: int, write_weights, optimizer, lr_scheduler, state: dict,
                     limit: int | None) -> Path:
     """Write checkpoint-<step> (weights by `write_weights(folder)`, optimizer, schedule and `state`), commit
@@ -113,13 +111,14 @@ def save_checkpoint(output_dir, step: int, write_weights, optimizer, lr_schedule
     the temporary folder is removed and every earlier checkpoint is as it was."""
     root = checkpoint_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
+    schedule = {k: v for k, v in lr_scheduler.state_dict().items()
+                if isinstance(v, (int, float, str, bool, list, type(None)))}  # what JSON holds
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         write_weights(tmp)
         write_json_atomic(tmp / STATE_NAME, {  # written last: its presence marks a complete checkpoint
-            **state, "step": step, "optimizer": save_optimizer_state(optimizer, tmp),
-            "lr_scheduler": _jsonable(lr_scheduler.state_dict())})
+            **state, "step": step, "optimizer": save_optimizer_state(optimizer, tmp), "lr_scheduler": schedule})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -196,12 +195,12 @@ def load_checkpoint(path: Path, names: list[str], adapter_settings: dict, load_w
     if not _holds(state, names):
         raise UserError(f"checkpoint {path} holds subjects {state['subjects']}, this group is {names}: resume "
                         "with the same --subjects and --subjects_per_batch, or use 'latest'")
-    saved = state.get("adapter") or _adapter_settings_of(path)
+    saved = state.get("adapter") or read_adapter(path)[0]  # before 0.2 the settings were in the adapter only
     for key in ADAPTER_KEYS:
         if saved.get(key) != adapter_settings.get(key):
             raise UserError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, this run has "
-                            f"{adapter_settings.get(key)!r}: resume with the same settings, or start over with --overwrite "
-                            "or a new --output_dir")
+                            f"{adapter_settings.get(key)!r}: resume with the same settings, or start over with "
+                            "--overwrite or a new --output_dir")
     load_weights(path)
     try:
         load_optimizer_state(optimizer, path, state["optimizer"])
@@ -214,9 +213,3 @@ def load_checkpoint(path: Path, names: list[str], adapter_settings: dict, load_w
         histories = {names[0]: histories[None]}
     logger.info("resumed %s from %s at step %d", ", ".join(names), path, state["step"])
     return int(state["step"]), histories
-
-
-def _adapter_settings_of(path: Path) -> dict:
-    from .adapter import read_adapter
-
-    return read_adapter(path)[0]
