@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import UserError
@@ -46,10 +46,6 @@ def write_error(path, e: BaseException) -> WriteError:
     return WriteError(getattr(e, "filename", None) or path, (reason or type(e).__name__).lower(), full)
 
 
-def _is_write_failure(e: BaseException) -> bool:
-    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
-
-
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it replaces `path` atomically. A write that fails
@@ -63,29 +59,22 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
-        if _is_write_failure(e) and not isinstance(e, WriteError):
+        if (isinstance(e, OSError) or type(e).__name__ == "SafetensorError") and not isinstance(e, WriteError):
             raise write_error(path, e) from None
         raise
     finally:
-        try:
-            if tmp.exists():
-                tmp.unlink()
-        except OSError:
-            pass
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
+    with suppress(OSError):  # not supported on every platform / filesystem
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -115,8 +104,6 @@ def check_base_model(src: str) -> None:
     """UserError at once, not after minutes of retries, for a base model that cannot be had: a local path
     that does not exist, or a hub id that is neither in the local cache nor reachable (HF_HUB_OFFLINE set,
     or no network)."""
-    from .errors import UserError
-
     path = Path(src)
     if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
         if not path.expanduser().exists():
