@@ -9,6 +9,7 @@ files that are not images (by extension) are ignored.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -26,8 +27,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 def use_cpu_threads(device) -> None:
     """On a CPU, unless OMP_NUM_THREADS says otherwise, half the cores (at least one): torch's default of one
     thread per core ran about 20x slower than one thread on a 2-core machine that had other work to do."""
-    import os
-
     if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
@@ -81,28 +80,17 @@ def load_images(folder, what: str = "instance") -> tuple[list[Image.Image], list
     return [im for im, _ in good], [p for _, p in good]
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
     """RGB image -> (3, H, W) in [-1, 1]: short side to `resolution`; center crop if `crop`,
     else the long side is trimmed to a multiple of 8 (random crops are taken later, from latents)."""
-    img = resize_short_side(img, resolution)
-    if crop:
-        img = center_crop(img, resolution)
-    else:
-        w, h = img.size
-        img = img.crop(((w % 8) // 2, (h % 8) // 2, (w % 8) // 2 + w - w % 8, (h % 8) // 2 + h - h % 8))
+    w, h = img.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    w, h = img.size
+    cw, ch = (resolution, resolution) if crop else (w - w % 8, h - h % 8)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return x / 127.5 - 1.0
 
