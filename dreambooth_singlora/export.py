@@ -16,15 +16,12 @@ LoRA and LoRA+ adapters export the same way; DoRA exports to diffusers layout wi
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from .config import CONFIG_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, WEIGHTS_NAME, command_parser
 from .errors import UserError, cli_entry
 from .fileio import atomic_path
 
-
-logger = logging.getLogger("dreambooth_singlora.export")
 FORMATS = ("kohya", "diffusers")
 
 
@@ -96,19 +93,13 @@ def export_lora(adapter, fmt: str, output) -> Path:
     from safetensors.torch import save_file
 
     tensors, info = to_standard_lora(adapter, fmt)
-    try:
-        with atomic_path(output) as tmp:
-            save_file(tensors, str(tmp), metadata=info)
-    except OSError as e:
-        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    with atomic_path(output) as tmp:  # a failed write: WriteError, one line saying why
+        save_file(tensors, str(tmp), metadata=info)
     return output
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from .config import HelpFormatter
-
-    parser = parser or argparse.ArgumentParser(prog="dreambooth-singlora export", description=__doc__,
-                                               formatter_class=HelpFormatter)
+    parser = parser or command_parser("export", __doc__)
     parser.add_argument("--adapter", required=True, help="adapter folder to export")
     parser.add_argument("--format", default="kohya", choices=FORMATS,
                         help="key layout of the LoRA file: kohya (default) loads in A1111, ComfyUI, kohya sd-scripts "
