@@ -20,9 +20,9 @@ from .errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import HelpFormatter
+    from .config import command_parser
 
-    p = argparse.ArgumentParser(prog="dreambooth-singlora demo", description=__doc__, formatter_class=HelpFormatter)
+    p = command_parser("demo", __doc__)
     p.add_argument("--output", "--output_dir", default="runs/demo", dest="output", help="the demo's folder")
     p.add_argument("--steps", type=int, default=20, help="training steps")
     return p
@@ -47,7 +47,8 @@ def main(argv=None):
         build_tiny_pipeline(model)
     clip, dino = out / "encoders" / "clip", out / "encoders" / "dino"
     if not (clip / "open_clip_config.json").is_file():
-        save_tiny_clip(clip), save_tiny_dino(dino)
+        save_tiny_clip(clip)
+        save_tiny_dino(dino)
     steps = [
         ["train", "--pretrained_model_name_or_path", str(model), "--subject", "dog", "--dataset_dir", str(photos),
          "--output_dir", str(out / "dog" / "adapter"), "--resolution", "32", "--max_train_steps", str(args.steps),
@@ -57,7 +58,8 @@ def main(argv=None):
          "--output_dir", str(out / "dog" / "images" / "dog")],
         ["export", "--adapter", str(out / "dog" / "adapter"), "--output", str(out / "dog" / "dog_kohya.safetensors")],
         ["eval", "score", "--images", str(out / "dog" / "images"), "--dataset_dir", str(photos), "--output",
-         str(out / "dog" / "eval"), "--subjects", "dog", "--clip_checkpoint", str(clip), "--dino_checkpoint", str(dino)],
+         str(out / "dog" / "eval"), "--subjects", "dog", "--clip_checkpoint", str(clip),
+         "--dino_checkpoint", str(dino)],
     ]
     for argv_ in steps:
         print("\n$ dreambooth-singlora " + " ".join(argv_), flush=True)
