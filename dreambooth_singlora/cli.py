@@ -12,7 +12,8 @@ import sys
 COMMANDS = {
     "train": ("dreambooth_singlora.train_dreambooth",
               "train adapters: --subject, --subjects ... or your photos (accelerate launch for many GPUs)"),
-    "train-multi": ("dreambooth_singlora.train_dreambooth", "the same command as train (its earlier name for --subjects)"),
+    "train-multi": ("dreambooth_singlora.train_dreambooth",
+                    "the same command as train (its earlier name for --subjects)"),
     "generate": ("dreambooth_singlora.generate", "render images from a saved adapter"),
     "generate-many": ("dreambooth_singlora.generate:main_many",
                       "render many subjects' adapters, subjects mixed in each batch"),
@@ -31,11 +32,12 @@ HELP = {"train": "dreambooth_singlora.config:train_parser", "train-multi": "drea
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in COMMANDS:
+        unknown = bool(argv) and argv[0] not in ("-h", "--help")
         lines = [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: dreambooth-singlora <command> [flags]   (<command> --help for its flags)\n\ncommands:\n"
-              + "\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
+              + "\n".join(lines), file=sys.stderr if unknown else sys.stdout)
+        if unknown:
             print(f"error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
             raise SystemExit(2)
         return
