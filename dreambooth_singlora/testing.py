@@ -29,6 +29,12 @@ SD15_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
 )
+# SD1.5's text encoder, CLIP ViT-L/14 (text_encoder/config.json).
+SD15_TEXT_CONFIG = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
 # SD1.5's scheduler config (scheduler/scheduler_config.json).
 SD15_SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -42,11 +48,19 @@ TINY_UNET_CONFIG = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=48, attention_head_dim=8, norm_num_groups=8,
 )
+TINY_VAE_CONFIG = dict(
+    block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+)
+TINY_TEXT_CONFIG = dict(
+    hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+    max_position_embeddings=77, projection_dim=48, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible byte -> printable-unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -80,26 +94,27 @@ def write_clip_tokenizer(out_dir) -> Path:
 
 def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
     """Build and save a tiny random-weight SD-1.5-shaped pipeline in diffusers layout; returns its folder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    return _build_pipeline(out_dir, seed, TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG)
+
+
+def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:
+    """The full SD1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights,
+    saved in diffusers layout: what speed and memory benchmarks train on where no weights exist."""
+    return _build_pipeline(out_dir, seed, SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, device, dtype)
+
+
+def _build_pipeline(out_dir, seed, unet_config, vae_config, text_config, device="cpu", dtype=None) -> Path:
+    """Random-weight parts (seeded) saved with the real CLIP tokenizer and SD1.5's scheduler as a pipeline folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
-        max_position_embeddings=77, projection_dim=48, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    return save_pipeline(out, unet, vae, text_encoder)
-
-
-def save_pipeline(out: Path, unet, vae, text_encoder) -> Path:
-    """Save the parts with the real CLIP tokenizer and SD1.5's scheduler as a diffusers pipeline folder."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
+    with torch.device(device):
+        unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    if dtype is not None:
+        unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
     tok_dir = write_clip_tokenizer(out / "_tokenizer_src")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -112,21 +127,3 @@ def save_pipeline(out: Path, unet, vae, text_encoder) -> Path:
         f.unlink()
     tok_dir.rmdir()
     return out
-
-
-def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:
-    """The full SD1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights,
-    saved in diffusers layout: what speed and memory benchmarks train on where no weights exist."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    out = Path(out_dir)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-        vae = AutoencoderKL(**SD15_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
-    return save_pipeline(out, unet.to(dtype), vae.to(dtype), text_encoder.to(dtype))
