@@ -78,8 +78,7 @@ def get_subject(name: str) -> Subject:
 
 @lru_cache(maxsize=None)
 def _read_templates(path: str) -> tuple[str, ...]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return tuple(line for line in lines if line.strip())
+    return tuple(line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def prompt_templates(kind: str) -> list[str]:
