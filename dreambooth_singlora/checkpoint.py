@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .adapter import read_adapter
 from .errors import UserError
@@ -66,8 +67,6 @@ def list_checkpoints(root, names: list[str] | None = None) -> list[Path]:
 def save_optimizer_state(optimizer, folder: Path) -> dict:
     """Write the optimizer's tensors to <folder>/optimizer.safetensors (atomically); returns the rest
     (param_groups, and plain-number state such as bitsandbytes' int step) as JSON for trainer_state."""
-    from safetensors.torch import save_file
-
     sd = optimizer.state_dict()
     flat = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in _flatten(s)}  # "<param>.<key>[.<key>...]"
     bad = [k for k, v in flat.items() if not (torch.is_tensor(v) or isinstance(v, (int, float, bool, str, type(None))))]
@@ -91,8 +90,6 @@ def _flatten(state: dict, prefix: str = ""):
 
 def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
     """The inverse of save_optimizer_state (safetensors: no pickle is ever loaded)."""
-    from safetensors.torch import load_file
-
     state: dict = {}
     values = {name.split(".", 1)[1]: v for name, v in load_file(str(folder / OPTIMIZER_NAME)).items()}
     for name, v in {**values, **saved.get("scalars", {})}.items():  # "<param>.<key>[.<key>...]"

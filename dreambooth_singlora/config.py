@@ -9,7 +9,11 @@ imports torch, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
+import hashlib
+import importlib.util
+import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -120,8 +124,6 @@ def _digest(adapter: Path) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is read again
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
@@ -145,9 +147,6 @@ def command_parser(command: str, description: str, cls=None) -> argparse.Argumen
 
 def module_doc(module: str) -> str:
     """The docstring of `module`, read from its source without importing it (the heavy modules import torch)."""
-    import ast
-    import importlib.util
-
     spec = importlib.util.find_spec(module)
     with open(spec.origin, encoding="utf-8") as f:
         return ast.get_docstring(ast.parse(f.read())) or ""
@@ -405,8 +404,6 @@ class GenerateConfig:
         if self.overwrite:
             self.skip_existing = False
         if self.output_dir is None:
-            import time
-
             self.output_dir = f"outputs/samples/{time.strftime('%Y%m%d-%H%M%S')}"
         for name in ("height", "width"):
             v = getattr(self, name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import UserError
 
@@ -99,8 +99,6 @@ def image_grid(images: list[Image.Image], cols: int = 4, captions: list[str] | N
                title: str | None = None, row_titles: list[str] | None = None) -> Image.Image:
     """Paste same-size images into rows of `cols` on a white sheet (the last row may be short): a title line
     on top, a line above each row (e.g. its prompt) and a caption under each image (e.g. its seed)."""
-    from PIL import ImageDraw, ImageFont
-
     if not images:
         raise UserError("no images to put on a sheet")
     font = ImageFont.load_default()

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import sys
+import warnings
 
 
 class UserError(ValueError):
@@ -37,8 +38,6 @@ def quiet_libraries() -> None:
     """The project's own log lines at INFO; the libraries' at WARNING, less the known-harmless ones: open_clip's
     INFO lines, the deprecation of `torch_dtype` that diffusers' pipeline loader passes on. Called once, by
     every command."""
-    import warnings
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("dreambooth_singlora", "eval"):
         logging.getLogger(name).setLevel(logging.INFO)

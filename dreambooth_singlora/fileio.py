@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -121,8 +122,6 @@ def check_base_model(src: str) -> None:
            "(e.g. one made by `huggingface-cli download` on a machine with network)")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError(f"HF_HUB_OFFLINE is set and {src} is not in the local cache: {how}, or unset HF_HUB_OFFLINE")
-    import socket
-
     try:
         socket.create_connection(("huggingface.co", 443), timeout=5).close()
     except OSError:
