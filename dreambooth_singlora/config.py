@@ -163,7 +163,8 @@ def generate_parser() -> argparse.ArgumentParser:
 def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
     """The flags of a many-subject render (generate-many, eval render): every generation flag of `generate`."""
     other = {"--output_dir": "--output", "--output": "--output_dir"}[output_flag]
-    parser.add_argument("--adapters", required=True, help="folder of per-subject adapter folders (<adapters>/<subject>/)")
+    parser.add_argument("--adapters", required=True,
+                        help="folder of per-subject adapter folders (<adapters>/<subject>/)")
     parser.add_argument(output_flag, other, required=True, dest="output_dir",
                         help="images folder (<output>/<subject>/<slug>/<k>.png)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
@@ -224,7 +225,8 @@ class TrainConfig(SingLoRAConfig):
     class_data_dir: typing.Optional[str] = field(default=None, metadata=_help(
         "folder of class images for prior preservation (generated there if too few; "
         "default <output_dir>/class_images)"))
-    class_prompt: typing.Optional[str] = field(default=None, metadata=_help("prompt of the class, e.g. 'a photo of dog'"))
+    class_prompt: typing.Optional[str] = field(default=None, metadata=_help(
+        "prompt of the class, e.g. 'a photo of dog'"))
     with_prior_preservation: bool = field(default=False, metadata=_help("add the prior-preservation loss"))
     prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior-preservation loss"))
     num_class_images: int = field(default=100, metadata=_help("class images for prior preservation"))
@@ -267,7 +269,8 @@ class TrainConfig(SingLoRAConfig):
         "prompt for validation image grids (default: none)"))
     num_validation_images: int = field(default=4, metadata=_help("images per validation"))
     validation_steps: int = field(default=100, metadata=_help("validate every N steps"))
-    fused_adam: bool = field(default=True, metadata=_help("fused AdamW kernel on CUDA (one launch for all adapter tensors)"))
+    fused_adam: bool = field(default=True, metadata=_help(
+        "fused AdamW kernel on CUDA (one launch for all adapter tensors)"))
     cuda_graphs: bool = field(default=True, metadata=_help(
         "on one GPU without gradient accumulation, replay the UNet's forward/backward as CUDA graphs "
         "(the same kernels, no launch overhead)"))
@@ -368,7 +371,8 @@ class GenerateConfig:
                                                                 "adapter_config.json); none = the base model alone"))
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata=_help(
         "base model (default: the one named in the adapter's config)"))
-    prompt: List[str] = field(default_factory=list, metadata=_help("a prompt (repeat the flag for more)", action="append"))
+    prompt: List[str] = field(default_factory=list, metadata=_help(
+        "a prompt (repeat the flag for more)", action="append"))
     prompts_file: Optional[str] = field(default=None, metadata=_help("a text file, one prompt per line"))
     subject: Optional[str] = field(default=None, metadata=_help("the 25 DreamBooth prompts of this subject"))
     identifier: str = field(default=IDENTIFIER, metadata=_help("the subject's identifier token, for --subject"))
