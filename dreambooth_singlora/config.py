@@ -274,6 +274,10 @@ class TrainConfig(SingLoRAConfig):
     cuda_graphs: bool = field(default=True, metadata=_help(
         "on one GPU without gradient accumulation, replay the UNet's forward/backward as CUDA graphs "
         "(the same kernels, no launch overhead)"))
+    channels_last: bool = field(default=True, metadata=_help(
+        "with CUDA graphs, the UNet in channels-last memory format: cuDNN's convolutions skip a layout "
+        "transpose each (45 against 38 it/s on an H200); a bank of several subjects stays contiguous, where "
+        "channels-last measured slower"))
     report_to: str = field(default="tensorboard", metadata=_help("tracker for accelerate ('tensorboard', 'none')"))
     log_every: int = field(default=10, metadata=_help(
         "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps"))

@@ -319,7 +319,7 @@ def group_losses(denoise, noise_scheduler, datas: list[TrainData], step: int, mi
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, t)
     parts = 1 if prior_loss_weight is None else 2
-    err = (pred - target).square().view(len(datas), parts, -1).mean(-1)  # (S, 1 | 2): instance, class
+    err = (pred - target).square().reshape(len(datas), parts, -1).mean(-1)  # (S, 1 | 2): instance, class
     return err[:, 0] if prior_loss_weight is None else err[:, 0] + prior_loss_weight * err[:, 1]
 
 
@@ -360,8 +360,13 @@ class OneAdapter:
         self.cfg, self.accelerator, self.base, self.params = cfg, accelerator, base, params
         self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
             and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
-        self.denoise = graph_unet(accelerator.unwrap_model(unet, keep_fp32_wrapper=False), data.batch(0, 0), dtype) \
-            if self.graphed else Denoise(unet, dtype)
+        if self.graphed:
+            bare = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+            if cfg.channels_last:  # measured faster here, slower in a bank (docs/BENCHMARKS.md)
+                bare.to(memory_format=torch.channels_last)
+            self.denoise = graph_unet(bare, data.batch(0, 0), dtype)
+        else:
+            self.denoise = Denoise(unet, dtype)
 
     def set_step(self, step: int) -> float:
         return set_step(self.base, step)
@@ -613,7 +618,8 @@ def write_results(cfg, accelerator, group: list[Member], adapters, histories, st
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
         write_text_atomic(m.output_dir / "README.md", model_card(cfg, m, step, n_params, stats["loop_seconds"]))
         write_json_atomic(m.output_dir / "train_stats.json", {
-            **stats, **device_stats(), "cuda_graphs": adapters.graphed, "trainable_parameters": n_params,
+            **stats, **device_stats(), "cuda_graphs": adapters.graphed,
+            "channels_last": adapters.graphed and cfg.channels_last, "trainable_parameters": n_params,
             "num_processes": accelerator.num_processes, "samples_per_unet_call": len(group) * per,
             "phases_seconds_from_process_start": {**phases, "results_written": since_start()},
             "loss_history": histories[m.name]})

@@ -351,3 +351,28 @@ def test_another_runs_folder_is_never_taken_for_this_one(reference_run, tiny_pip
     main(argv + ["--learning_rate", "3e-4", "--overwrite", "--max_train_steps", "2"])
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["step"] == 2 and meta["run"]["learning_rate"] == 3e-4
+
+
+def test_loss_of_a_channels_last_prediction_is_the_same():
+    """With --channels_last (CUDA graphs on a GPU) the UNet's prediction comes back channels-last: the
+    per-subject loss must read it as it reads a contiguous one (a .view of it fails)."""
+    from diffusers import DDPMScheduler
+
+    import dreambooth_singlora.train_dreambooth as T
+
+    class Data:  # what group_losses reads of a TrainData: one micro-batch of latents and embeddings
+        def __init__(self, seed):
+            self.gen = torch.Generator().manual_seed(seed)
+            self.latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed + 1),
+                                       dtype=torch.float64)
+
+        def batch(self, step, micro):
+            self.gen.manual_seed(step)
+            return self.latents, torch.zeros(2, 3, 5, dtype=torch.float64), self.gen
+
+    scheduler = DDPMScheduler()
+    losses = [T.group_losses(lambda x, t, emb, cl=cl: (x * 0.5).contiguous(memory_format=torch.channels_last if cl
+                                                                           else torch.contiguous_format),
+                             scheduler, [Data(0), Data(7)], 3, 0, None, torch.float64) for cl in (False, True)]
+    assert losses[0].shape == (2,)
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)  # the same numbers, only another layout
