@@ -1,0 +1,140 @@
+"""Where a training step spends its GPU time, for one subject (CUDA graphs) or a bank of many (eager or compiled).
+
+    python scripts/profile_step.py --model /tmp/dbsl-bench/sd15-random --subjects 1 --variants default channels_last
+    python scripts/profile_step.py --model /tmp/dbsl-bench/sd15-random --subjects 30 --variants default compile
+
+The trainer's own pieces on random-weight SD1.5 at 512 px, bf16, rank 8 on to_q/to_k: one subject is
+the plain SingLoRA adapter captured as CUDA graphs (`graph_unet`, as the trainer's group of one on one
+GPU); several are an adapter bank (`add_bank`, one row per sample) run eagerly through `Denoise`, as
+the trainer's batched group. Each variant times a forward + backward + fused AdamW step:
+
+    default         what the trainer does today
+    channels_last   the UNet's weights (and so its activations) in channels-last memory format
+    sdpa_<backend>  attention forced to one SDPA backend (flash, efficient, cudnn, math)
+    compile         torch.compile of Denoise (the first step carries the compile; run the script twice
+                    with one TORCHINDUCTOR_CACHE_DIR to see what a warm cache saves)
+
+and, for the first variant, the CUDA kernels that take the most time in one step (torch.profiler).
+`--device cpu` with a tiny model checks the script. Prints and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def top_kernels(step, dev: str, k: int = 15) -> dict:
+    cuda = dev == "cuda"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA if cuda else
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+        sync()
+
+    def own(e):  # microseconds
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=lambda e: -own(e))
+    total = sum(own(e) for e in events)
+    return {"gpu_ms_per_step": round(total / 1e3, 2),
+            "top": [{"kernel": e.key[:120], "calls": e.count, "ms": round(own(e) / 1e3, 2),
+                     "share": round(own(e) / total, 3)} for e in events[:k]]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a diffusers SD1.5 folder (testing.build_sd15_pipeline)")
+    p.add_argument("--subjects", type=int, default=30, help="1: the plain adapter, CUDA-graphed; more: a bank")
+    p.add_argument("--variants", nargs="+", default=["default"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--output", default="step_profile.json")
+    p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny model")
+    args = p.parse_args(argv)
+    from diffusers import UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
+    from dreambooth_singlora.adapter import trainable_parameters
+    from dreambooth_singlora.bank import add_bank, bank_parameters
+    from dreambooth_singlora.train_dreambooth import Denoise, graph_unet
+
+    dt, n, dev = torch.bfloat16, args.subjects, args.device
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dt).to(dev)
+    unet.requires_grad_(False)
+    add_adapter(unet, SingLoRAConfig())
+    set_step(unet, 1000)  # past the ramp: u = 1
+    if n > 1:
+        routing = add_bank(unet, n)
+        routing.route(torch.arange(n, device=dev))
+        routing.set_coef(1.0)
+        params = bank_parameters(unet)
+    else:
+        params = trainable_parameters(unet)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev == "cuda")
+    size = unet.config.sample_size  # 64 latents: 512 px
+    x = torch.randn(n, 4, size, size, device=dev, dtype=dt)
+    ts = torch.randint(0, 1000, (n,), device=dev)
+    emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
+    out: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
+                 "subjects": n, "path": "bank, eager" if n > 1 else "one adapter, CUDA graphs", "variants": {}}
+    graphs = n == 1 and dev == "cuda"
+    for variant in args.variants:
+        backend = variant.removeprefix("sdpa_") if variant.startswith("sdpa_") else None
+        attention = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]) \
+            if backend else contextlib.nullcontext()
+        unet.to(memory_format=torch.channels_last if variant == "channels_last" else torch.contiguous_format)
+        t0 = time.perf_counter()
+        with attention:
+            if variant == "compile":
+                denoise = torch.compile(Denoise(unet, dt))
+            elif graphs:
+                denoise = graph_unet(unet, (x, emb, None), dt)
+            else:
+                denoise = Denoise(unet, dt)
+
+            def step():
+                denoise(x, ts, emb).float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            first = timed(step, 1)[0] + (time.perf_counter() - t0 if graphs else 0.0)
+            timed(step, 3)
+            s = timed(step, args.steps)
+            med = statistics.median(s)
+            out["variants"][variant] = {"first_step_s": round(first, 3), "median_s": round(med, 5),
+                                        "min_s": round(min(s), 5), "max_s": round(max(s), 5),
+                                        "steps_per_s": round(1 / med, 2), "samples_per_s": round(n / med, 1)}
+            if len(out["variants"]) == 1:
+                out["kernels"] = top_kernels(step, dev)
+        print(variant, json.dumps(out["variants"][variant]), flush=True)
+        del denoise
+    out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
+    print(json.dumps(out["kernels"], indent=1), flush=True)
+    with open(args.output, "w") as fh:
+        json.dump(out, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
