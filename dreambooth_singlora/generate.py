@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -28,46 +28,26 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, merge_adapter,
-                      read_adapter, remove_adapter, singlora_layers)
+from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, load_adapter_state_dict,
+                      merge_adapter, read_adapter, remove_adapter, singlora_layers)
+from .bank import BANKED, add_bank, staging_to_row
 from .config import SCHEDULERS, GenerateConfig, from_args, generate_many_parser, generate_parser, many_config
 from .data import image_grid, use_cpu_threads
 from .errors import UserError, cli_entry
 from .fileio import atomic_path, check_base_model, check_writable, write_json_atomic
-from .prompts import get_subject, slugify
+from .prompts import get_subject, slugify, subjects
 
 logger = logging.getLogger("dreambooth_singlora.generate")
-
-def _dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def set_adapter_scale(unet, scale: float) -> None:
-    """Scale the adapter's update: SingLoRA u -> scale * u_trained; LoRA/DoRA scaling x scale."""
-    config = get_config(unet)
-    if config.method == "singlora":
-        for _, _, layer in singlora_layers(unet):
-            layer.set_ramp(unet._dbsl_u * scale)
-    else:
-        from peft.tuners.lora import LoraLayer
-
-        for m in unet.modules():
-            if isinstance(m, LoraLayer):
-                m.set_scale("default", scale)
 
 
 def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, merge: bool = True,
                   scheduler: str | None = None, adapter_scale: float = 1.0, use_xformers: bool = False):
-    """A StableDiffusionPipeline with the adapter at `adapter` on its UNet, in one call.
+    """A StableDiffusionPipeline with the adapter at `adapter` on its UNet (base model: the adapter's by default).
 
-    base_model defaults to the one recorded in the adapter's config. Raises UserError for a
-    missing or corrupt adapter, a base model that cannot be loaded, or an adapter trained for
-    another architecture.
+    UserError for a missing or corrupt adapter, a base model that cannot be loaded, or another architecture's adapter.
     """
+    import diffusers
     from accelerate import PartialState
-    from diffusers import StableDiffusionPipeline
 
     meta = read_adapter(adapter)[0] if adapter else {}
     base = base_model or meta.get("base_model")
@@ -76,16 +56,17 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
     check_base_model(base)
     device = torch.device(device) if device else PartialState().device
     use_cpu_threads(device)
-    dtype = dtype if isinstance(dtype, torch.dtype) else _dtype(dtype, device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif not isinstance(dtype, torch.dtype):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
+                                                                 requires_safety_checker=False)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot load base model {base!r}: {first}") from None
     if scheduler:
-        import diffusers
-
         if scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
@@ -101,30 +82,18 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
 def place_adapter(unet, adapter, *, adapter_scale: float = 1.0, merge: bool = True,
                   use_xformers: bool = False) -> None:
     """Load the adapter saved at `adapter` onto `unet` at strength `adapter_scale`, merged if asked."""
-    load_adapter(unet, adapter, use_xformers=use_xformers)
-    if adapter_scale != 1.0:
-        set_adapter_scale(unet, adapter_scale)
+    config = load_adapter(unet, adapter, use_xformers=use_xformers)
+    if adapter_scale != 1.0 and config.method == "singlora":  # the update u -> scale * u_trained
+        for _, _, layer in singlora_layers(unet):
+            layer.set_ramp(unet._dbsl_u * adapter_scale)
+    elif adapter_scale != 1.0:  # LoRA / DoRA: PEFT's scaling x scale
+        from peft.tuners.lora import LoraLayer
+
+        for m in unet.modules():
+            if isinstance(m, LoraLayer):
+                m.set_scale("default", adapter_scale)
     if merge:
         merge_adapter(unet)
-
-
-def sample(pipe, cfg: GenerateConfig, prompts: list[str], ks: list[int]) -> list:
-    """One pipeline call: image i of prompts[i] with seed cfg.seed + ks[i], cfg's steps, guidance and size."""
-    device = pipe.unet.device
-    gens = [torch.Generator(device).manual_seed(cfg.seed + k) for k in ks]
-    return pipe(prompts, generator=gens, num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
-
-
-def check_prompt_length(tokenizer, prompt: str) -> None:
-    """Warn, showing where it is cut, if `prompt` is longer than the text encoder's 77 tokens."""
-    ids = tokenizer(prompt, truncation=False).input_ids
-    limit = tokenizer.model_max_length
-    if len(ids) > limit:
-        kept = tokenizer.decode(ids[1:limit - 1])
-        dropped = tokenizer.decode(ids[limit - 1:-1])
-        logger.warning("prompt is %d tokens, over the %d-token limit: it is cut after %r; dropped: %r",
-                       len(ids), limit, kept[-40:], dropped)
 
 
 def plan(prompts: list[str], n: int) -> list[tuple[str, str, int]]:
@@ -182,7 +151,6 @@ class PngWriter:
                     logger.error("writing a PNG failed too: %s", f.exception())
         finally:
             self.pool.shutdown(wait=True)
-        return False
 
 
 #: keyword arguments of torch.compile for --compile (e.g. {"mode": "max-autotune-no-cudagraphs"})
@@ -212,10 +180,8 @@ def batches(jobs: list, size: int, pad: bool = False) -> list[tuple[list, int]]:
     out = []
     for i in range(0, len(jobs), size):
         batch = jobs[i:i + size]
-        n = len(batch)
-        if pad and n < size and len(jobs) > size:
-            batch = batch + [batch[-1]] * (size - n)
-        out.append((batch, n))
+        fill = size - len(batch) if pad and len(jobs) > size else 0
+        out.append((batch + [batch[-1]] * fill, len(batch)))
     return out
 
 
@@ -227,11 +193,6 @@ class Job(NamedTuple):
     path: Path
     settings: dict
     row: Optional[int] = None
-
-
-def _cfg_doubles_batch(pipe, guidance_scale: float) -> bool:
-    # StableDiffusionPipeline.do_classifier_free_guidance: the UNet then sees [uncond, cond]
-    return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
 def rendered(job: Job) -> bool:
@@ -248,19 +209,27 @@ def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[flo
     """The renderer: every job's image, cfg.batch_size a batch (routed per sample through a bank when
     `routing` is given), PNGs written on worker threads. Jobs whose PNG exists are skipped with
     cfg.skip_existing. Returns each batch's wall seconds."""
-    for p in dict.fromkeys(j.prompt for j in jobs):
-        check_prompt_length(pipe.tokenizer, p)
+    tok = pipe.tokenizer
+    for p in dict.fromkeys(j.prompt for j in jobs):  # warn of a prompt over the text encoder's 77 tokens
+        ids, limit = tok(p, truncation=False).input_ids, tok.model_max_length
+        if len(ids) > limit:
+            logger.warning("prompt is %d tokens, over the %d-token limit: it is cut after %r; dropped: %r",
+                           len(ids), limit, tok.decode(ids[1:limit - 1])[-40:], tok.decode(ids[limit - 1:-1]))
     if cfg.skip_existing:
         jobs = [j for j in jobs if not rendered(j)]
-    doubled, seconds = _cfg_doubles_batch(pipe, cfg.guidance_scale), []
+    # StableDiffusionPipeline.do_classifier_free_guidance: the UNet then sees [uncond, cond]
+    doubled = cfg.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    seconds = []
     with compiled(pipe, cfg.compile), PngWriter() as writer:
         for batch, n in tqdm(batches(jobs, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch"):
             t0 = time.perf_counter()
             if routing is not None:
                 index = torch.tensor([j.row for j in batch], device=pipe.unet.device)
                 routing.route(torch.cat([index, index]) if doubled else index)
+            gens = [torch.Generator(pipe.unet.device).manual_seed(cfg.seed + j.k) for j in batch]
             try:
-                images = sample(pipe, cfg, [j.prompt for j in batch], [j.k for j in batch])
+                images = pipe([j.prompt for j in batch], generator=gens, num_inference_steps=cfg.num_inference_steps,
+                              guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"out of GPU memory rendering {len(batch)} images per batch: lower --batch_size; "
                                 "the images written so far are kept (run again to go on)") from None
@@ -270,17 +239,19 @@ def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[flo
     return seconds
 
 
-def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
-                    jobs: list | None = None) -> list[dict]:
-    """Render `prompts` with the pipeline as it is into output_dir/<slug>/<k>.png (text chunks: prompt,
-    seed, settings). Returns one record per image; `jobs` (a sub-list of `plan(...)`) limits the work to
-    those images."""
-    out = Path(output_dir or cfg.output_dir)
-    prompts = prompts if prompts is not None else cfg.prompts()
-    todo = jobs if jobs is not None else plan(prompts, cfg.num_images_per_prompt)
-    settings = cfg.settings()
-    render(pipe, cfg, [Job(p, k, out / slug / f"{k}.png", settings) for p, slug, k in todo])
-    return [{"prompt": p, "slug": slug, "k": k, "seed": cfg.seed + k, "file": f"{slug}/{k}.png"} for p, slug, k in todo]
+def index_records(cfg: GenerateConfig, prompts: list[str]) -> list[dict]:
+    """index.json's record of every image of `prompts`, in `plan` order."""
+    return [{"prompt": p, "slug": s, "k": k, "seed": cfg.seed + k, "file": f"{s}/{k}.png"}
+            for p, s, k in plan(prompts, cfg.num_images_per_prompt)]
+
+
+def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None) -> list[dict]:
+    """Render `prompts` (default: cfg's) with the pipeline as it is into output_dir/<slug>/<k>.png (text chunks:
+    prompt, seed, settings). Returns one record per image."""
+    records = index_records(cfg, prompts if prompts is not None else cfg.prompts())
+    out, settings = Path(output_dir or cfg.output_dir), cfg.settings()
+    render(pipe, cfg, [Job(r["prompt"], r["k"], out / r["file"], settings) for r in records])
+    return records
 
 
 def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts: dict | None = None) -> dict:
@@ -295,30 +266,28 @@ def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts
         raise UserError("no adapter to render")
     if get_config(pipe.unet) is not None:
         raise UserError("generate_many needs a pipeline without an adapter (load_pipeline(None, base_model))")
-    from .bank import BANKED
-
-    out, prompts = Path(output_dir), dict(prompts or {})
-    for name in adapters:
-        if name not in prompts:
-            prompts[name] = get_subject(name).eval_prompts(cfg.identifier)
-    metas = {name: read_adapter(path)[0] for name, path in adapters.items()}
+    out = Path(output_dir)
+    prompts = {n: prompts[n] if prompts and n in prompts else get_subject(n).eval_prompts(cfg.identifier)
+               for n in adapters}
+    cfgs = {n: replace(cfg, adapter=str(path)) for n, path in adapters.items()}
     groups: dict = {}  # (method, rank, targets) -> subjects that share one bank; None -> one at a time
-    for n, m in metas.items():
-        key = (m.get("method"), m.get("rank"), tuple(m.get("target_modules") or ())) if m.get("method") in BANKED else None
+    for n, path in adapters.items():
+        m = read_adapter(path)[0]
+        banked = m.get("method") in BANKED
+        key = (m["method"], m.get("rank"), tuple(m.get("target_modules") or ())) if banked else None
         groups.setdefault(key, []).append(n)
-    seconds, n_images = [], 0
+    seconds = []
     for key, names in groups.items():
         for group in ([names] if key is not None else [[n] for n in names]):
-            jobs = [Job(p, k, out / n / slug / f"{k}.png", replace(cfg, adapter=str(adapters[n])).settings(), row)
-                    for row, n in enumerate(group) for p, slug, k in plan(prompts[n], cfg.num_images_per_prompt)]
+            jobs = [Job(r["prompt"], r["k"], out / n / r["file"], cfgs[n].settings(), row)
+                    for row, n in enumerate(group) for r in index_records(cfg, prompts[n])]
             with placed(pipe.unet, [adapters[n] for n in group], cfg, bank=key is not None) as routing:
                 seconds += render(pipe, cfg, jobs, routing)
-            n_images += len(jobs)
     for n in adapters:
-        write_index(replace(cfg, adapter=str(adapters[n])), prompts[n], out / n)
+        write_index(cfgs[n], prompts[n], out / n)
     batched = [n for key, names in groups.items() if key is not None for n in names]
-    return {"batched": batched, "one_at_a_time": [n for n in adapters if n not in batched], "images": n_images,
-            "batch_seconds": seconds}
+    return {"batched": batched, "one_at_a_time": [n for n in adapters if n not in batched],
+            "images": sum(map(len, prompts.values())) * cfg.num_images_per_prompt, "batch_seconds": seconds}
 
 
 @contextmanager
@@ -326,9 +295,6 @@ def placed(unet, paths: list, cfg: GenerateConfig, bank: bool):
     """For the `with` block, the adapter at paths[0] merged on `unet` (yields None), or with `bank` the
     adapters at `paths` in one bank, row i = paths[i] (yields the bank's routing); the UNet is bare again
     afterwards."""
-    from .adapter import load_adapter_state_dict
-    from .bank import add_bank, staging_to_row
-
     xformers = cfg.enable_xformers_memory_efficient_attention
     if not bank:
         place_adapter(unet, paths[0], adapter_scale=cfg.adapter_scale, use_xformers=xformers)
@@ -359,13 +325,9 @@ def placed(unet, paths: list, cfg: GenerateConfig, bank: bool):
 
 def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Path:
     """index.json (every image with prompt and seed, plus the settings) and contact_sheet.png."""
-    from PIL import Image
-
     out = Path(output_dir or cfg.output_dir)
-    jobs = plan(prompts, cfg.num_images_per_prompt)
-    settings = cfg.settings()
-    images = [{"prompt": p, "slug": s, "k": k, "seed": cfg.seed + k, "file": f"{s}/{k}.png"} for p, s, k in jobs]
-    write_json_atomic(out / "index.json", {"settings": settings, "images": images})
+    images = index_records(cfg, prompts)
+    write_json_atomic(out / "index.json", {"settings": cfg.settings(), "images": images})
     thumbs = []
     for rec in images:
         with Image.open(out / rec["file"]) as im:
@@ -383,24 +345,6 @@ def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Pat
     return out
 
 
-def find_adapters(root, names=None) -> tuple[dict[str, Path], list[str]]:
-    """({subject: <root>/<subject>} with an adapter, problems) for the subjects asked for (default: all 30)."""
-    from .prompts import subjects
-
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"adapters folder {root} does not exist (expected <adapters>/<subject>/{WEIGHTS_NAME})")
-    wanted = list(subjects()) if not names or list(names) == ["all"] else list(names)
-    found, problems = {}, []
-    for name in wanted:
-        get_subject(name)  # unknown subject: one clear error
-        if (root / name / WEIGHTS_NAME).is_file():
-            found[name] = root / name
-        else:
-            problems.append(f"{name}: no adapter at {root / name / WEIGHTS_NAME}")
-    return found, problems
-
-
 def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, max_prompts: int | None = None,
                     skip_missing: bool = False) -> dict:
     """Every subject's prompts (the first max_prompts of its 25) from <adapters_dir>/<subject>/ into
@@ -411,7 +355,16 @@ def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, m
 
     if max_prompts is not None and max_prompts < 1:
         raise UserError(f"--max_prompts must be >= 1, got {max_prompts}")
-    found, problems = find_adapters(adapters_dir, names)
+    root = Path(adapters_dir)
+    if not root.is_dir():
+        raise UserError(f"adapters folder {root} does not exist (expected <adapters>/<subject>/{WEIGHTS_NAME})")
+    found, problems = {}, []
+    for name in list(subjects()) if not names or list(names) == ["all"] else list(names):
+        get_subject(name)  # unknown subject: one clear error
+        if (root / name / WEIGHTS_NAME).is_file():
+            found[name] = root / name
+        else:
+            problems.append(f"{name}: no adapter at {root / name / WEIGHTS_NAME}")
     if problems and not (skip_missing and found):
         raise UserError(f"no adapter for {len(problems)} subject(s): {'; '.join(problems[:3])}"
                         f"{' ...' if len(problems) > 3 else ''} (list the subjects you have with --subjects)")
