@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .config import command_parser
 from .errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import command_parser
-
     p = command_parser("demo", __doc__)
     p.add_argument("--output", "--output_dir", default="runs/demo", dest="output", help="the demo's folder")
     p.add_argument("--steps", type=int, default=20, help="training steps")
@@ -49,17 +48,17 @@ def main(argv=None):
     if not (clip / "open_clip_config.json").is_file():
         save_tiny_clip(clip)
         save_tiny_dino(dino)
+    dog = out / "dog"
     steps = [
         ["train", "--pretrained_model_name_or_path", str(model), "--subject", "dog", "--dataset_dir", str(photos),
-         "--output_dir", str(out / "dog" / "adapter"), "--resolution", "32", "--max_train_steps", str(args.steps),
+         "--output_dir", str(dog / "adapter"), "--resolution", "32", "--max_train_steps", str(args.steps),
          "--checkpointing_steps", str(args.steps), "--report_to", "none"],
-        ["generate", "--adapter", str(out / "dog" / "adapter"), "--subject", "dog", "--num_images_per_prompt", "4",
+        ["generate", "--adapter", str(dog / "adapter"), "--subject", "dog", "--num_images_per_prompt", "4",
          "--num_inference_steps", "4", "--height", "32", "--width", "32", "--batch_size", "50",
-         "--output_dir", str(out / "dog" / "images" / "dog")],
-        ["export", "--adapter", str(out / "dog" / "adapter"), "--output", str(out / "dog" / "dog_kohya.safetensors")],
-        ["eval", "score", "--images", str(out / "dog" / "images"), "--dataset_dir", str(photos), "--output",
-         str(out / "dog" / "eval"), "--subjects", "dog", "--clip_checkpoint", str(clip),
-         "--dino_checkpoint", str(dino)],
+         "--output_dir", str(dog / "images" / "dog")],
+        ["export", "--adapter", str(dog / "adapter"), "--output", str(dog / "dog_kohya.safetensors")],
+        ["eval", "score", "--images", str(dog / "images"), "--dataset_dir", str(photos), "--output", str(dog / "eval"),
+         "--subjects", "dog", "--clip_checkpoint", str(clip), "--dino_checkpoint", str(dino)],
     ]
     for argv_ in steps:
         print("\n$ dreambooth-singlora " + " ".join(argv_), flush=True)
@@ -68,7 +67,7 @@ def main(argv=None):
         except SystemExit as e:
             if e.code not in (None, 0):
                 raise
-    print(f"\ndemo done: adapter, 100 images (contact_sheet.png), a kohya LoRA and scores in {out / 'dog'}. "
+    print(f"\ndemo done: adapter, 100 images (contact_sheet.png), a kohya LoRA and scores in {dog}. "
           "For real images, run the same commands with --pretrained_model_name_or_path "
           "runwayml/stable-diffusion-v1-5 (or a local copy of it) and the DreamBooth dataset.")
 

@@ -28,24 +28,21 @@ FORMATS = ("kohya", "diffusers")
 def lora_pairs(meta: dict, tensors: dict) -> dict:
     """{layer path: (down (r, d_in), up (d_out, r))} such that delta W = (alpha / r) up @ down."""
     from .adapter import saved_u
+    if meta["method"] != "singlora":
+        paths = [key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")]
+        return {path: (tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]) for path in paths}
+    shapes = meta.get("shapes")
+    if not shapes:
+        raise UserError("this adapter's config has no layer shapes (saved by an older version); "
+                        "load it with load_adapter and save it again to export")
     pairs = {}
-    if meta["method"] == "singlora":
-        shapes = meta.get("shapes")
-        if not shapes:
-            raise UserError("this adapter's config has no layer shapes (saved by an older version); "
-                            "load it with load_adapter and save it again to export")
-        for key, A in tensors.items():
-            path = key[: -len(".A")]
-            d_out, d_in = shapes[path]
-            if tuple(A.shape) != (max(d_in, d_out), int(meta["rank"])):
-                raise UserError(f"{key} is {tuple(A.shape)} but the config says {path} is {d_out} x {d_in} at rank "
-                                f"{meta['rank']}: the folder mixes adapters of two base models")
-            pairs[path] = (A[:d_in].T.contiguous(), (saved_u(meta) * A[:d_out]).contiguous())  # (r, d_in), (d_out, r)
-    else:
-        for key, down in tensors.items():
-            if key.endswith(".lora_A.weight"):
-                path = key[: -len(".lora_A.weight")]
-                pairs[path] = (down, tensors[f"{path}.lora_B.weight"])
+    for key, A in tensors.items():
+        path = key[: -len(".A")]
+        d_out, d_in = shapes[path]
+        if tuple(A.shape) != (max(d_in, d_out), int(meta["rank"])):
+            raise UserError(f"{key} is {tuple(A.shape)} but the config says {path} is {d_out} x {d_in} at rank "
+                            f"{meta['rank']}: the folder mixes adapters of two base models")
+        pairs[path] = (A[:d_in].T.contiguous(), (saved_u(meta) * A[:d_out]).contiguous())  # (r, d_in), (d_out, r)
     return pairs
 
 
@@ -72,8 +69,7 @@ def to_standard_lora(adapter, fmt: str) -> tuple[dict, dict[str, str]]:
         else:
             out[f"unet.{path}.lora.down.weight"] = down
             out[f"unet.{path}.lora.up.weight"] = up * (alpha / rank)
-    for key, m in dora.items():
-        out[f"unet.{key}"] = m
+    out.update({f"unet.{key}": m for key, m in dora.items()})
     info = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": "sd_v1",
             "dreambooth_singlora_method": meta["method"], "dreambooth_singlora_base_model": str(meta.get("base_model"))}

@@ -42,10 +42,8 @@ logger = logging.getLogger("dreambooth_singlora.generate")
 
 def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, merge: bool = True,
                   scheduler: str | None = None, adapter_scale: float = 1.0, use_xformers: bool = False):
-    """A StableDiffusionPipeline with the adapter at `adapter` on its UNet (base model: the adapter's by default).
-
-    UserError for a missing or corrupt adapter, a base model that cannot be loaded, or another architecture's adapter.
-    """
+    """A StableDiffusionPipeline with the adapter at `adapter` on its UNet (base model: the adapter's by default);
+    UserError for a missing or corrupt adapter, a base model it cannot load, or another architecture's adapter."""
     import diffusers
     from accelerate import PartialState
 

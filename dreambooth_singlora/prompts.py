@@ -26,9 +26,8 @@ DATA_PACKAGE = "dreambooth_singlora.benchmark_data"  # the prompts/ folder, as i
 
 
 def prompts_dir() -> Path:
-    """The folder of subjects.csv, object.txt and live.txt: $DREAMBOOTH_SINGLORA_PROMPTS if set, else the
-    installed package data (importlib.resources), else prompts/ beside the package (a checkout that was
-    never installed)."""
+    """The folder of subjects.csv, object.txt and live.txt: $DREAMBOOTH_SINGLORA_PROMPTS if set, else the installed
+    package data, else prompts/ beside the package (a checkout that was never installed)."""
     if os.environ.get("DREAMBOOTH_SINGLORA_PROMPTS"):
         return Path(os.environ["DREAMBOOTH_SINGLORA_PROMPTS"])
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -58,19 +59,6 @@ TINY_TEXT_CONFIG = dict(
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable-unicode map."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_clip_tokenizer(out_dir) -> Path:
     """Write vocab.json, merges.txt and the tokenizer configs of OpenAI CLIP's tokenizer (49,408 tokens)."""
     from open_clip.tokenizer import default_bpe
@@ -79,8 +67,10 @@ def write_clip_tokenizer(out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = merges[1:49152 - 256 - 2 + 1]  # as SimpleTokenizer
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    # CLIP's (and GPT-2's) byte -> unicode map: printable bytes as themselves, the other 68 as chr(256), chr(257), ...
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(map(chr, [*printable, *range(256, 512 - len(printable))]))
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -123,7 +113,5 @@ def _build_pipeline(out_dir, seed, unet_config, vae_config, text_config, device=
     pipe.save_pretrained(out, safe_serialization=True)
     sched = out / "scheduler" / "scheduler_config.json"  # SD1.5's file carries clip_sample=false for DDPM
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": False}, indent=2))
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
+    shutil.rmtree(tok_dir)
     return out
