@@ -112,9 +112,8 @@ def plan(prompts: list[str], n: int) -> list[tuple[str, str, int]]:
 def write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
     """Save `img` atomically as PNG with its prompt, seed and settings in text chunks."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("prompt", prompt)
-    info.add_text("seed", str(seed))
-    info.add_text("settings", json.dumps(settings))
+    for key, text in (("prompt", prompt), ("seed", str(seed)), ("settings", json.dumps(settings))):
+        info.add_text(key, text)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", pnginfo=info)
 
