@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "dreambooth-singlora"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PEFT_NAME = "default"  # the adapter name PEFT's layers hold the LoRA under (bank.py reads it there too)
+PEFT_NAME = "default"  # the adapter name PEFT's layers hold the LoRA under (bank.py's too)
 
 
 # --------------------------------------------------------------------------- placing
@@ -68,12 +68,11 @@ def _guarded_set_processor(attn, processor, *args, **kwargs) -> None:
     current = attn.processor
     if isinstance(processor, AdapterAttnProcessor) or not isinstance(current, AdapterAttnProcessor):
         return type(attn).set_processor(attn, processor, *args, **kwargs)
-    if isinstance(processor, (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)):
-        _set_backend(current, isinstance(processor, XFormersAttnProcessor))
-        return None
-    raise UserError(f"setting {type(processor).__name__} on a UNet with an unmerged adapter would drop the "
-                    "adapter: merge_adapter(unet) or remove_adapter(unet) first (SDPA and xformers processors "
-                    "are fine: they switch the adapter's attention backend)")
+    if not isinstance(processor, (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)):
+        raise UserError(f"setting {type(processor).__name__} on a UNet with an unmerged adapter would drop the "
+                        "adapter: merge_adapter(unet) or remove_adapter(unet) first (SDPA and xformers processors "
+                        "are fine: they switch the adapter's attention backend)")
+    _set_backend(current, isinstance(processor, XFormersAttnProcessor))
 
 
 def _set_backend(proc, use_xformers: bool) -> None:
@@ -89,11 +88,7 @@ def _set_backend(proc, use_xformers: bool) -> None:
 
 
 def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> None:
-    """Freeze `unet` and place the adapter `config` describes on its attention projections.
-
-    method "singlora": a `SingLoRAAttnProcessor` on every attention layer (self- and cross-);
-    "lora" / "loraplus" / "dora": PEFT LoRA (DoRA) layers on the same projections.
-    """
+    """Freeze `unet` and place the adapter `config` describes on its attention projections (self- and cross-)."""
     if get_config(unet) is not None:
         raise UserError(f"this UNet already has a {get_config(unet).method} adapter; "
                         "call remove_adapter(unet) first or start from a fresh UNet")
@@ -153,8 +148,7 @@ def remove_adapter(unet) -> None:
         p.requires_grad_(unet._dbsl_requires_grad.get(name, p.requires_grad))
     for attr in ("_dbsl_config", "_dbsl_original_processors", "_dbsl_requires_grad", "_dbsl_step", "_dbsl_u",
                  "_dbsl_merged"):
-        if hasattr(unet, attr):
-            delattr(unet, attr)
+        vars(unet).pop(attr, None)
 
 
 def singlora_processor(attn) -> SingLoRAAttnProcessor | None:
@@ -242,12 +236,9 @@ def load_adapter_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json to `output_dir`, each atomically.
-
-    The config records method, rank, alpha, init, ramp, the step and u it ended at (so that
-    generation is exact), targets, base model and tool version; it is also stored in the
-    safetensors metadata, so the weights file alone is self-describing.
-    """
+    """Write adapter_model.safetensors + adapter_config.json to `output_dir`, each atomically. The config (with the
+    step the ramp ended at, so that generation is exact) is also in the safetensors metadata: the weights file alone
+    is self-describing."""
     config = _require_config(unet, " to save")
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
@@ -264,17 +255,12 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and check an adapter folder (or its .safetensors file): (config dict, tensors).
-
-    Raises UserError, naming the problem, for a missing folder or config, a pickle file, a file
-    that is not a dreambooth-singlora adapter, and corrupt or truncated files.
-    """
+    """Read and check an adapter folder (or its .safetensors file): (config dict, tensors); UserError names a fault."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"refusing to load {path}: pickle files can run code; "
                         f"give the folder with {WEIGHTS_NAME} instead")
-    folder = path.parent if path.suffix == ".safetensors" else path
-    weights = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+    folder, weights = (path.parent, path) if path.suffix == ".safetensors" else (path, path / WEIGHTS_NAME)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"adapter folder {folder} {what} (expected a folder with {WEIGHTS_NAME} and {CONFIG_NAME})")
@@ -351,16 +337,15 @@ def is_merged(unet) -> bool:
 
 
 def merge_adapter(unet, *, safe: bool = True) -> None:
-    """Fold the adapter into the base weights, so inference costs what the base model costs.
-
-    safe=True computes the merged weights first and refuses (UserError, nothing changed)
-    if any is non-finite. Merging a merged UNet is a no-op with a warning.
-    """
+    """Fold the adapter into the base weights, so inference costs what the base model costs. safe=True refuses
+    (UserError, nothing changed) if any merged weight is non-finite. Merging a merged UNet: no-op with a warning."""
     config = _require_config(unet, " to merge")
     if is_merged(unet):
         logger.warning("adapter already merged; nothing to do")
         return
-    if config.method != "singlora":
+    if config.method == "singlora":
+        _fold_singlora(unet, 1, safe)
+    else:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         done = []  # (layer, its weight before merging): PEFT's safe_merge checks one layer at a time
@@ -375,19 +360,6 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
                         layer.get_base_layer().weight.copy_(weight)
                 raise UserError("merge refused: the adapter gives non-finite weights; nothing changed") from None
             done.append((m, before))
-    else:
-        merged = []
-        for path, target, layer in singlora_layers(unet):
-            weight = unet.get_submodule(f"{path}.{target}").weight
-            new = (at_least_fp32(weight) + layer.delta_weight()).to(weight.dtype)
-            if safe and not torch.isfinite(new).all():
-                raise UserError(f"merge refused: {path}.{target} would get non-finite weights; nothing changed")
-            merged.append((weight, new))
-        with torch.no_grad():
-            for weight, new in merged:
-                weight.copy_(new)
-        for _, attn in attention_modules(unet):
-            singlora_processor(attn).merged = True
     unet._dbsl_merged = True
 
 
@@ -397,20 +369,30 @@ def unmerge_adapter(unet) -> None:
     if config is None or not is_merged(unet):
         logger.warning("adapter not merged; nothing to do")
         return
-    if config.method != "singlora":
+    if config.method == "singlora":
+        _fold_singlora(unet, -1, safe=False)
+    else:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for m in unet.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.unmerge()
-    else:
-        with torch.no_grad():
-            for path, target, layer in singlora_layers(unet):
-                weight = unet.get_submodule(f"{path}.{target}").weight
-                weight.copy_((at_least_fp32(weight) - layer.delta_weight()).to(weight.dtype))
-        for _, attn in attention_modules(unet):
-            singlora_processor(attn).merged = False
+        for m in (m for m in unet.modules() if isinstance(m, BaseTunerLayer)):
+            m.unmerge()
     unet._dbsl_merged = False
+
+
+@torch.no_grad()
+def _fold_singlora(unet, sign: int, safe: bool) -> None:
+    """Add (sign 1) or subtract (-1) each SingLoRA delta W to its base weight, every new weight computed
+    before any is written: with `safe`, a non-finite one refuses the merge with nothing changed."""
+    new = []
+    for path, target, layer in singlora_layers(unet):
+        weight = unet.get_submodule(f"{path}.{target}").weight
+        new.append((weight, (at_least_fp32(weight) + sign * layer.delta_weight()).to(weight.dtype)))
+        if safe and not torch.isfinite(new[-1][1]).all():
+            raise UserError(f"merge refused: {path}.{target} would get non-finite weights; nothing changed")
+    for weight, value in new:
+        weight.copy_(value)
+    for _, attn in attention_modules(unet):
+        singlora_processor(attn).merged = sign > 0
 
 
 def count_parameters(unet) -> int:

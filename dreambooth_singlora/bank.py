@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapter import PEFT_NAME, attention_modules, get_config, is_merged, set_processor
 from .errors import UserError
 from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, attention, key_of
 from .singlora import compute_dtype, singlora_matmul
 
 #: methods whose subjects batch in a bank; DoRA's per-row weight norm does not
 BANKED = ("singlora", "lora", "loraplus")
-PEFT_NAME = "default"  # the adapter name PEFT's layers hold the LoRA under
 
 
 class Routing:
@@ -148,8 +148,6 @@ class LoRABankProcessor(BankProcessor):
 
 
 def bank_processors(unet) -> list[BankProcessor]:
-    from .adapter import attention_modules
-
     return [a.processor for _, a in attention_modules(unet) if isinstance(a.processor, BankProcessor)]
 
 
@@ -160,8 +158,6 @@ def add_bank(unet, n: int) -> Routing:
     Calling it again (a UNet that already has a bank) resizes the bank to n fresh copies.
     """
     from diffusers.models.attention_processor import XFormersAttnProcessor
-
-    from .adapter import attention_modules, get_config, is_merged, set_processor
 
     config = get_config(unet)
     if config is None or config.method not in BANKED:
@@ -191,8 +187,6 @@ def add_bank(unet, n: int) -> Routing:
 
 def remove_bank(unet) -> None:
     """Put the staging adapter's own processors back (the bank's rows are dropped)."""
-    from .adapter import attention_modules, set_processor
-
     for _, attn in attention_modules(unet):
         if isinstance(attn.processor, BankProcessor):
             set_processor(attn, attn.processor.inner)
@@ -213,8 +207,6 @@ def bank_parameters(unet) -> list[nn.Parameter]:
 def bank_state_dict(unet) -> dict[str, torch.Tensor]:
     """{"<attention path>.<target>.A" (SingLoRA) or "...<target>.lora_A.weight" (LoRA): (S, ...)}: the
     names a single adapter's tensors have in `adapter_state_dict`."""
-    from .adapter import attention_modules
-
     return {f"{name}.{suffix}": a.processor.banks[key] for name, a in attention_modules(unet)
             if isinstance(a.processor, BankProcessor) for key, (suffix, _) in a.processor.staging.items()}
 

@@ -167,12 +167,10 @@ def find_checkpoint(output_dir, resume: str, names: list[str], max_steps: int) -
             raise UserError(f"{path} is not a training checkpoint (no {STATE_NAME}); give a checkpoint-<step> "
                             "folder or 'latest'")
         state = read_state(path)
-        if state["subjects"] is not None or len(names) == 1:
-            if _holds(state, names):
-                if state["step"] > max_steps:
-                    raise UserError(f"{path} is at step {state['step']}, past --max_train_steps {max_steps}")
-                return path
-            return find_checkpoint(output_dir, "latest", names, max_steps)
+        if _holds(state, names):
+            if state["step"] > max_steps:
+                raise UserError(f"{path} is at step {state['step']}, past --max_train_steps {max_steps}")
+            return path
     found = [p for p in list_checkpoints(checkpoint_root(output_dir), names) if read_state(p)["step"] <= max_steps]
     if not found:
         logger.info("no checkpoint of %s in %s: starting from step 0", ", ".join(names), checkpoint_root(output_dir))

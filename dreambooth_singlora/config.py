@@ -17,7 +17,7 @@ import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .errors import UserError
 from .prompts import IDENTIFIER, get_subject
@@ -31,29 +31,28 @@ INITS = ("width", "rank")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
+def _opt(default, text: str, **extra):
+    """A config field: its default, its --help text and argparse extras (choices, aliases, action)."""
+    return field(default=default, metadata={"help": text, **extra})
 
 
 @dataclass
 class SingLoRAConfig:
     """Which adapter to place on the UNet's attention projections, and how."""
 
-    method: str = field(default="singlora", metadata=_help(
-        f"adapter: {', '.join(METHODS)} (lora/loraplus/dora through PEFT)", choices=METHODS))
-    rank: int = field(default=8, metadata=_help("adapter rank r"))
-    alpha: typing.Optional[float] = field(default=None, metadata=_help(
-        "scale numerator: delta W is multiplied by alpha / r (default: alpha = rank, scale 1)"))
-    ramp_steps: int = field(default=40, metadata=_help(
-        "SingLoRA ramp T: u(t) = min(t / T, 1) over optimizer steps; 0 = no ramp. "
-        "Default 40 = 10%% of the default 400 steps"))
-    init: str = field(default="width", metadata=_help(
-        "SingLoRA init of A: 'width' (fan-in = layer width, entries ~1/d as PEFT's LoRA A) "
-        "or 'rank' (fan-in = r, the public implementations' choice)", choices=INITS))
-    target_modules: typing.Tuple[str, ...] = field(default=("to_q", "to_k"), metadata=_help(
-        f"attention projections to adapt, from {', '.join(TARGETS)}"))
-    loraplus_lr_ratio: float = field(default=16.0, metadata=_help(
-        "LoRA+ only: B's learning rate = learning_rate x this ratio"))
+    method: str = _opt("singlora", f"adapter: {', '.join(METHODS)} (lora/loraplus/dora through PEFT)", choices=METHODS)
+    rank: int = _opt(8, "adapter rank r")
+    alpha: Optional[float] = _opt(
+        None, "scale numerator: delta W is multiplied by alpha / r (default: alpha = rank, scale 1)")
+    ramp_steps: int = _opt(
+        40, "SingLoRA ramp T: u(t) = min(t / T, 1) over optimizer steps; 0 = no ramp. Default 40 = 10%% of the default "
+        "400 steps")
+    init: str = _opt(
+        "width", "SingLoRA init of A: 'width' (fan-in = layer width, entries ~1/d as PEFT's LoRA A) or 'rank' (fan-in "
+        "= r, the public implementations' choice)", choices=INITS)
+    target_modules: Tuple[str, ...] = _opt(
+        ("to_q", "to_k"), f"attention projections to adapt, from {', '.join(TARGETS)}")
+    loraplus_lr_ratio: float = _opt(16.0, "LoRA+ only: B's learning rate = learning_rate x this ratio")
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -85,18 +84,16 @@ class SingLoRAConfig:
 
 # --------------------------------------------------------------------------- CLI <-> dataclass
 
-def _unwrap_optional(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
     """Add one --flag per field of the dataclass `cls` (but `exclude`), typed and documented from the field."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if f.metadata.get("cli") is False or f.name in exclude:
+        if f.name in exclude:
             continue
-        tp = _unwrap_optional(hints[f.name])
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is typing.Union and len(args) == 1:  # Optional[X]: a flag of type X
+            tp = args[0]
         default = f.default if f.default is not MISSING else f.default_factory()
         kw = {"help": f.metadata.get("help", ""), "default": default}
         if "choices" in f.metadata:
@@ -203,84 +200,78 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 class TrainConfig(SingLoRAConfig):
     """Everything a DreamBooth run needs. Flag names follow diffusers' train_dreambooth_lora.py."""
 
-    pretrained_model_name_or_path: typing.Optional[str] = field(default=None, metadata=_help(
-        "base model: a hub id (runwayml/stable-diffusion-v1-5) or a local diffusers folder"))
-    revision: typing.Optional[str] = field(default=None, metadata=_help("hub revision of the base model"))
-    variant: typing.Optional[str] = field(default=None, metadata=_help("weights variant, e.g. fp16"))
-    subject: typing.Optional[str] = field(default=None, metadata=_help(
-        "a DreamBooth subject (e.g. dog): fills instance_data_dir, instance_prompt and class_prompt "
-        "from --dataset_dir and the subjects table; the adapter goes to --output_dir"))
-    subjects: typing.Optional[typing.List[str]] = field(default=None, metadata=_help(
-        "several DreamBooth subjects, or 'all' for the 30: one adapter each, in <output_dir>/<subject>/, "
-        "trained together in batches of --subjects_per_batch"))
-    subjects_per_batch: typing.Optional[int] = field(default=None, metadata=_help(
-        "with --subjects: subjects that share one UNet batch through an adapter bank (default: all; 1 = one "
-        "subject at a time, each with every single-subject feature: DDP, CUDA graphs, fp16, 8-bit Adam, DoRA)"))
-    dataset_dir: typing.Optional[str] = field(default=None, metadata=_help(
-        "the DreamBooth dataset folder (<dataset_dir>/<subject>/*.jpg), used with --subject / --subjects"))
-    identifier: str = field(default="sks", metadata=_help("the rare token that names the subject"))
-    instance_data_dir: typing.Optional[str] = field(default=None, metadata=_help("folder of the subject's photos"))
-    instance_prompt: typing.Optional[str] = field(default=None, metadata=_help(
-        "prompt of the subject's photos, e.g. 'a photo of sks dog'"))
-    class_data_dir: typing.Optional[str] = field(default=None, metadata=_help(
-        "folder of class images for prior preservation (generated there if too few; "
-        "default <output_dir>/class_images)"))
-    class_prompt: typing.Optional[str] = field(default=None, metadata=_help(
-        "prompt of the class, e.g. 'a photo of dog'"))
-    with_prior_preservation: bool = field(default=False, metadata=_help("add the prior-preservation loss"))
-    prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior-preservation loss"))
-    num_class_images: int = field(default=100, metadata=_help("class images for prior preservation"))
-    sample_batch_size: int = field(default=4, metadata=_help("batch size when generating class images"))
-    output_dir: str = field(default="outputs/dreambooth-singlora", metadata=_help(
-        "where the adapter, checkpoints, logs and samples go", aliases=("--output",)))
-    seed: int = field(default=0, metadata=_help("seed: same seed, same run (on the same hardware)"))
-    resolution: int = field(default=512, metadata=_help("training resolution in pixels (multiple of 8)"))
-    center_crop: bool = field(default=False, metadata=_help(
-        "center-crop the photos; otherwise random crops (taken from cached latents, 8-pixel steps)"))
-    random_flip: bool = field(default=False, metadata=_help("random horizontal flips (flipped latents cached too)"))
-    train_batch_size: int = field(default=1, metadata=_help("instance images per step and process"))
-    max_train_steps: int = field(default=400, metadata=_help("optimizer steps"))
-    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for UNet activation memory"))
-    learning_rate: float = field(default=1e-4, metadata=_help("adapter learning rate"))
-    lr_scheduler: str = field(default="constant", metadata=_help("learning-rate schedule", choices=LR_SCHEDULERS))
-    lr_warmup_steps: int = field(default=0, metadata=_help("warm-up steps of the schedule"))
-    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
-    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
-    adam_weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay"))
-    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
-    use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes 8-bit AdamW (needs bitsandbytes)"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
-    mixed_precision: typing.Optional[str] = field(default=None, metadata=_help(
-        "no, fp16 or bf16 (default: accelerate's config); frozen models run in it, the adapter stays fp32",
-        choices=("no", "fp16", "bf16")))
-    allow_tf32: bool = field(default=False, metadata=_help("allow TF32 matmuls on Ampere+ GPUs"))
-    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help(
-        "xformers attention (needs the xformers extra)"))
-    checkpointing_steps: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps"))
-    checkpoints_total_limit: typing.Optional[int] = field(default=2, metadata=_help(
-        "keep the newest N checkpoints (oldest removed first); 0 keeps them all"))
-    resume_from_checkpoint: typing.Optional[str] = field(default="latest", metadata=_help(
-        "a checkpoint folder, or 'latest' (the newest complete one in <output_dir>/checkpoints; starts fresh if "
-        "there is none; subjects whose adapter is already finished are skipped)"))
-    overwrite: bool = field(default=False, metadata=_help(
-        "start over: ignore and delete the checkpoints in --output_dir and train every subject again"))
-    validation_prompt: typing.Optional[str] = field(default=None, metadata=_help(
-        "prompt for validation image grids (default: none)"))
-    num_validation_images: int = field(default=4, metadata=_help("images per validation"))
-    validation_steps: int = field(default=100, metadata=_help("validate every N steps"))
-    fused_adam: bool = field(default=True, metadata=_help(
-        "fused AdamW kernel on CUDA (one launch for all adapter tensors)"))
-    cuda_graphs: bool = field(default=True, metadata=_help(
-        "on one GPU without gradient accumulation, replay the UNet's forward/backward as CUDA graphs "
-        "(the same kernels, no launch overhead)"))
-    channels_last: bool = field(default=True, metadata=_help(
-        "with CUDA graphs, the UNet in channels-last memory format: cuDNN's convolutions skip a layout "
-        "transpose each (45 against 38 it/s on an H200); a bank of several subjects stays contiguous, where "
-        "channels-last measured slower"))
-    report_to: str = field(default="tensorboard", metadata=_help("tracker for accelerate ('tensorboard', 'none')"))
-    log_every: int = field(default=10, metadata=_help(
-        "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps"))
+    pretrained_model_name_or_path: Optional[str] = _opt(
+        None, "base model: a hub id (runwayml/stable-diffusion-v1-5) or a local diffusers folder")
+    revision: Optional[str] = _opt(None, "hub revision of the base model")
+    variant: Optional[str] = _opt(None, "weights variant, e.g. fp16")
+    subject: Optional[str] = _opt(
+        None, "a DreamBooth subject (e.g. dog): fills instance_data_dir, instance_prompt and class_prompt from "
+        "--dataset_dir and the subjects table; the adapter goes to --output_dir")
+    subjects: Optional[List[str]] = _opt(
+        None, "several DreamBooth subjects, or 'all' for the 30: one adapter each, in <output_dir>/<subject>/, trained "
+        "together in batches of --subjects_per_batch")
+    subjects_per_batch: Optional[int] = _opt(
+        None, "with --subjects: subjects that share one UNet batch through an adapter bank (default: all; 1 = one "
+        "subject at a time, each with every single-subject feature: DDP, CUDA graphs, fp16, 8-bit Adam, DoRA)")
+    dataset_dir: Optional[str] = _opt(
+        None, "the DreamBooth dataset folder (<dataset_dir>/<subject>/*.jpg), used with --subject / --subjects")
+    identifier: str = _opt("sks", "the rare token that names the subject")
+    instance_data_dir: Optional[str] = _opt(None, "folder of the subject's photos")
+    instance_prompt: Optional[str] = _opt(None, "prompt of the subject's photos, e.g. 'a photo of sks dog'")
+    class_data_dir: Optional[str] = _opt(
+        None, "folder of class images for prior preservation (generated there if too few; default "
+        "<output_dir>/class_images)")
+    class_prompt: Optional[str] = _opt(None, "prompt of the class, e.g. 'a photo of dog'")
+    with_prior_preservation: bool = _opt(False, "add the prior-preservation loss")
+    prior_loss_weight: float = _opt(1.0, "weight of the prior-preservation loss")
+    num_class_images: int = _opt(100, "class images for prior preservation")
+    sample_batch_size: int = _opt(4, "batch size when generating class images")
+    output_dir: str = _opt(
+        "outputs/dreambooth-singlora", "where the adapter, checkpoints, logs and samples go", aliases=("--output",))
+    seed: int = _opt(0, "seed: same seed, same run (on the same hardware)")
+    resolution: int = _opt(512, "training resolution in pixels (multiple of 8)")
+    center_crop: bool = _opt(
+        False, "center-crop the photos; otherwise random crops (taken from cached latents, 8-pixel steps)")
+    random_flip: bool = _opt(False, "random horizontal flips (flipped latents cached too)")
+    train_batch_size: int = _opt(1, "instance images per step and process")
+    max_train_steps: int = _opt(400, "optimizer steps")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = _opt(False, "trade compute for UNet activation memory")
+    learning_rate: float = _opt(1e-4, "adapter learning rate")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "warm-up steps of the schedule")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = _opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    mixed_precision: Optional[str] = _opt(
+        None, "no, fp16 or bf16 (default: accelerate's config); frozen models run in it, the adapter stays fp32",
+        choices=("no", "fp16", "bf16"))
+    allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+ GPUs")
+    enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention (needs the xformers extra)")
+    checkpointing_steps: int = _opt(100, "save a resumable checkpoint every N steps")
+    checkpoints_total_limit: Optional[int] = _opt(
+        2, "keep the newest N checkpoints (oldest removed first); 0 keeps them all")
+    resume_from_checkpoint: Optional[str] = _opt(
+        "latest", "a checkpoint folder, or 'latest' (the newest complete one in <output_dir>/checkpoints; starts fresh "
+        "if there is none; subjects whose adapter is already finished are skipped)")
+    overwrite: bool = _opt(
+        False, "start over: ignore and delete the checkpoints in --output_dir and train every subject again")
+    validation_prompt: Optional[str] = _opt(None, "prompt for validation image grids (default: none)")
+    num_validation_images: int = _opt(4, "images per validation")
+    validation_steps: int = _opt(100, "validate every N steps")
+    fused_adam: bool = _opt(True, "fused AdamW kernel on CUDA (one launch for all adapter tensors)")
+    cuda_graphs: bool = _opt(
+        True, "on one GPU without gradient accumulation, replay the UNet's forward/backward as CUDA graphs (the same "
+        "kernels, no launch overhead)")
+    channels_last: bool = _opt(
+        True, "with CUDA graphs, the UNet in channels-last memory format: cuDNN's convolutions skip a layout transpose "
+        "each (45 against 38 it/s on an H200); a bank of several subjects stays contiguous, where channels-last "
+        "measured slower")
+    report_to: str = _opt("tensorboard", "tracker for accelerate ('tensorboard', 'none')")
+    log_every: int = _opt(10, "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps")
 
     def __post_init__(self):
         super().__post_init__()
@@ -371,37 +362,37 @@ SCHEDULERS = {
 class GenerateConfig:
     """What to render, from which adapter, how. Shared by the CLI and `generate_images`."""
 
-    adapter: Optional[str] = field(default=None, metadata=_help("adapter folder (adapter_model.safetensors + "
-                                                                "adapter_config.json); none = the base model alone"))
-    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata=_help(
-        "base model (default: the one named in the adapter's config)"))
-    prompt: List[str] = field(default_factory=list, metadata=_help(
-        "a prompt (repeat the flag for more)", action="append"))
-    prompts_file: Optional[str] = field(default=None, metadata=_help("a text file, one prompt per line"))
-    subject: Optional[str] = field(default=None, metadata=_help("the 25 DreamBooth prompts of this subject"))
-    identifier: str = field(default=IDENTIFIER, metadata=_help("the subject's identifier token, for --subject"))
-    num_images_per_prompt: int = field(default=4, metadata=_help("images per prompt"))
-    seed: int = field(default=0, metadata=_help("image k of every prompt uses seed + k"))
-    num_inference_steps: int = field(default=50, metadata=_help("denoising steps"))
-    guidance_scale: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
-    scheduler: str = field(default="ddim", metadata=_help("sampler", choices=tuple(SCHEDULERS)))
-    batch_size: int = field(default=4, metadata=_help("images per UNet batch (does not change the images)"))
-    adapter_scale: float = field(default=1.0, metadata=_help("strength of the adapter (1 = as trained)"))
-    merge: bool = field(default=True, metadata=_help("merge the adapter into the weights (same images, faster)"))
-    height: Optional[int] = field(default=None, metadata=_help("image height (default: the model's)"))
-    width: Optional[int] = field(default=None, metadata=_help("image width (default: the model's)"))
-    dtype: Optional[str] = field(default=None, metadata=_help(
-        "fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)", choices=("fp32", "fp16", "bf16")))
-    output_dir: Optional[str] = field(default=None, metadata=_help(
-        "where the PNGs, index.json and contact sheet go (default: a new outputs/samples/<date-time>/ per run)",
-        aliases=("--output",)))
-    skip_existing: bool = field(default=True, metadata=_help(
-        "keep images already in output_dir (resume); --no-skip_existing or --overwrite renders them again"))
-    overwrite: bool = field(default=False, metadata=_help("render every image again, replacing those there"))
-    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help("xformers attention"))
-    compile: bool = field(default=False, metadata=_help(
-        "torch.compile the UNet and the VAE decoder: one to two minutes to compile, then faster sampling "
-        "(H100: UNet 1.4x, VAE decode 2.2x); worth it for hundreds of images"))
+    adapter: Optional[str] = _opt(
+        None, "adapter folder (adapter_model.safetensors + adapter_config.json); none = the base model alone")
+    pretrained_model_name_or_path: Optional[str] = _opt(
+        None, "base model (default: the one named in the adapter's config)")
+    prompt: List[str] = field(default_factory=list, metadata={"help": "a prompt (repeat the flag for more)",
+                                                              "action": "append"})
+    prompts_file: Optional[str] = _opt(None, "a text file, one prompt per line")
+    subject: Optional[str] = _opt(None, "the 25 DreamBooth prompts of this subject")
+    identifier: str = _opt(IDENTIFIER, "the subject's identifier token, for --subject")
+    num_images_per_prompt: int = _opt(4, "images per prompt")
+    seed: int = _opt(0, "image k of every prompt uses seed + k")
+    num_inference_steps: int = _opt(50, "denoising steps")
+    guidance_scale: float = _opt(7.5, "classifier-free guidance scale")
+    scheduler: str = _opt("ddim", "sampler", choices=tuple(SCHEDULERS))
+    batch_size: int = _opt(4, "images per UNet batch (does not change the images)")
+    adapter_scale: float = _opt(1.0, "strength of the adapter (1 = as trained)")
+    merge: bool = _opt(True, "merge the adapter into the weights (same images, faster)")
+    height: Optional[int] = _opt(None, "image height (default: the model's)")
+    width: Optional[int] = _opt(None, "image width (default: the model's)")
+    dtype: Optional[str] = _opt(
+        None, "fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)", choices=("fp32", "fp16", "bf16"))
+    output_dir: Optional[str] = _opt(
+        None, "where the PNGs, index.json and contact sheet go (default: a new outputs/samples/<date-time>/ per run)",
+        aliases=("--output",))
+    skip_existing: bool = _opt(
+        True, "keep images already in output_dir (resume); --no-skip_existing or --overwrite renders them again")
+    overwrite: bool = _opt(False, "render every image again, replacing those there")
+    enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention")
+    compile: bool = _opt(
+        False, "torch.compile the UNet and the VAE decoder: one to two minutes to compile, then faster sampling (H100: "
+        "UNet 1.4x, VAE decode 2.2x); worth it for hundreds of images")
 
     def __post_init__(self):
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):

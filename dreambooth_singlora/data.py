@@ -73,8 +73,7 @@ def load_images(folder, what: str = "instance") -> tuple[list[Image.Image], list
     paths = list_images(folder)
     if not paths:
         raise UserError(f"{what} folder {folder} has no image files (.jpg, .png, .webp, ...)")
-    pairs = [(read_image(p), p) for p in paths]
-    good = [(im, p) for im, p in pairs if im is not None]
+    good = [(im, p) for p in paths if (im := read_image(p)) is not None]
     if not good:
         raise UserError(f"no usable image in {what} folder {folder}: all {len(paths)} files failed to decode")
     return [im for im, _ in good], [p for _, p in good]

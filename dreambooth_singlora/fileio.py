@@ -66,12 +66,8 @@ def atomic_path(path: str | os.PathLike):
     finally:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with suppress(OSError):  # not supported on every platform / filesystem
-        fd = os.open(directory, os.O_RDONLY)
+    with suppress(OSError):  # the folder's fsync (not supported on every platform / filesystem)
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

@@ -15,11 +15,7 @@ import math
 import torch
 from torch import nn
 
-#: How A is initialised. "width": Kaiming-uniform with the layer's input width d_in as fan-in
-#: (entries of variance 1/(3 d_in), as PEFT initialises LoRA's A), so A A^T starts small
-#: (diagonal ~ r / (3 d_in)). "rank": fan-in = r, what the public SingLoRA code does; then
-#: A A^T starts near I/3, a huge update that only the ramp u(t) hides.
-from .config import INITS  # noqa: E402  (the names live with the config that offers them)
+from .config import INITS  # the init names live with the config that offers them
 
 
 def ramp(step: int, ramp_steps: int) -> float:
@@ -32,7 +28,11 @@ def ramp(step: int, ramp_steps: int) -> float:
 
 
 def init_A_(A: torch.Tensor, d_in: int, init: str = "width") -> torch.Tensor:
-    """Initialise A (..., D, r) in place: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in by `init`."""
+    """Initialise A (..., D, r) in place: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in by `init`.
+
+    "width": fan-in = the layer's input width d_in (entries of variance 1/(3 d_in), as PEFT initialises LoRA's A),
+    so A A^T starts small (diagonal ~ r / (3 d_in)). "rank": fan-in = r, what the public SingLoRA code does; then
+    A A^T starts near I/3, a huge update that only the ramp u(t) hides."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     fan_in = d_in if init == "width" else A.shape[-1]
@@ -49,9 +49,8 @@ def delta_weight(A: torch.Tensor, d_in: int, d_out: int, scale: float | torch.Te
 def singlora_matmul(x: torch.Tensor, A: torch.Tensor, d_in: int, d_out: int, scale) -> torch.Tensor:
     """delta(x) = scale * (x @ A[:d_in]) @ A[:d_out]^T through two thin matmuls, never the full delta.
 
-    x: (..., d_in); A: (D, r) -> (..., d_out).
-    A: (B, D, r) with x: (B, N, d_in) applies sample b's own adapter to x[b] (batched adapters).
-    """
+    x: (..., d_in); A: (D, r) -> (..., d_out). A: (B, D, r) with x: (B, N, d_in) applies sample b's own adapter
+    to x[b] (batched adapters)."""
     if A.dim() == 2:
         D = A.shape[0]  # slice only the side that needs it: a full-range slice still costs a backward copy
         h = x @ (A if d_in == D else A[:d_in])  # (..., r)
@@ -72,11 +71,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SingLoRA(nn.Module):
-    """The SingLoRA term of one linear layer d_in -> d_out: forward(x) = delta W x.
-
-    `u` is a (non-persistent) buffer set from the optimizer step by the caller
-    (`set_ramp`); the module holds no step counter of its own.
-    """
+    """The SingLoRA term of one linear layer d_in -> d_out: forward(x) = delta W x. Its ramp u is set by the
+    caller from the optimizer step (`set_ramp`): the module holds no step counter of its own."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, init: str = "width"):
         super().__init__()
