@@ -132,8 +132,7 @@ add_singlora = add_adapter  # the name the paper's readers look for; every metho
 
 
 def remove_adapter(unet) -> None:
-    """Take the adapter off again, unmerging it first if merged: the UNet is as before add_adapter
-    (its processors, plain Linear layers, which parameters require grad), with no adapter config."""
+    """Take the adapter off again (unmerging it first if merged): the UNet is as it was before add_adapter."""
     config = get_config(unet)
     if config is None:
         return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -42,12 +43,6 @@ def checkpoint_root(output_dir) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
-def _step_of(path: Path) -> int | None:
-    name = path.name.removesuffix(".replaced")
-    number = name[len("checkpoint-"):]
-    return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
-
-
 def list_checkpoints(root, names: list[str] | None = None) -> list[Path]:
     """Complete checkpoint folders (of the group `names`, if given), oldest first. A `.tmp` folder (a save
     that did not finish) is never listed; a `.replaced` one stands for its step while the folder replacing
@@ -57,9 +52,9 @@ def list_checkpoints(root, names: list[str] | None = None) -> list[Path]:
         return []
     found: dict[int, Path] = {}
     for p in sorted(root.iterdir(), key=lambda p: p.name.endswith(".replaced")):  # plain names first
-        step = _step_of(p)
-        if step is not None and step not in found and (p / STATE_NAME).is_file():
-            found[step] = p
+        m = re.fullmatch(r"checkpoint-(\d+)(\.replaced)?", p.name)
+        if m and int(m[1]) not in found and (p / STATE_NAME).is_file():
+            found[int(m[1])] = p
     listed = [found[s] for s in sorted(found)]
     return listed if names is None else [p for p in listed if _holds(read_state(p), names)]
 

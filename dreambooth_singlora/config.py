@@ -94,12 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if typing.get_origin(tp) is typing.Union and len(args) == 1:  # Optional[X]: a flag of type X
             tp = args[0]
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kw = {"help": f.metadata.get("help", ""), "default": default}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if "action" in f.metadata:  # e.g. "append": a repeatable flag
-            kw.update(action=f.metadata["action"], type=typing.get_args(tp)[0], default=None)
+        kw = {"default": f.default if f.default is not MISSING else f.default_factory(),
+              **{k: v for k, v in f.metadata.items() if k != "aliases"}}  # help, choices, action
+        if "action" in kw:  # e.g. "append": a repeatable flag
+            kw.update(type=typing.get_args(tp)[0], default=None)
         elif tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (tuple, list):

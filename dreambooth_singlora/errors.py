@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 import warnings
+from contextlib import suppress
 
 
 class UserError(ValueError):
@@ -28,10 +29,8 @@ def _close_progress_bars() -> None:
     """Close the tqdm bars a failed run left open, so that the error line starts a line of its own."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
-        try:
+        with suppress(Exception):  # a bar that cannot close must not hide the error
             bar.close()
-        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
-            pass
 
 
 def quiet_libraries() -> None:

@@ -107,13 +107,11 @@ def check_base_model(src: str) -> None:
             raise UserError(f"base model folder {src} does not exist (give a local diffusers folder with "
                             "model_index.json, unet/, vae/, ... or a hub id such as runwayml/stable-diffusion-v1-5)")
         return
-    try:
+    with suppress(Exception):  # not cached: the hub client raises several types
         from huggingface_hub import snapshot_download
 
         snapshot_download(src, local_files_only=True, allow_patterns=["model_index.json"])
         return  # in the local cache
-    except Exception:  # noqa: BLE001 - not cached (the hub client raises several types)
-        pass
     how = ("pass a local diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-v1-5 "
            "(e.g. one made by `huggingface-cli download` on a machine with network)")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
