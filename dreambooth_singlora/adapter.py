@@ -152,19 +152,14 @@ def remove_adapter(unet) -> None:
 
 def singlora_processor(attn) -> SingLoRAAttnProcessor | None:
     """The SingLoRA processor of `attn`: its processor, or the one an adapter bank wraps; else None."""
-    proc = attn.processor
-    proc = getattr(proc, "inner", proc)
+    proc = getattr(attn.processor, "inner", attn.processor)
     return proc if isinstance(proc, SingLoRAAttnProcessor) else None
 
 
 def singlora_layers(unet):
     """(attention path, target, SingLoRA module) for every SingLoRA term on `unet`."""
-    out = []
-    for name, attn in attention_modules(unet):
-        proc = singlora_processor(attn)
-        if proc is not None:
-            out += [(name, t, proc.adapters[key_of(t)]) for t in proc.targets]
-    return out
+    return [(name, t, proc.adapters[key_of(t)]) for name, attn in attention_modules(unet)
+            if (proc := singlora_processor(attn)) is not None for t in proc.targets]
 
 
 def layer_shapes(unet) -> dict[str, list[int]]:
@@ -241,9 +236,8 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
     config = _require_config(unet, " to save")
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
-    step = getattr(unet, "_dbsl_step", 0)
     meta = {**(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
-            "step": step, "base_model": base_model, "shapes": layer_shapes(unet)}
+            "step": getattr(unet, "_dbsl_step", 0), "base_model": base_model, "shapes": layer_shapes(unet)}
     meta["u"] = saved_u(meta)  # recorded for people to read; every reader derives u from the step
     tensors = {k: at_least_fp32(v.detach().cpu()).contiguous() for k, v in adapter_state_dict(unet).items()}
     out = Path(output_dir)
