@@ -7,6 +7,7 @@ Each command is the module of the same name (`python -m dreambooth_singlora.trai
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 COMMANDS = {
@@ -41,8 +42,6 @@ def main(argv=None):
             print(f"error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
             raise SystemExit(2)
         return
-    import importlib
-
     rest = argv[1:]
     if argv[0] in HELP and ("-h" in rest or "--help" in rest):  # answered from the parser alone: no torch import
         module, _, function = HELP[argv[0]].partition(":")
