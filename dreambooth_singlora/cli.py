@@ -32,7 +32,8 @@ HELP = {"train": "dreambooth_singlora.config:train_parser", "train-multi": "drea
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    own = argv is None  # the process's own command line: the command may end the process when it is done
+    argv = list(sys.argv[1:] if own else argv)
     if not argv or argv[0] not in COMMANDS:
         unknown = bool(argv) and argv[0] not in ("-h", "--help")
         lines = [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -47,7 +48,11 @@ def main(argv=None):
         module, _, function = HELP[argv[0]].partition(":")
         getattr(importlib.import_module(module), function)().parse_args(rest)
     module, _, function = COMMANDS[argv[0]][0].partition(":")
-    return getattr(importlib.import_module(module), function or "main")(rest)
+    command = getattr(importlib.import_module(module), function or "main")
+    if own:
+        sys.argv[1:] = rest  # the command reads its flags from the process's command line, as under python -m
+        return command()
+    return command(rest)
 
 
 if __name__ == "__main__":

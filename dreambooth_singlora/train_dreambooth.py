@@ -39,7 +39,7 @@ from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_check
                          remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
 from .data import image_grid, load_images, prepare, use_cpu_threads
-from .errors import UserError, cli_entry
+from .errors import UserError, cli_entry, end_process
 from .fileio import WriteError, atomic_path, check_base_model, check_writable, write_error, write_json_atomic, write_text_atomic
 from .singlora import at_least_fp32, ramp
 
@@ -813,6 +813,8 @@ All settings are in `adapter_config.json` and `checkpoints/*/trainer_state.json`
 def main(argv=None):
     cfg = from_args(TrainConfig, train_parser().parse_args(argv))
     train(cfg)
+    if argv is None and cfg.fast_exit:  # this process is the command (python -m, accelerate launch, the CLI)
+        end_process()
 
 
 if __name__ == "__main__":
