@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -713,10 +714,18 @@ def sync_time(device) -> float:
 
 
 def since_start() -> float:
-    """Seconds since this process started (interpreter start and imports included)."""
-    import psutil
+    """Seconds since this process started (interpreter start and imports included). On Linux from the kernel's
+    clock ticks since boot (10 ms steps); psutil's create_time adds the boot time in whole seconds, which can
+    put it up to a second off."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            return round(float(f.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux
+        import psutil
 
-    return round(time.time() - psutil.Process().create_time(), 3)
+        return round(time.time() - psutil.Process().create_time(), 3)
 
 
 def device_stats() -> dict:

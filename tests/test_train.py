@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,21 @@ def test_the_command_ends_its_process_once_every_file_is_written(fast_exit, tiny
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["step"] == 2
     assert len(load_file(str(tmp_path / "out" / "adapter_model.safetensors"))) == 28
     assert json.loads((tmp_path / "out" / "train_stats.json").read_text())["steps_run"] == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="elsewhere since_start() falls back to psutil")
+def test_phase_times_count_from_the_start_of_the_process():
+    """since_start() (the phases of train_stats.json) is the age of the process: no less than what the process
+    itself timed since its first line, no more than the parent saw pass since it started the process. Bounds:
+    10 ms for the kernel's tick and 20 ms for rounding and the clocks' reads (psutil's create_time, used
+    before, adds the boot time in whole seconds and can be up to a second off either way)."""
+    code = ("import time; t0 = time.time()\n"
+            "from dreambooth_singlora.train_dreambooth import since_start\n"
+            "time.sleep(0.3); print(since_start(), time.time() - t0, time.time())")
+    before = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    age, own, end = map(float, out.split())
+    assert own - 0.03 <= age <= end - before + 0.03, (age, own, end - before)
 
 
 def test_save_failure_keeps_last_good_checkpoint(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
