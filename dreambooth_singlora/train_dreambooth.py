@@ -524,6 +524,9 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
 
     # 2. resume: adapters, optimizer, schedule, step; the data of step t is a function of t
     step, histories = resume(cfg, group, adapters, optimizer, lr_scheduler)
+    # accelerate steps a prepared schedule once per process and optimizer step, so it stands at step x processes:
+    # a checkpoint written by another number of processes goes on at this run's count (the same learning rate)
+    lr_scheduler.scheduler.last_epoch = step * accelerator.num_processes
     u, prior_w = adapters.set_step(step), cfg.prior_loss_weight if cfg.with_prior_preservation else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {names[0]}" if len(group) == 1
                else f"training {len(group)} subjects", disable=not accelerator.is_local_main_process)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,25 @@ def test_sigkill_then_resume_latest_equals_uninterrupted(tiny_pipeline, dataset_
     assert max_diff(ref, resumed) == 0.0
     state = json.loads((ref / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert 0 < state["lr_scheduler"]["_last_lr"][0] < 1e-2  # past the warm-up, on the cosine
+
+
+def test_resume_a_checkpoint_of_another_process_count_keeps_the_schedule(tiny_pipeline, dataset_dir, tmp_path):
+    """accelerate steps a prepared schedule once per process and step, so a checkpoint of a 2-process run holds
+    its schedule at twice the step. Made here by doubling a 1-process checkpoint's count (the data and
+    gradients of two processes would differ anyway): resumed on one process, it must give exactly the adapter
+    of the uninterrupted run (cosine after 3 warm-up steps; read at step 8 of 8 the lr would be 0)."""
+    kw = dict(checkpointing_steps=4, max_train_steps=8, lr_scheduler="cosine", lr_warmup_steps=3, learning_rate=1e-2,
+              checkpoints_total_limit=0)
+    ref = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ref", **kw))
+    shutil.copytree(ref / "checkpoints" / "checkpoint-4", tmp_path / "two" / "checkpoints" / "checkpoint-4")
+    state_file = tmp_path / "two" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["lr_scheduler"]["last_epoch"] == 4
+    state["lr_scheduler"]["last_epoch"] = 8  # what 2 processes write at step 4
+    state_file.write_text(json.dumps(state))
+    resumed = train(cfg_for(tiny_pipeline, dataset_dir, tmp_path / "two", resume_from_checkpoint="latest", **kw))
+    assert json.loads((resumed / "train_stats.json").read_text())["steps_run"] == 4
+    assert max_diff(ref, resumed) == 0.0
 
 
 def test_accelerate_launch_subprocess(tiny_pipeline, dataset_dir, tmp_path):
