@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.metadata
 import logging
 import os
 import sys
@@ -47,15 +46,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*should be kept in float32.*")
 
 
-def scan_packages_once() -> None:
-    """Let importlib.metadata.packages_distributions() scan the installed packages once per process: diffusers
-    and transformers each call it as they are imported, and on Python 3.12 each scan checks that every file of
-    every installed distribution exists (about a second on the GPU machine, docs/BENCHMARKS.md). What is
-    installed does not change while a command imports its libraries."""
-    if not hasattr(importlib.metadata.packages_distributions, "cache_info"):
-        importlib.metadata.packages_distributions = functools.cache(importlib.metadata.packages_distributions)
-
-
 def end_process() -> None:
     """End the process at once, without the interpreter's and CUDA's teardown (1.0-1.4 s after a training run
     on an H200, docs/BENCHMARKS.md): for a command whose files are all written and closed."""
@@ -71,7 +61,6 @@ def cli_entry(main):
     @functools.wraps(main)
     def wrapper(argv=None):
         quiet_libraries()
-        scan_packages_once()
         try:
             return main(argv)
         except UserError as e:

@@ -1,6 +1,7 @@
 # A one-subject run with start-up and exit variants, interleaved, twice each (docs/BENCHMARKS.md):
 #   before     as before --fast_exit and the metadata cache: main(argv) returns, the interpreter tears down,
 #              and importlib.metadata.packages_distributions scans every installed distribution twice
+#              (the cache, errors.scan_packages_once as of ab85328, showed no gain and was taken out again)
 #   command    `python -m dreambooth_singlora.train_dreambooth`, the defaults (cache, --fast_exit)
 #   cache      the metadata cache alone: main(argv) returns, the interpreter tears down
 #   flash      as `command` (through the wrapper, main(None)) with SDPA held to flash attention (cuDNN's attention builds its kernels at the first
