@@ -26,7 +26,13 @@ _API = {  # name -> the module that defines it
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lazy_api(package: str, api: dict):
+    """A package's module-level __getattr__ that imports each name of `api` ({name: module}) on first use."""
+    def __getattr__(name):
+        if name in api:
+            return getattr(importlib.import_module(f".{api[name]}", package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return __getattr__
+
+
+__getattr__ = lazy_api(__name__, _API)

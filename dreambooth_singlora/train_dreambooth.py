@@ -387,10 +387,8 @@ class OneAdapter:
     def load_weights(self, folder: Path) -> None:
         load_adapter_state_dict(self.base, read_adapter(folder)[1])
 
-    def save_member(self, i: int, member: Member, step: int) -> None:
-        set_step(self.base, step)
-        save_adapter(self.base, member.output_dir, base_model=self.cfg.pretrained_model_name_or_path,
-                     extra={"run": run_of(self.cfg, member)})
+    def stage(self, i: int) -> None:  # the adapter on the UNet is the subject's own
+        pass
 
     def close(self) -> None:
         pass
@@ -439,11 +437,8 @@ class AdapterBank:
             for k, v in bank.items():
                 own[k].copy_(v)
 
-    def save_member(self, i: int, member: Member, step: int) -> None:
-        row_to_staging(self.base, i)  # the staging adapter then holds subject i's tensors: save it as one
-        set_step(self.base, step)
-        save_adapter(self.base, member.output_dir, base_model=self.cfg.pretrained_model_name_or_path,
-                     extra={"run": run_of(self.cfg, member)})
+    def stage(self, i: int) -> None:
+        row_to_staging(self.base, i)  # the staging adapter then holds subject i's tensors: saved as one
 
     def close(self) -> None:
         self.routing.route(None)
@@ -618,7 +613,10 @@ def write_results(cfg, accelerator, group: list[Member], adapters, histories, st
     """Each subject's folder: adapter, loss curve, model card, train_stats.json (each file atomically)."""
     n_params, phases = sum(t.numel() for t in init.values()), stats.pop("phases")
     for i, m in enumerate(group):
-        adapters.save_member(i, m, step)
+        adapters.stage(i)
+        set_step(adapters.base, step)
+        save_adapter(adapters.base, m.output_dir, base_model=cfg.pretrained_model_name_or_path,
+                     extra={"run": run_of(cfg, m)})
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
         write_text_atomic(m.output_dir / "README.md", model_card(cfg, m, step, n_params, stats["loop_seconds"]))
         write_json_atomic(m.output_dir / "train_stats.json", {

@@ -11,7 +11,7 @@ modules import each other relatively, so either name works. The protocol, in thi
 with its sources, is docs/PROTOCOL.md; docs/EVAL.md says how to run it.
 """
 
-import importlib
+from dreambooth_singlora import lazy_api
 
 _API = {  # name -> the module that defines it; loaded on first use, so that `eval --help` imports no torch
     **dict.fromkeys(("Encoder", "available_encoders", "image_encoder", "load_encoder", "load_encoders",
@@ -20,9 +20,4 @@ _API = {  # name -> the module that defines it; loaded on first use, so that `ev
     **dict.fromkeys(("ReferenceCache", "real_image_bound", "scan_images", "score_folder"), "score"),
 }
 __all__ = sorted(_API)
-
-
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_api(__name__, _API)
