@@ -47,7 +47,7 @@ def quiet_libraries() -> None:
 
 
 def end_process() -> None:
-    """End the process at once, without the interpreter's and CUDA's teardown (1.0-1.4 s after a training run
+    """End the process at once, without the interpreter's and CUDA's teardown (1.3-1.5 s after a training run
     on an H200, docs/BENCHMARKS.md): for a command whose files are all written and closed."""
     logging.shutdown()
     sys.stdout.flush()
