@@ -32,7 +32,7 @@ HELP = {"train": "dreambooth_singlora.config:train_parser", "train-multi": "drea
 
 
 def main(argv=None):
-    own = argv is None  # the process's own command line: the command may end the process when it is done
+    own = argv is None  # the process's own command line: the console script, or python -m dreambooth_singlora.cli
     argv = list(sys.argv[1:] if own else argv)
     if not argv or argv[0] not in COMMANDS:
         unknown = bool(argv) and argv[0] not in ("-h", "--help")
@@ -49,9 +49,8 @@ def main(argv=None):
         getattr(importlib.import_module(module), function)().parse_args(rest)
     module, _, function = COMMANDS[argv[0]][0].partition(":")
     command = getattr(importlib.import_module(module), function or "main")
-    if own:
-        sys.argv[1:] = rest  # the command reads its flags from the process's command line, as under python -m
-        return command()
+    if own and module == "dreambooth_singlora.train_dreambooth":  # the console script: the trainer's own process
+        return command(rest, own_process=True)
     return command(rest)
 
 

@@ -46,6 +46,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*should be kept in float32.*")
 
 
+def observed() -> bool:
+    """Whether a profiler, tracer or debugger runs in this process (python -m cProfile, coverage, pdb): it has
+    work left once the command returns, so the command must not end the process itself."""
+    monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: tools registered with sys.monitoring
+    return sys.getprofile() is not None or sys.gettrace() is not None or \
+        (monitoring is not None and any(monitoring.get_tool(i) for i in range(6)))
+
+
 def end_process() -> None:
     """End the process at once, without the interpreter's and CUDA's teardown (1.3-1.5 s after a training run
     on an H200, docs/BENCHMARKS.md): for a command whose files are all written and closed."""
@@ -59,10 +67,10 @@ def cli_entry(main):
     """Wrap a CLI main(argv): UserError (and Ctrl-C) -> one line on stderr and a non-zero exit."""
 
     @functools.wraps(main)
-    def wrapper(argv=None):
+    def wrapper(argv=None, **kwargs):
         quiet_libraries()
         try:
-            return main(argv)
+            return main(argv, **kwargs)
         except UserError as e:
             _error_line(str(e))
         except OSError as e:  # the machine's fault, not the code's: a folder that cannot be made, a full disk

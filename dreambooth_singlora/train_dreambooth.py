@@ -40,7 +40,7 @@ from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_check
                          remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
 from .data import image_grid, load_images, prepare, use_cpu_threads
-from .errors import UserError, cli_entry, end_process
+from .errors import UserError, cli_entry, end_process, observed
 from .fileio import WriteError, atomic_path, check_base_model, check_writable, write_error, write_json_atomic, write_text_atomic
 from .singlora import at_least_fp32, ramp
 
@@ -715,18 +715,21 @@ def sync_time(device) -> float:
 
 
 def since_start() -> float:
-    """Seconds since this process started (interpreter start and imports included). On Linux from the kernel's
-    clock ticks since boot (10 ms steps); psutil's create_time adds the boot time in whole seconds, which can
-    put it up to a second off."""
+    """Seconds since this process started (interpreter start and imports included). psutil's create_time adds
+    the boot time in whole seconds, so it can be up to a second off; on Linux the kernel's clock ticks since
+    boot (/proc, 10 ms steps) are used instead, unless they disagree with it by more than that (a container
+    whose /proc/uptime is its own)."""
+    import psutil
+
+    coarse = time.time() - psutil.Process().create_time()
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
         with open("/proc/uptime") as f:
-            return round(float(f.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK"), 3)
+            fine = float(f.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):  # not Linux
-        import psutil
-
-        return round(time.time() - psutil.Process().create_time(), 3)
+        return round(coarse, 3)
+    return round(fine if abs(fine - coarse) <= 1.5 else coarse, 3)
 
 
 def device_stats() -> dict:
@@ -820,12 +823,14 @@ All settings are in `adapter_config.json` and `checkpoints/*/trainer_state.json`
 # --------------------------------------------------------------------------- CLI
 
 @cli_entry
-def main(argv=None):
+def main(argv=None, own_process: bool = False):
+    """The command. own_process: this process runs nothing but it (`python -m`, `accelerate launch`, the
+    console script), so --fast_exit may end it once the results are written."""
     cfg = from_args(TrainConfig, train_parser().parse_args(argv))
     train(cfg)
-    if argv is None and cfg.fast_exit:  # this process is the command (python -m, accelerate launch, the CLI)
+    if own_process and cfg.fast_exit and not observed():
         end_process()
 
 
 if __name__ == "__main__":
-    main()
+    main(own_process=True)

@@ -133,25 +133,30 @@ def test_accelerate_launch_subprocess(tiny_pipeline, dataset_dir, tmp_path):
     assert meta["method"] == "lora" and meta["step"] == 3
 
 
-@pytest.mark.parametrize("fast_exit, module, command", [(True, "dreambooth_singlora.train_dreambooth", []),
-                                                         (True, "dreambooth_singlora.cli", ["train"]),
-                                                         (False, "dreambooth_singlora.train_dreambooth", [])])
-def test_the_command_ends_its_process_once_every_file_is_written(fast_exit, module, command, tiny_pipeline,
-                                                                 dataset_dir, tmp_path):
+@pytest.mark.parametrize("fast_exit, how", [(True, "module"), (True, "cli"), (True, "cProfile"), (False, "module")])
+def test_the_command_ends_its_process_once_every_file_is_written(fast_exit, how, tiny_pipeline, dataset_dir,
+                                                                 tmp_path):
     """Run as a command (`python -m dreambooth_singlora.train_dreambooth`, or `dreambooth-singlora train`
     through the CLI's dispatcher; here through runpy), the trainer ends its process with os._exit once its
     results are written (--fast_exit, the default): the interpreter's teardown, an atexit handler among it,
-    does not run, and nothing is lost: the exit status is 0, the last log line reached stderr, the adapter and
-    train_stats.json are complete. --no-fast_exit ends the usual way."""
-    marker = tmp_path / "atexit-ran"
+    does not run, and nothing is lost: the exit status is 0, the adapter and train_stats.json are complete.
+    Under a profiler (python -m cProfile) it returns, so that the profile gets written; --no-fast_exit ends
+    the usual way."""
+    marker, profile = tmp_path / "atexit-ran", tmp_path / "train.prof"
     cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "out", max_train_steps=2, fast_exit=fast_exit)
+    module, command = ("dreambooth_singlora.cli", ["train"]) if how == "cli" else \
+        ("dreambooth_singlora.train_dreambooth", [])
     driver = ("import atexit, runpy\n"
               f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
               f"runpy.run_module({module!r}, run_name='__main__')\n")
-    r = subprocess.run([sys.executable, "-c", driver, *command, *cli_args(cfg)], capture_output=True, text=True,
+    cmd = ["-m", "cProfile", "-o", str(profile), "-m", module] if how == "cProfile" else ["-c", driver]
+    r = subprocess.run([sys.executable, *cmd, *command, *cli_args(cfg)], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert marker.exists() is not fast_exit
+    if how == "cProfile":
+        assert profile.stat().st_size > 0  # written by cProfile after the command returned
+    else:
+        assert marker.exists() is not fast_exit
     assert "adapter(s) of dog saved" in r.stderr
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["step"] == 2
     assert len(load_file(str(tmp_path / "out" / "adapter_model.safetensors"))) == 28
