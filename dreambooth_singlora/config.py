@@ -271,7 +271,8 @@ class TrainConfig(SingLoRAConfig):
     report_to: str = _opt("tensorboard", "tracker for accelerate ('tensorboard', 'none')")
     fast_exit: bool = _opt(
         True, "run as a command (python -m, accelerate launch, dreambooth-singlora train), end the process as soon as "
-        "every result is written, without the interpreter's and CUDA's teardown (1.3-1.5 s on an H200)")
+        "every result is written, without the interpreter's and CUDA's teardown (1.3-1.5 s on an H200); never under "
+        "a profiler, tracer or debugger")
     log_every: int = _opt(10, "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps")
 
     def __post_init__(self):
