@@ -268,6 +268,10 @@ class TrainConfig(SingLoRAConfig):
         True, "with CUDA graphs, the UNet in channels-last memory format: cuDNN's convolutions skip a layout transpose "
         "each (45 against 38 it/s on an H200); a bank of several subjects stays contiguous, where channels-last "
         "measured slower")
+    autocast: bool = _opt(
+        False, "run the UNet's training forward under torch.autocast, which computes its norms in fp32 and casts "
+        "around each one; off, the frozen UNet runs in its --mixed_precision dtype as loaded (norms keep fp32 "
+        "statistics inside their kernels) and the adapters cast their fp32 tensors themselves")
     report_to: str = _opt("tensorboard", "tracker for accelerate ('tensorboard', 'none')")
     fast_exit: bool = _opt(
         True, "run as a command (python -m, accelerate launch, dreambooth-singlora train), end the process as soon as "

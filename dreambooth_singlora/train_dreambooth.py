@@ -325,19 +325,20 @@ def group_losses(denoise, noise_scheduler, datas: list[TrainData], step: int, mi
 
 
 class Denoise(torch.nn.Module):
-    """The UNet's noise prediction under autocast in the compute dtype (what gets CUDA-graphed)."""
+    """The UNet's noise prediction (what gets CUDA-graphed): in the UNet's own dtype, as loaded, or under
+    torch.autocast in `dtype` (`autocast`), which runs the norms and other fp32-listed ops in fp32."""
 
-    def __init__(self, unet, dtype):
+    def __init__(self, unet, dtype, autocast: bool = False):
         super().__init__()
         self.unet, self.dtype = unet, dtype
+        self.autocast = autocast and dtype in (torch.float16, torch.bfloat16)
 
     def forward(self, noisy, t, emb):  # (B,4,h,w), (B,), (B,77,D) -> (B,4,h,w)
-        with torch.autocast(noisy.device.type, dtype=self.dtype, enabled=self.dtype in (torch.float16, torch.bfloat16),
-                            cache_enabled=False):
+        with torch.autocast(noisy.device.type, dtype=self.dtype, enabled=self.autocast, cache_enabled=False):
             return self.unet(noisy, t, emb, return_dict=False)[0]
 
 
-def graph_unet(unet, batch, dtype):
+def graph_unet(unet, batch, dtype, autocast: bool = False):
     """The UNet's forward and backward captured as CUDA graphs (shapes are static in DreamBooth).
 
     At batch 1 an eager step is bound by kernel launches, not by the GPU; replaying a graph
@@ -346,7 +347,7 @@ def graph_unet(unet, batch, dtype):
     latents, emb, _ = batch
     sample = (latents.to(dtype), torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device), emb.clone())
     logger.info("capturing the UNet forward/backward as CUDA graphs (--no-cuda_graphs to turn off)")
-    return torch.cuda.make_graphed_callables(Denoise(unet, dtype), sample)
+    return torch.cuda.make_graphed_callables(Denoise(unet, dtype, autocast), sample)
 
 
 # --------------------------------------------------------------------------- a group's adapters
@@ -365,9 +366,9 @@ class OneAdapter:
             bare = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
             if cfg.channels_last:  # measured faster here, slower in a bank (docs/BENCHMARKS.md)
                 bare.to(memory_format=torch.channels_last)
-            self.denoise = graph_unet(bare, data.batch(0, 0), dtype)
+            self.denoise = graph_unet(bare, data.batch(0, 0), dtype, cfg.autocast)
         else:
-            self.denoise = Denoise(unet, dtype)
+            self.denoise = Denoise(unet, dtype, cfg.autocast)
 
     def set_step(self, step: int) -> float:
         return set_step(self.base, step)
@@ -405,7 +406,7 @@ class AdapterBank:
         self.routing = add_bank(base, size)
         self.params = bank_parameters(base)
         self.routing.route(torch.arange(size, device=self.params[0].device).repeat_interleave(per))
-        self.denoise = Denoise(unet, dtype)
+        self.denoise = Denoise(unet, dtype, cfg.autocast)
         self.u = None
 
     def set_step(self, step: int) -> float:
@@ -631,7 +632,7 @@ def write_results(cfg, accelerator, group: list[Member], adapters, histories, st
 def make_accelerator(cfg: TrainConfig):
     """accelerate decides devices and processes; returns it and the frozen models' dtype."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
@@ -639,7 +640,8 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=[AutocastKwargs(enabled=cfg.autocast)])  # the prepared UNet's wrapper: as Denoise
     set_seed(cfg.seed)  # the same seed before the same model loads gives the same initial adapter
     use_cpu_threads(accelerator.device)
     if cfg.allow_tf32:

@@ -45,6 +45,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="render with --compile (torch.compile UNet and VAE decoder)")
     p.add_argument("--subjects_per_batch", type=int, default=None, help="default: all subjects in one batch")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--autocast", action="store_true", help="train with --autocast (the UNet under torch.autocast)")
     p.add_argument("--render_images", type=int, default=240, help="images to render and time (0: skip)")
     p.add_argument("--render_batch", type=int, default=48, help="images per batch (UNet batch: twice that)")
     p.add_argument("--render_steps", type=int, default=50)
@@ -78,7 +79,7 @@ def main(argv=None):
     shutil.rmtree(run, ignore_errors=True)
     cfg = TrainConfig(pretrained_model_name_or_path=str(model), subjects=args.subjects, dataset_dir=args.dataset_dir,
                       output_dir=str(run), max_train_steps=args.steps, mixed_precision="bf16", report_to="none",
-                      gradient_checkpointing=args.gradient_checkpointing, method=args.method,
+                      gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast, method=args.method,
                       subjects_per_batch=args.subjects_per_batch)
     names = [(s, s) for s in cfg.subjects]
     torch.cuda.reset_peak_memory_stats()
@@ -92,13 +93,14 @@ def main(argv=None):
         "train": {
             "subjects": n, "steps": args.steps, "resolution": 512, "precision": "bf16", "method": args.method,
             "subjects_per_batch": stats["subjects_per_batch"], "gradient_checkpointing": args.gradient_checkpointing,
+            "autocast": args.autocast,
             "wall_seconds": round(train_wall, 1),
             "loop_seconds": stats["loop_seconds"],
             "it_per_s": [b["it_per_s"] for b in stats["batches"]],
             "samples_per_s": [b["samples_per_s"] for b in stats["batches"]],
             "peak_gpu_memory_gb": round(stats["peak_gpu_memory_gb"], 2),
             "target_seconds_for_30x400": TRAIN_TARGET_S,
-            "what_wall_counts": "train_multi() call: model load, latent caching, all batches, checkpoints, "
+            "what_wall_counts": "train() call: model load, latent caching, all batches, checkpoints, "
                                 "every subject's adapter + card + loss curve written",
         },
     }

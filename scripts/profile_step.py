@@ -6,15 +6,19 @@
 The trainer's own pieces on random-weight SD1.5 at 512 px, bf16, rank 8 on to_q/to_k: one subject is
 the plain SingLoRA adapter captured as CUDA graphs (`graph_unet`, as the trainer's group of one on one
 GPU); several are an adapter bank (`add_bank`, one row per sample) run eagerly through `Denoise`, as
-the trainer's batched group. Each variant times a forward + backward + fused AdamW step:
+the trainer's batched group. Each variant times a forward + backward + fused AdamW step. A variant is
+"default" or one or more of these joined by "+" (channels_last+autocast):
 
-    default         what the trainer does today
-    channels_last   the UNet's weights (and so its activations) in channels-last memory format
+    channels_last   the UNet's weights (and so its activations) in channels-last memory format (the
+                    trainer's default for one subject; "default" here is contiguous)
+    autocast        the forward under torch.autocast (norms in fp32), as `--autocast`; else the bf16
+                    UNet runs as loaded, the trainer's default
     sdpa_<backend>  attention forced to one SDPA backend (flash, efficient, cudnn, math)
     compile         torch.compile of Denoise (the first step carries the compile; run the script twice
                     with one TORCHINDUCTOR_CACHE_DIR to see what a warm cache saves)
 
 and, for the first variant, the CUDA kernels that take the most time in one step (torch.profiler).
+Only the first variant's first step pays the process's one-time costs (cuDNN's kernel builds).
 `--device cpu` with a tiny model checks the script. Prints and writes JSON.
 """
 
@@ -100,19 +104,24 @@ def main(argv=None):
                  "subjects": n, "path": "bank, eager" if n > 1 else "one adapter, CUDA graphs", "variants": {}}
     graphs = n == 1 and dev == "cuda"
     for variant in args.variants:
-        backend = variant.removeprefix("sdpa_") if variant.startswith("sdpa_") else None
+        parts = set(variant.split("+")) - {"default"}
+        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile") and not x.startswith("sdpa_")}
+        if unknown:
+            p.error(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
+        backend = next((x.removeprefix("sdpa_") for x in parts if x.startswith("sdpa_")), None)
+        autocast = "autocast" in parts
         attention = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]) \
             if backend else contextlib.nullcontext()
-        unet.to(memory_format=torch.channels_last if variant == "channels_last" else torch.contiguous_format)
+        unet.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)
         t0 = time.perf_counter()
         with attention:
-            if variant == "compile":
-                denoise = torch.compile(Denoise(unet, dt))
+            if "compile" in parts:
+                denoise = torch.compile(Denoise(unet, dt, autocast))
             elif graphs:
-                denoise = graph_unet(unet, (x, emb, None), dt)
+                denoise = graph_unet(unet, (x, emb, None), dt, autocast)
             else:
-                denoise = Denoise(unet, dt)
+                denoise = Denoise(unet, dt, autocast)
 
             def step():
                 denoise(x, ts, emb).float().square().mean().backward()

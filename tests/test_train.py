@@ -442,3 +442,64 @@ def test_loss_of_a_channels_last_prediction_is_the_same():
                              scheduler, [Data(0), Data(7)], 3, 0, None, torch.float64) for cl in (False, True)]
     assert losses[0].shape == (2,)
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)  # the same numbers, only another layout
+
+
+@pytest.mark.parametrize("method, subjects", [("singlora", None), ("lora", None), ("dora", None),
+                                              ("singlora", ["dog", "cat"]), ("lora", ["dog", "cat"])])
+def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeline, dataset_dir, tmp_path):
+    """--mixed_precision bf16 with the default --no-autocast: the frozen UNet runs in bf16 as loaded, and PEFT's
+    layers, SingLoRA and the banks cast their fp32 tensors themselves. Every method trains: its saved tensors are
+    fp32 and finite and moved (a subject's adapter between two checkpoints; two subjects' apart from their
+    common start)."""
+    one = subjects is None
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, mixed_precision="bf16", method=method, max_train_steps=2,
+                  checkpointing_steps=1, ramp_steps=0, subject="dog" if one else None, subjects=subjects)
+    assert cfg.autocast is False  # the default
+    train(cfg)
+    folders = [tmp_path] if one else [tmp_path / s for s in subjects]
+    final = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
+    for tensors in final:
+        assert {v.dtype for v in tensors.values()} == {torch.float32}
+        assert all(torch.isfinite(v).all() for v in tensors.values())
+    other = load_file(str(tmp_path / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors")) if one \
+        else final[1]
+    assert max((final[0][k] - other[k]).abs().max().item() for k in other) > 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_autocast_flag_reaches_the_unet_on_every_path(autocast, tiny_unet, dataset_dir, tmp_path):
+    """--autocast runs the UNet's forward under torch.autocast, off (the default) it does not: through Denoise
+    (what the CUDA graphs capture) and through accelerate's prepared model (the DDP path), whose own autocast
+    wrapper must agree with the flag. The fp32 adapter gets fp32 gradients either way."""
+    from accelerate.state import AcceleratorState
+
+    import dreambooth_singlora.train_dreambooth as T
+    from dreambooth_singlora import SingLoRAConfig, add_adapter
+    from dreambooth_singlora.adapter import trainable_parameters
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator, dtype = T.make_accelerator(TrainConfig(pretrained_model_name_or_path="unused", subject="dog",
+                                                            dataset_dir=dataset_dir, output_dir=str(tmp_path),
+                                                            report_to="none",
+                                                            mixed_precision="bf16", autocast=autocast))
+        assert dtype == torch.bfloat16
+        tiny_unet.to(dtype).requires_grad_(False)
+        add_adapter(tiny_unet, SingLoRAConfig(rank=4, ramp_steps=0))
+        seen = []
+        tiny_unet.conv_in.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+        prepared = accelerator.prepare(tiny_unet)  # its forward wrapped in accelerate's autocast (fp32 outputs)
+        x = torch.randn(1, 4, 8, 8, dtype=dtype)
+        emb = torch.randn(1, 5, tiny_unet.config.cross_attention_dim, dtype=dtype)
+        out = T.Denoise(prepared, dtype, autocast)(x, torch.tensor([10]), emb)  # the DDP path
+        assert out.dtype == torch.float32
+        out.square().mean().backward()
+        bare = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # what the CUDA graphs capture
+        out = T.Denoise(bare, dtype, autocast)(x, torch.tensor([10]), emb)
+        assert out.dtype == dtype
+        out.float().square().mean().backward()
+        assert seen == [autocast, autocast]
+        params = trainable_parameters(tiny_unet)
+        assert params and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
