@@ -6,13 +6,17 @@
 #                imports scikit-learn only when it is used) where it imports
 #   PART=layout  the step again, channels-last against contiguous, now that the UNet runs without autocast
 #   PART=multi   30 subjects x 400 SingLoRA steps (scripts/benchmark_multi.py), defaults then --autocast
+#   PART=floor   a bank of 30 against one plain adapter for all 30 samples (no routing), eager and compiled
+#                (a cold inductor cache): how fast a step of 30 could be with a perfect bank
+#   PART=render  the rendering UNet (fp16, batch 96) eager per SDPA backend, compiled stock and with a bank of
+#                30 (scripts/benchmark_render_parts.py): the floor of 300,000 evaluations on this GPU
 # PART="step one" (the default) or PART="layout multi"; run from the project root on the device machine with .whl and
 # .devdata carried; results under $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $(ls .whl/*.whl | grep -v dreambooth_singlora) && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 || exit 1
 unset PYTHONDONTWRITEBYTECODE  # the device machine sets it; a pip install writes bytecode at install time
 PART=${PART:-step one}
 M=/tmp/b/sd15-random
-[ -f $M/model_index.json ] || python3 -c "from dreambooth_singlora.testing import build_sd15_pipeline as b; b('$M', device='cuda')" 2>&1 | tail -1
+[[ $PART == render ]] || [ -f $M/model_index.json ] || python3 -c "from dreambooth_singlora.testing import build_sd15_pipeline as b; b('$M', device='cuda')" 2>&1 | tail -1
 
 if [[ $PART == *step* ]]; then
   python3 scripts/profile_step.py --model $M --subjects 1 --variants channels_last channels_last+autocast \
@@ -26,6 +30,16 @@ if [[ $PART == *layout* ]]; then  # the first variant pays the process's one-tim
     --output $OUT/step_1_layout_h200.json 2>&1 | grep -E "^(channels|default|Error|Traceback)"
   python3 scripts/profile_step.py --model $M --subjects 30 --steps 10 --variants default autocast channels_last \
     --output $OUT/step_30_layout_h200.json 2>&1 | grep -E "^(default|autocast|channels|Error|Traceback)"
+fi
+
+if [[ $PART == *floor* ]]; then
+  python3 scripts/profile_step.py --model $M --subjects 30 --steps 10 --variants default one_adapter one_adapter+compile \
+    --output $OUT/step_30_floor_h200.json 2>&1 | grep -E "^(default|one_adapter|Error|Traceback)"
+fi
+
+if [[ $PART == *render* ]]; then
+  python3 scripts/benchmark_render_parts.py --variants default bank --output $OUT/render_parts_h200.json 2>&1 \
+    | grep -E "^(unet|vae|png| +\(compile)|Error|Traceback"
 fi
 
 ARGS="--pretrained_model_name_or_path $M --subject dog --dataset_dir .devdata/dreambooth --mixed_precision bf16 --report_to none"

@@ -13,6 +13,8 @@ the trainer's batched group. Each variant times a forward + backward + fused Ada
                     trainer's default for one subject; "default" here is contiguous)
     autocast        the forward under torch.autocast (norms in fp32), as `--autocast`; else the bf16
                     UNet runs as loaded, the trainer's default
+    one_adapter     with --subjects > 1: every sample through one plain SingLoRA adapter, no bank (the
+                    same gradients' path through the UNet without the routing): the floor a bank stands on
     sdpa_<backend>  attention forced to one SDPA backend (flash, efficient, cudnn, math)
     compile         torch.compile of Denoise (the first step carries the compile; run the script twice
                     with one TORCHINDUCTOR_CACHE_DIR to see what a warm cache saves)
@@ -102,10 +104,11 @@ def main(argv=None):
     emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
     out: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
                  "subjects": n, "path": "bank, eager" if n > 1 else "one adapter, CUDA graphs", "variants": {}}
-    graphs = n == 1 and dev == "cuda"
+    graphs, one, one_opt = n == 1 and dev == "cuda", None, None
     for variant in args.variants:
         parts = set(variant.split("+")) - {"default"}
-        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile") and not x.startswith("sdpa_")}
+        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile", "one_adapter")
+                   and not x.startswith("sdpa_")}
         if unknown:
             p.error(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
         backend = next((x.removeprefix("sdpa_") for x in parts if x.startswith("sdpa_")), None)
@@ -113,20 +116,27 @@ def main(argv=None):
         attention = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]) \
             if backend else contextlib.nullcontext()
-        unet.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)
+        if "one_adapter" in parts and one is None:
+            one = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dt).to(dev)
+            one.requires_grad_(False)
+            add_adapter(one, SingLoRAConfig())
+            set_step(one, 1000)
+            one_opt = torch.optim.AdamW(trainable_parameters(one), lr=1e-4, fused=dev == "cuda")
+        model, optimizer = (one, one_opt) if "one_adapter" in parts else (unet, opt)
+        model.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)
         t0 = time.perf_counter()
         with attention:
             if "compile" in parts:
-                denoise = torch.compile(Denoise(unet, dt, autocast))
+                denoise = torch.compile(Denoise(model, dt, autocast))
             elif graphs:
-                denoise = graph_unet(unet, (x, emb, None), dt, autocast)
+                denoise = graph_unet(model, (x, emb, None), dt, autocast)
             else:
-                denoise = Denoise(unet, dt, autocast)
+                denoise = Denoise(model, dt, autocast)
 
             def step():
                 denoise(x, ts, emb).float().square().mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
             first = timed(step, 1)[0] + (time.perf_counter() - t0 if graphs else 0.0)
             timed(step, 3)

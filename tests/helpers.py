@@ -1,11 +1,26 @@
-"""Helpers shared by the tests: a script of scripts/ loaded as a module, a real process killed at a chosen point."""
+"""Helpers shared by the tests: a script of scripts/ loaded as a module, a real process killed at a chosen point,
+accelerate's process-wide state reset around an in-process run."""
 
 import importlib.util
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
+
+
+@contextmanager
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset before and after an in-process trainer run (as a process of
+    its own would start and end), so its mixed precision does not leak into other tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def load_script(name: str):

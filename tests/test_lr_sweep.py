@@ -5,28 +5,14 @@ through real processes); rendering and scoring run in this process as the script
 
 import json
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+from helpers import fresh_accelerate_state, load_script
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS, LRS, SUBJECT, IMAGES = ("singlora", "lora"), ("0.0001", "0.001"), "dog", 2
-
-
-@contextmanager
-def fresh_accelerate_state():
-    """accelerate's process-wide state reset around an in-process trainer run, as a process of its own
-    would start and end (its mixed precision must not leak into other tests)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def load_sweep():

@@ -6,12 +6,11 @@ import json
 import os
 import shutil
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import load_script
+from helpers import fresh_accelerate_state, load_script
 
 from dreambooth_singlora.eval.cli import main as eval_main
 
@@ -49,19 +48,6 @@ def in_process_trainer(mod, calls):
         with fresh_accelerate_state():
             train_main(cmd[3:])
     return run
-
-
-@contextmanager
-def fresh_accelerate_state():
-    """accelerate's process-wide state reset before and after an in-process trainer run (as a process of
-    its own would start and end), so its mixed precision does not leak into other tests."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_table3_end_to_end(table3_run):

@@ -20,7 +20,7 @@ from dreambooth_singlora.config import TrainConfig
 from dreambooth_singlora.data import load_images, to_rgb
 from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.train_dreambooth import main, train
-from helpers import killed_run
+from helpers import fresh_accelerate_state, killed_run
 
 STEPS = 12
 
@@ -455,7 +455,8 @@ def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeli
     cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, mixed_precision="bf16", method=method, max_train_steps=2,
                   checkpointing_steps=1, ramp_steps=0, subject="dog" if one else None, subjects=subjects)
     assert cfg.autocast is False  # the default
-    train(cfg)
+    with fresh_accelerate_state():  # bf16: other tests' in-process runs set accelerate's state to "no"
+        train(cfg)
     folders = [tmp_path] if one else [tmp_path / s for s in subjects]
     final = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
     for tensors in final:
@@ -471,14 +472,11 @@ def test_autocast_flag_reaches_the_unet_on_every_path(autocast, tiny_unet, datas
     """--autocast runs the UNet's forward under torch.autocast, off (the default) it does not: through Denoise
     (what the CUDA graphs capture) and through accelerate's prepared model (the DDP path), whose own autocast
     wrapper must agree with the flag. The fp32 adapter gets fp32 gradients either way."""
-    from accelerate.state import AcceleratorState
-
     import dreambooth_singlora.train_dreambooth as T
     from dreambooth_singlora import SingLoRAConfig, add_adapter
     from dreambooth_singlora.adapter import trainable_parameters
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
+    with fresh_accelerate_state():
         accelerator, dtype = T.make_accelerator(TrainConfig(pretrained_model_name_or_path="unused", subject="dog",
                                                             dataset_dir=dataset_dir, output_dir=str(tmp_path),
                                                             report_to="none",
@@ -501,5 +499,3 @@ def test_autocast_flag_reaches_the_unet_on_every_path(autocast, tiny_unet, datas
         assert seen == [autocast, autocast]
         params = trainable_parameters(tiny_unet)
         assert params and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
