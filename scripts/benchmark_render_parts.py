@@ -70,7 +70,7 @@ def compiled_variant(unet, x, t, emb, variant: str, iters: int, report) -> None:
     if "bank" in opts:
         from dreambooth_singlora.adapter import add_adapter
         from dreambooth_singlora.config import SingLoRAConfig
-        from dreambooth_singlora.multi import add_bank
+        from dreambooth_singlora.bank import add_bank
 
         add_adapter(net, SingLoRAConfig())
         routing = add_bank(net, 30)
