@@ -363,10 +363,9 @@ class OneAdapter:
         self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
             and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
         if self.graphed:
-            bare = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
             if cfg.channels_last:  # measured faster here, slower in a bank (docs/BENCHMARKS.md)
-                bare.to(memory_format=torch.channels_last)
-            self.denoise = graph_unet(bare, data.batch(0, 0), dtype, cfg.autocast)
+                base.to(memory_format=torch.channels_last)
+            self.denoise = graph_unet(base, data.batch(0, 0), dtype, cfg.autocast)
         else:
             self.denoise = Denoise(unet, dtype, cfg.autocast)
 
@@ -482,7 +481,7 @@ def train(cfg: TrainConfig) -> Path:
         models.unet.enable_gradient_checkpointing()
     params = trainable_parameters(models.unet)
     init = {k: v.detach().clone() for k, v in adapter_state_dict(models.unet).items()}  # every subject's start
-    unet = accelerator.prepare(models.unet)
+    unet = prepare_unet(accelerator, models.unet)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-singlora", config={k: str(v) for k, v in cfg.to_dict().items()})
     stats, t0 = [], time.time()
@@ -641,13 +640,22 @@ def make_accelerator(cfg: TrainConfig):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        kwargs_handlers=[AutocastKwargs(enabled=cfg.autocast)])  # the prepared UNet's wrapper: as Denoise
+        kwargs_handlers=[AutocastKwargs(enabled=cfg.autocast)])  # accelerator.autocast() (validation): as Denoise
     set_seed(cfg.seed)  # the same seed before the same model loads gives the same initial adapter
     use_cpu_threads(accelerator.device)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}  # "no": torch's default dtype (fp32; the tests' fp64)
     return accelerator, half.get(accelerator.mixed_precision, torch.get_default_dtype())
+
+
+def prepare_unet(accelerator, unet):
+    """The UNet prepared by accelerate (DDP over several processes), without the autocast and fp32-output
+    wrapper that prepare puts on its forward: Denoise alone decides autocast (--autocast), and the UNet's
+    outputs stay in its dtype, as a sampling pipeline's scheduler needs them (validation)."""
+    unet = accelerator.prepare(unet)
+    accelerator.unwrap_model(unet, keep_fp32_wrapper=False)  # in place: the module's own forward is back
+    return unet
 
 
 def make_optimizer_and_schedule(cfg: TrainConfig, accelerator, unet):

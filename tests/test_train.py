@@ -452,13 +452,17 @@ def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeli
     fp32 and finite and moved (a subject's adapter between two checkpoints; two subjects' apart from their
     common start)."""
     one = subjects is None
+    validation = dict(validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=1) if one \
+        else {}  # one adapter renders in bf16 too (validation's sampler steps on the UNet's bf16 outputs)
     cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, mixed_precision="bf16", method=method, max_train_steps=2,
-                  checkpointing_steps=1, ramp_steps=0, subject="dog" if one else None, subjects=subjects)
+                  checkpointing_steps=1, ramp_steps=0, subject="dog" if one else None, subjects=subjects, **validation)
     assert cfg.autocast is False  # the default
     with fresh_accelerate_state():  # bf16: other tests' in-process runs set accelerate's state to "no"
         train(cfg)
     folders = [tmp_path] if one else [tmp_path / s for s in subjects]
     final = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
+    if one:
+        assert (tmp_path / "validation" / "step-00002.png").stat().st_size > 0
     for tensors in final:
         assert {v.dtype for v in tensors.values()} == {torch.float32}
         assert all(torch.isfinite(v).all() for v in tensors.values())
@@ -470,8 +474,9 @@ def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeli
 @pytest.mark.parametrize("autocast", [False, True])
 def test_autocast_flag_reaches_the_unet_on_every_path(autocast, tiny_unet, dataset_dir, tmp_path):
     """--autocast runs the UNet's forward under torch.autocast, off (the default) it does not: through Denoise
-    (what the CUDA graphs capture) and through accelerate's prepared model (the DDP path), whose own autocast
-    wrapper must agree with the flag. The fp32 adapter gets fp32 gradients either way."""
+    on the UNet as the trainer prepares it (DDP's path; the CUDA graphs capture the same module), whose outputs
+    stay in its dtype (accelerate's fp32-output and autocast wrapper taken off), and in accelerator.autocast()
+    (validation). The fp32 adapter gets fp32 gradients either way."""
     import dreambooth_singlora.train_dreambooth as T
     from dreambooth_singlora import SingLoRAConfig, add_adapter
     from dreambooth_singlora.adapter import trainable_parameters
@@ -479,23 +484,21 @@ def test_autocast_flag_reaches_the_unet_on_every_path(autocast, tiny_unet, datas
     with fresh_accelerate_state():
         accelerator, dtype = T.make_accelerator(TrainConfig(pretrained_model_name_or_path="unused", subject="dog",
                                                             dataset_dir=dataset_dir, output_dir=str(tmp_path),
-                                                            report_to="none",
-                                                            mixed_precision="bf16", autocast=autocast))
+                                                            report_to="none", mixed_precision="bf16",
+                                                            autocast=autocast))
         assert dtype == torch.bfloat16
         tiny_unet.to(dtype).requires_grad_(False)
         add_adapter(tiny_unet, SingLoRAConfig(rank=4, ramp_steps=0))
         seen = []
         tiny_unet.conv_in.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
-        prepared = accelerator.prepare(tiny_unet)  # its forward wrapped in accelerate's autocast (fp32 outputs)
+        unet = T.prepare_unet(accelerator, tiny_unet)
         x = torch.randn(1, 4, 8, 8, dtype=dtype)
         emb = torch.randn(1, 5, tiny_unet.config.cross_attention_dim, dtype=dtype)
-        out = T.Denoise(prepared, dtype, autocast)(x, torch.tensor([10]), emb)  # the DDP path
-        assert out.dtype == torch.float32
-        out.square().mean().backward()
-        bare = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # what the CUDA graphs capture
-        out = T.Denoise(bare, dtype, autocast)(x, torch.tensor([10]), emb)
-        assert out.dtype == dtype
+        out = T.Denoise(unet, dtype, autocast)(x, torch.tensor([10]), emb)
+        assert seen == [autocast] and out.dtype == dtype
         out.float().square().mean().backward()
-        assert seen == [autocast, autocast]
         params = trainable_parameters(tiny_unet)
         assert params and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+        with accelerator.autocast():
+            unet(x, torch.tensor([10]), emb)
+        assert seen == [autocast, autocast]
