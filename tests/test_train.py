@@ -133,6 +133,23 @@ def test_accelerate_launch_subprocess(tiny_pipeline, dataset_dir, tmp_path):
     assert meta["method"] == "lora" and meta["step"] == 3
 
 
+def test_two_processes_data_parallel_in_bf16(tiny_pipeline, dataset_dir, tmp_path):
+    """Two real processes (torchrun on the CPU: DDP over gloo), bf16 without autocast and the fast exit, the
+    defaults: DDP runs the UNet as prepare_unet leaves it, every process ends with status 0 once the main
+    process has written the adapter, and the stats count both processes."""
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ddp", max_train_steps=4, mixed_precision="bf16")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dreambooth_singlora.train_dreambooth", *cli_args(cfg)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((tmp_path / "ddp" / "train_stats.json").read_text())
+    assert stats["num_processes"] == 2 and stats["steps_run"] == 4 and len(stats["loss_history"]) == 2
+    assert json.loads((tmp_path / "ddp" / "adapter_config.json").read_text())["step"] == 4
+    tensors = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    assert len(tensors) == 28 and all(torch.isfinite(v).all() for v in tensors.values())
+
+
 @pytest.mark.parametrize("fast_exit, how", [(True, "module"), (True, "cli"), (True, "cProfile"), (False, "module")])
 def test_the_command_ends_its_process_once_every_file_is_written(fast_exit, how, tiny_pipeline, dataset_dir,
                                                                  tmp_path):
