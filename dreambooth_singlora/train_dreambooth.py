@@ -620,8 +620,9 @@ def write_results(cfg, accelerator, group: list[Member], adapters, histories, st
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
         write_text_atomic(m.output_dir / "README.md", model_card(cfg, m, step, n_params, stats["loop_seconds"]))
         write_json_atomic(m.output_dir / "train_stats.json", {
-            **stats, **device_stats(), "cuda_graphs": adapters.graphed,
-            "channels_last": adapters.graphed and cfg.channels_last, "trainable_parameters": n_params,
+            **stats, **device_stats(), "cuda_graphs": adapters.graphed, "mixed_precision": accelerator.mixed_precision,
+            "channels_last": adapters.graphed and cfg.channels_last,
+            "autocast": cfg.autocast and accelerator.mixed_precision != "no", "trainable_parameters": n_params,
             "num_processes": accelerator.num_processes, "samples_per_unet_call": len(group) * per,
             "phases_seconds_from_process_start": {**phases, "results_written": since_start()},
             "loss_history": histories[m.name]})

@@ -8,6 +8,7 @@
 #   PART=multi   30 subjects x 400 SingLoRA steps (scripts/benchmark_multi.py), defaults then --autocast
 #   PART=floor   a bank of 30 against one plain adapter for all 30 samples (no routing), eager and compiled
 #                (a cold inductor cache): how fast a step of 30 could be with a perfect bank
+#   PART=confirm one subject, the defaults, twice: the final code of the change, after the passes above
 #   PART=render  the rendering UNet (fp16, batch 96) eager per SDPA backend, compiled stock and with a bank of
 #                30 (scripts/benchmark_render_parts.py): the floor of 300,000 evaluations on this GPU
 # PART="step one" (the default) or PART="layout multi"; run from the project root on the device machine with .whl and
@@ -79,6 +80,11 @@ print('transformers', transformers.__version__, 'sklearn imported:', 'sklearn' i
     python3 -m dreambooth_singlora.train_dreambooth $ARGS --output_dir /tmp/warm524 --max_train_steps 5 2>&1 | grep -iE "error"
     for i in 1 2; do one_run tf524_$i; done
   else echo "transformers 5.24 does not import on this machine: not measured"; fi
+fi
+
+if [[ $PART == *confirm* ]]; then
+  python3 -m dreambooth_singlora.train_dreambooth $ARGS --output_dir /tmp/warm --max_train_steps 5 2>&1 | grep -iE "error"
+  for i in 1 2; do one_run confirm_$i; done
 fi
 
 if [[ $PART == *multi* ]]; then

@@ -142,12 +142,13 @@ def main(argv=None):
             timed(step, 3)
             s = timed(step, args.steps)
             med = statistics.median(s)
-            out["variants"][variant] = {"first_step_s": round(first, 3), "median_s": round(med, 5),
+            key = variant if variant not in out["variants"] else f"{variant} ({len(out['variants']) + 1})"  # a repeat
+            out["variants"][key] = {"first_step_s": round(first, 3), "median_s": round(med, 5),
                                         "min_s": round(min(s), 5), "max_s": round(max(s), 5),
                                         "steps_per_s": round(1 / med, 2), "samples_per_s": round(n / med, 1)}
             if len(out["variants"]) == 1:
                 out["kernels"] = top_kernels(step, dev)
-        print(variant, json.dumps(out["variants"][variant]), flush=True)
+        print(variant, json.dumps(out["variants"][key]), flush=True)
         del denoise
     out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
     print(json.dumps(out["kernels"], indent=1), flush=True)

@@ -135,14 +135,22 @@ def test_accelerate_launch_subprocess(tiny_pipeline, dataset_dir, tmp_path):
 
 def test_two_processes_data_parallel_in_bf16(tiny_pipeline, dataset_dir, tmp_path):
     """Two real processes (torchrun on the CPU: DDP over gloo), bf16 without autocast and the fast exit, the
-    defaults: DDP runs the UNet as prepare_unet leaves it, every process ends with status 0 once the main
-    process has written the adapter, and the stats count both processes."""
-    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ddp", max_train_steps=4, mixed_precision="bf16")
+    defaults: DDP runs the UNet as prepare_unet leaves it (the validation render fails if accelerate's fp32-output
+    wrapper stays on), every process ends with status 0 once the main process has written the adapter, and the
+    stats count both processes."""
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path / "ddp", max_train_steps=4, mixed_precision="bf16",
+                  validation_prompt="a photo of sks dog", validation_steps=4, num_validation_images=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dreambooth_singlora.train_dreambooth", *cli_args(cfg)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    assert (tmp_path / "ddp" / "validation" / "step-00004.png").stat().st_size > 0  # rendered on the main process
     stats = json.loads((tmp_path / "ddp" / "train_stats.json").read_text())
     assert stats["num_processes"] == 2 and stats["steps_run"] == 4 and len(stats["loss_history"]) == 2
     assert json.loads((tmp_path / "ddp" / "adapter_config.json").read_text())["step"] == 4
@@ -489,33 +497,32 @@ def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeli
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_autocast_flag_reaches_the_unet_on_every_path(autocast, tiny_unet, dataset_dir, tmp_path):
-    """--autocast runs the UNet's forward under torch.autocast, off (the default) it does not: through Denoise
-    on the UNet as the trainer prepares it (DDP's path; the CUDA graphs capture the same module), whose outputs
-    stay in its dtype (accelerate's fp32-output and autocast wrapper taken off), and in accelerator.autocast()
-    (validation). The fp32 adapter gets fp32 gradients either way."""
+@pytest.mark.parametrize("subjects", [None, ["dog", "cat"]], ids=["one", "bank"])
+def test_autocast_flag_reaches_the_unet_in_a_run(autocast, subjects, tiny_pipeline, dataset_dir, tmp_path,
+                                                 monkeypatch):
+    """In a real bf16 run, every call of the UNet (training steps, and for one subject its validation render
+    under accelerator.autocast()) runs under torch.autocast exactly when --autocast is given, for one adapter
+    and for a bank; train_stats.json says which. (On the CPU bf16 autocast leaves the norms in bf16, so the
+    numbers cannot tell: a hook on the UNet's first layer reads autocast's state.)"""
     import dreambooth_singlora.train_dreambooth as T
-    from dreambooth_singlora import SingLoRAConfig, add_adapter
-    from dreambooth_singlora.adapter import trainable_parameters
 
+    seen, load = [], T.load_models
+
+    def load_and_watch(*args, **kwargs):
+        models = load(*args, **kwargs)
+        models.unet.conv_in.register_forward_pre_hook(
+            lambda module, inputs: seen.append(torch.is_autocast_enabled(inputs[0].device.type)))
+        return models
+
+    monkeypatch.setattr(T, "load_models", load_and_watch)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the same on a machine with a GPU
+    one = subjects is None
+    validation = dict(validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=1) if one \
+        else {}
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, mixed_precision="bf16", autocast=autocast, max_train_steps=2,
+                  checkpointing_steps=2, subject="dog" if one else None, subjects=subjects, **validation)
     with fresh_accelerate_state():
-        accelerator, dtype = T.make_accelerator(TrainConfig(pretrained_model_name_or_path="unused", subject="dog",
-                                                            dataset_dir=dataset_dir, output_dir=str(tmp_path),
-                                                            report_to="none", mixed_precision="bf16",
-                                                            autocast=autocast))
-        assert dtype == torch.bfloat16
-        tiny_unet.to(dtype).requires_grad_(False)
-        add_adapter(tiny_unet, SingLoRAConfig(rank=4, ramp_steps=0))
-        seen = []
-        tiny_unet.conv_in.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
-        unet = T.prepare_unet(accelerator, tiny_unet)
-        x = torch.randn(1, 4, 8, 8, dtype=dtype)
-        emb = torch.randn(1, 5, tiny_unet.config.cross_attention_dim, dtype=dtype)
-        out = T.Denoise(unet, dtype, autocast)(x, torch.tensor([10]), emb)
-        assert seen == [autocast] and out.dtype == dtype
-        out.float().square().mean().backward()
-        params = trainable_parameters(tiny_unet)
-        assert params and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
-        with accelerator.autocast():
-            unet(x, torch.tensor([10]), emb)
-        assert seen == [autocast, autocast]
+        train(cfg)
+    assert len(seen) >= 2 and set(seen) == {autocast}  # (a bank: one call a step)
+    stats = json.loads(((tmp_path if one else tmp_path / "dog") / "train_stats.json").read_text())
+    assert stats["autocast"] is autocast and stats["mixed_precision"] == "bf16"
