@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,8 +143,10 @@ def test_two_processes_data_parallel_in_bf16(tiny_pipeline, dataset_dir, tmp_pat
                   validation_prompt="a photo of sks dog", validation_steps=4, num_validation_images=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dreambooth_singlora.train_dreambooth", *cli_args(cfg)]
+    loopback = {"GLOO_SOCKET_IFNAME": "lo"} if "lo" in {n for _, n in socket.if_nameindex()} else {}  # not the
+    # address the host name resolves to, which a container may not reach
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **loopback})
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
