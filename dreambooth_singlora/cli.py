@@ -8,6 +8,7 @@ Each command is the module of the same name (`python -m dreambooth_singlora.trai
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 COMMANDS = {
@@ -49,7 +50,7 @@ def main(argv=None):
         getattr(importlib.import_module(module), function)().parse_args(rest)
     module, _, function = COMMANDS[argv[0]][0].partition(":")
     command = getattr(importlib.import_module(module), function or "main")
-    if own and module == "dreambooth_singlora.train_dreambooth":  # the console script: the trainer's own process
+    if own and "own_process" in inspect.signature(command).parameters:  # a command that may end its own process
         return command(rest, own_process=True)
     return command(rest)
 

@@ -86,10 +86,15 @@ def main(argv=None):
     from dreambooth_singlora.train_dreambooth import Denoise, graph_unet
 
     dt, n, dev = torch.bfloat16, args.subjects, args.device
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dt).to(dev)
-    unet.requires_grad_(False)
-    add_adapter(unet, SingLoRAConfig())
-    set_step(unet, 1000)  # past the ramp: u = 1
+
+    def adapted_unet():  # the frozen UNet with the plain SingLoRA adapter, past the ramp (u = 1)
+        net = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dt).to(dev)
+        net.requires_grad_(False)
+        add_adapter(net, SingLoRAConfig())
+        set_step(net, 1000)
+        return net
+
+    unet = adapted_unet()
     if n > 1:
         routing = add_bank(unet, n)
         routing.route(torch.arange(n, device=dev))
@@ -117,10 +122,7 @@ def main(argv=None):
                                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]) \
             if backend else contextlib.nullcontext()
         if "one_adapter" in parts and one is None:
-            one = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dt).to(dev)
-            one.requires_grad_(False)
-            add_adapter(one, SingLoRAConfig())
-            set_step(one, 1000)
+            one = adapted_unet()
             one_opt = torch.optim.AdamW(trainable_parameters(one), lr=1e-4, fused=dev == "cuda")
         model, optimizer = (one, one_opt) if "one_adapter" in parts else (unet, opt)
         model.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)

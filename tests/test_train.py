@@ -472,6 +472,9 @@ def test_loss_of_a_channels_last_prediction_is_the_same():
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)  # the same numbers, only another layout
 
 
+VALIDATE_AT_2 = dict(validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=1)
+
+
 @pytest.mark.parametrize("method, subjects", [("singlora", None), ("lora", None), ("dora", None),
                                               ("singlora", ["dog", "cat"]), ("lora", ["dog", "cat"])])
 def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeline, dataset_dir, tmp_path):
@@ -480,8 +483,7 @@ def test_bf16_trains_every_method_without_autocast(method, subjects, tiny_pipeli
     fp32 and finite and moved (a subject's adapter between two checkpoints; two subjects' apart from their
     common start)."""
     one = subjects is None
-    validation = dict(validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=1) if one \
-        else {}  # one adapter renders in bf16 too (validation's sampler steps on the UNet's bf16 outputs)
+    validation = VALIDATE_AT_2 if one else {}  # one adapter renders in bf16 too (on the UNet's bf16 outputs)
     cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, mixed_precision="bf16", method=method, max_train_steps=2,
                   checkpointing_steps=1, ramp_steps=0, subject="dog" if one else None, subjects=subjects, **validation)
     assert cfg.autocast is False  # the default
@@ -520,8 +522,7 @@ def test_autocast_flag_reaches_the_unet_in_a_run(autocast, subjects, tiny_pipeli
     monkeypatch.setattr(T, "load_models", load_and_watch)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the same on a machine with a GPU
     one = subjects is None
-    validation = dict(validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=1) if one \
-        else {}
+    validation = VALIDATE_AT_2 if one else {}
     cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, mixed_precision="bf16", autocast=autocast, max_train_steps=2,
                   checkpointing_steps=2, subject="dog" if one else None, subjects=subjects, **validation)
     with fresh_accelerate_state():
