@@ -77,27 +77,24 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
         if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
                            "over --subject's photos)", cfg.instance_data_dir, cfg.subject, cfg.instance_prompt)
-        name = cfg.subject or Path(cfg.output_dir).name
-        images, paths = load_images(cfg.instance_data_dir, "instance")
-        return [Member(name, images, cfg.instance_prompt, cfg.class_prompt, cfg.class_data_dir, Path(cfg.output_dir),
-                       _photos(paths))]
-    missing = [n for n in cfg.subjects if not (Path(cfg.dataset_dir) / n).is_dir()]
-    if missing:
-        raise UserError(f"no photo folder for {len(missing)} subject(s) in {cfg.dataset_dir}: "
-                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        plan = [(cfg.subject or Path(cfg.output_dir).name, cfg.instance_data_dir, cfg.instance_prompt, cfg.class_prompt,
+                 cfg.class_data_dir, Path(cfg.output_dir))]
+    else:
+        missing = [n for n in cfg.subjects if not (Path(cfg.dataset_dir) / n).is_dir()]
+        if missing:
+            raise UserError(f"no photo folder for {len(missing)} subject(s) in {cfg.dataset_dir}: "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        plan = []
+        for n in cfg.subjects:
+            s = get_subject(n)
+            classes = Path(cfg.output_dir) / "class_images" / slugify(s.class_prompt())  # one set per class prompt
+            plan.append((n, Path(cfg.dataset_dir) / n, s.instance_prompt(cfg.identifier), s.class_prompt(),
+                         str(classes) if cfg.with_prior_preservation else None, Path(cfg.output_dir) / n))
     members = []
-    for n in cfg.subjects:
-        s = get_subject(n)
-        classes = Path(cfg.output_dir) / "class_images" / slugify(s.class_prompt())  # one set per class prompt
-        images, paths = load_images(Path(cfg.dataset_dir) / n, "instance")
-        members.append(Member(n, images, s.instance_prompt(cfg.identifier), s.class_prompt(),
-                              str(classes) if cfg.with_prior_preservation else None, Path(cfg.output_dir) / n,
-                              _photos(paths)))
+    for name, folder, *prompts_and_classes, out in plan:
+        images, paths = load_images(folder, "instance")
+        members.append(Member(name, images, *prompts_and_classes, out, [[p.name, p.stat().st_size] for p in paths]))
     return members
-
-
-def _photos(paths) -> list:
-    return [[p.name, p.stat().st_size] for p in paths]
 
 
 #: the settings that decide what an adapter learns (not how long, where it is logged or checkpointed)
@@ -116,6 +113,12 @@ def run_of(cfg: TrainConfig, member: Member) -> dict:
             "photos": member.photos, **{k: d[k] for k in RUN_KEYS}}
 
 
+def run_differs(cfg: TrainConfig, member: Member, recorded: dict | None) -> str | None:
+    """The first key of run_of(cfg, member) in which `recorded` (what an adapter or checkpoint saved) differs."""
+    ours = run_of(cfg, member)
+    return next((k for k in ours if (recorded or {}).get(k) != ours[k]), None)
+
+
 def check_not_another_run(cfg: TrainConfig, member: Member) -> bool:
     """True if the member's folder holds its finished adapter; UserError if it holds another run's adapter
     (other photos, subject or settings), unless --overwrite; False otherwise."""
@@ -123,13 +126,12 @@ def check_not_another_run(cfg: TrainConfig, member: Member) -> bool:
         meta, _ = read_adapter(member.output_dir)
     except UserError:
         return False
-    ours = run_of(cfg, member)
-    if meta.get("run") == ours:
+    diff = run_differs(cfg, member, meta.get("run"))
+    if diff is None:
         return bool(cfg.resume_from_checkpoint) and meta.get("step") == cfg.max_train_steps
     if cfg.overwrite:
         return False
-    theirs = meta.get("run") or {}
-    diff = next((k for k in ours if theirs.get(k) != ours[k]), None) if theirs else "its settings (written by 0.1)"
+    diff = diff if meta.get("run") else "its settings (written by 0.1)"
     raise UserError(f"{member.output_dir} holds the adapter of another run ({diff} differs): give another "
                     "--output_dir, or --overwrite to replace it")
 
@@ -597,12 +599,10 @@ def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_schedu
     found = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint, names, cfg.max_train_steps) \
         if cfg.resume_from_checkpoint else None
     runs = read_state(found).get("runs") if found is not None else None
-    other = [m for m in group if runs is not None and runs.get(m.name) != run_of(cfg, m)]
-    if other:
-        theirs, ours = runs.get(other[0].name) or {}, run_of(cfg, other[0])
-        diff = next(k for k in ours if theirs.get(k) != ours[k])
-        raise UserError(f"{found} is a checkpoint of another run of {other[0].name} ({diff} differs): give another "
-                        "--output_dir, or --overwrite to start over")
+    for m in group if runs is not None else ():
+        if diff := run_differs(cfg, m, runs.get(m.name)):
+            raise UserError(f"{found} is a checkpoint of another run of {m.name} ({diff} differs): give another "
+                            "--output_dir, or --overwrite to start over")
     step, histories = load_checkpoint(found, names, cfg.adapter_config().to_dict(), adapters.load_weights,
                                       optimizer, lr_scheduler) if found is not None else (0, {})
     logger.info("%s: %s, steps %d -> %d", ", ".join(names), cfg.method, step, cfg.max_train_steps)
@@ -794,41 +794,14 @@ def plot_loss(history: list, path: Path, name: str = "") -> None:
 
 
 def model_card(cfg: TrainConfig, member: Member, step: int, n_params: int, seconds: float) -> str:
-    c, out = cfg.adapter_config(), member.output_dir
-    return f"""# {cfg.method} adapter: "{member.instance_prompt}"
+    """The adapter folder's README.md, from the package's model_card.md template."""
+    import importlib.resources
 
-DreamBooth adapter for `{cfg.pretrained_model_name_or_path}`, trained with dreambooth-singlora {__version__}.
-
-| setting | value |
-|---|---|
-| method | {c.method} (rank {c.rank}, alpha {c.alpha:g}, targets {', '.join(c.target_modules)}) |
-| SingLoRA init / ramp | {c.init} / T = {c.ramp_steps} steps |
-| trainable parameters | {n_params:,} |
-| steps | {step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
-| learning rate | {cfg.learning_rate:g} ({cfg.lr_scheduler}, warm-up {cfg.lr_warmup_steps}) |
-| resolution | {cfg.resolution} (center crop: {cfg.center_crop}, flip: {cfg.random_flip}) |
-| prior preservation | {cfg.with_prior_preservation} ({member.class_prompt or '-'}) |
-| seed | {cfg.seed} |
-| training time | {seconds:.0f} s |
-
-![loss](loss_curve.png)
-
-## Use it
-
-```bash
-dreambooth-singlora generate --adapter {out} --prompt "{member.instance_prompt} on the beach"
-dreambooth-singlora export --adapter {out} --format kohya --output {out.name}.safetensors
-```
-
-```python
-from dreambooth_singlora.generate import load_pipeline
-pipe = load_pipeline("{out}")
-image = pipe("{member.instance_prompt} on the beach").images[0]
-```
-
-The exported kohya file loads in A1111, ComfyUI and diffusers (`pipe.load_lora_weights(...)`).
-All settings are in `adapter_config.json` and `checkpoints/*/trainer_state.json`.
-"""
+    template = importlib.resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
+    return template.format_map({
+        **cfg.to_dict(), "prompt": member.instance_prompt, "class_prompt": member.class_prompt or "-",
+        "base_model": cfg.pretrained_model_name_or_path, "version": __version__, "targets": ", ".join(cfg.target_modules),
+        "n_params": n_params, "step": step, "seconds": seconds, "out": member.output_dir, "out_name": member.output_dir.name})
 
 
 # --------------------------------------------------------------------------- CLI
