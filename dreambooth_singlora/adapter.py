@@ -46,7 +46,6 @@ def get_config(unet) -> SingLoRAConfig | None:
 
 
 def _require_config(unet, purpose: str = "") -> SingLoRAConfig:
-    """The config of the adapter on `unet`; UserError "this UNet has no adapter<purpose>" if there is none."""
     config = get_config(unet)
     if config is None:
         raise UserError(f"this UNet has no adapter{purpose}")
@@ -106,8 +105,7 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
     if config.method == "singlora":
         ref = next(unet.parameters())
         for _, attn in attns:
-            proc = SingLoRAAttnProcessor(attn, config.rank, config.alpha, config.init,
-                                         config.target_modules, use_xformers)
+            proc = SingLoRAAttnProcessor(attn, config.rank, config.alpha, config.init, config.target_modules)
             set_processor(attn, proc.to(device=ref.device))  # A stays fp32 whatever the UNet's dtype
             attn.set_processor = functools.partial(_guarded_set_processor, attn)
     else:
@@ -119,12 +117,9 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
                                     use_dora=config.method == "dora"), adapter_name=PEFT_NAME)
         for p in trainable_parameters(unet):
             p.data = at_least_fp32(p.data)
-        if use_xformers:  # PEFT's layers sit in to_q / to_k: only the attention itself changes
-            from diffusers.models.attention_processor import XFormersAttnProcessor
-
-            for _, attn in attns:
-                set_processor(attn, XFormersAttnProcessor())
     unet._dbsl_config = config
+    if use_xformers:  # with PEFT's layers (in to_q / to_k) only the attention itself changes
+        set_use_xformers(unet, True)
     set_step(unet, 0)
 
 
@@ -164,9 +159,8 @@ def singlora_layers(unet):
 
 def layer_shapes(unet) -> dict[str, list[int]]:
     """{"<attention path>.<target>": [d_out, d_in]} of every adapted projection (what export needs)."""
-    config = get_config(unet)
     return {f"{name}.{t}": [attn.get_submodule(t).out_features, attn.get_submodule(t).in_features]
-            for name, attn in attention_modules(unet) for t in config.target_modules}
+            for name, attn in attention_modules(unet) for t in get_config(unet).target_modules}
 
 
 def trainable_parameters(unet) -> list[torch.nn.Parameter]:
@@ -293,9 +287,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
 def saved_u(meta: dict) -> float:
     """The u(t) a saved adapter ended at: the ramp at its step for SingLoRA, 1 for the baselines (one source
     of truth: load_adapter, export and the bank all derive u from the step this way)."""
-    if meta.get("method") != "singlora":
-        return 1.0
-    return ramp(int(meta.get("step", 0)), int(meta.get("ramp_steps", 0)))
+    return ramp(int(meta.get("step", 0)), int(meta.get("ramp_steps", 0))) if meta.get("method") == "singlora" else 1.0
 
 
 def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
@@ -325,7 +317,6 @@ def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
 # --------------------------------------------------------------------------- merging
 
 def is_merged(unet) -> bool:
-    """Whether the adapter on `unet` is merged into its base weights."""
     return bool(getattr(unet, "_dbsl_merged", False))
 
 
@@ -358,11 +349,10 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
 
 def unmerge_adapter(unet) -> None:
     """Undo merge_adapter (exact up to the base weights' dtype rounding). Unmerged: no-op with a warning."""
-    config = get_config(unet)
-    if config is None or not is_merged(unet):
+    if not is_merged(unet):  # merged implies an adapter: merge_adapter needs one, remove_adapter unmerges first
         logger.warning("adapter not merged; nothing to do")
         return
-    if config.method == "singlora":
+    if get_config(unet).method == "singlora":
         _fold_singlora(unet, -1, safe=False)
     else:
         from peft.tuners.tuners_utils import BaseTunerLayer

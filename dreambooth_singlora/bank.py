@@ -12,9 +12,8 @@ weight per subject): its subjects train and render one at a time.
     routing.route(torch.tensor([0, 0, 1, 2]))
     unet(latents, t, emb)                # samples 0, 1 through row 0, sample 2 through row 1, ...
 
-The single adapter stays in place as a staging slot: `row_to_staging` copies a row into it (then
-`save_adapter` writes the files a single-subject run writes), `staging_to_row` copies a loaded adapter
-into a row. With no index routed, the UNet behaves exactly as with the staging adapter alone.
+The single adapter stays in place, frozen, as a staging slot (`row_to_staging`, `staging_to_row`).
+With no index routed, the UNet behaves exactly as with the staging adapter alone.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch import nn
 
 from .adapter import PEFT_NAME, attention_modules, get_config, is_merged, set_processor
 from .errors import UserError
-from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, attention, key_of
+from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, key_of
 from .singlora import compute_dtype, singlora_matmul
 
 #: methods whose subjects batch in a bank; DoRA's per-row weight norm does not
@@ -32,11 +31,9 @@ BANKED = ("singlora", "lora", "loraplus")
 
 
 class Routing:
-    """Which bank row each sample of the next UNet calls uses, and each row's scale * u.
-
-    One object shared by all bank processors of a UNet. `coef` (S,) is (alpha / r) * u per row;
-    `route(index)` with index (B,) on the UNet's device; `route(None)` turns routing off.
-    """
+    """Which bank row each sample of the next UNet calls uses, and each row's scale * u: one object shared by
+    all bank processors of a UNet. `coef` (S,) is (alpha / r) * u per row; `route(index)` with index (B,) on the
+    UNet's device; `route(None)` turns routing off."""
 
     def __init__(self, coef: torch.Tensor):
         self.coef = coef  # (S,) fp32 (the default dtype)
@@ -58,11 +55,10 @@ class Routing:
     def _refresh(self) -> None:
         # each sample's coefficient, (B, 1, 1) per dtype, computed here, outside the UNet: the processors
         # only read it (under torch.compile nothing in the graph mutates Python state, so nothing recompiles)
-        if self.index is None:
-            self._per_sample = {}
-            return
-        c = self.coef[self.index].view(-1, 1, 1)
-        self._per_sample = {dt: c.to(dt) for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+        self._per_sample = {}
+        if self.index is not None:
+            c = self.coef[self.index].view(-1, 1, 1)
+            self._per_sample = {dt: c.to(dt) for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
     def sample_coef(self, dtype: torch.dtype) -> torch.Tensor:  # -> (B, 1, 1)
         return self._per_sample[dtype]
@@ -75,15 +71,12 @@ class BankProcessor(AdapterAttnProcessor):
     `staging` maps each bank key to (its state-dict suffix, the single adapter's tensor); each bank
     (n, *shape) is a trainable stack of copies of that tensor, which stays in place, frozen."""
 
-    def __init__(self, inner, targets, staging: dict, n: int, routing: Routing):
+    def __init__(self, inner, targets, staging: dict, n: int, routing: Routing, use_xformers: bool):
         super().__init__()
         self.inner, self.targets, self.staging, self.routing = inner, tuple(targets), staging, routing
-        self.resize(n)
-
-    def resize(self, n: int) -> None:
-        """A bank of n rows, each a copy of the staging tensor (fp32, trainable)."""
-        self.banks = nn.ParameterDict()
-        for key, (_, t) in self.staging.items():
+        self.use_xformers = use_xformers
+        self.banks = nn.ParameterDict()  # n rows, each a copy of the staging tensor (fp32, trainable)
+        for key, (_, t) in staging.items():
             t.requires_grad_(False)
             self.banks[key] = nn.Parameter(t.detach()[None].repeat(n, *([1] * t.dim())))
 
@@ -101,15 +94,13 @@ class BankProcessor(AdapterAttnProcessor):
             raise UserError(f"routing index has {self.routing.index.shape[0]} entries for a batch of "
                             f"{hidden_states.shape[0]} samples: route one adapter row per sample (with "
                             "classifier-free guidance, repeat the index for the unconditional half)")
-        return attention(attn, self.project, hidden_states, encoder_hidden_states, attention_mask, temb,
-                         self.use_xformers)
+        return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     def project(self, layer, target, x):
         if target not in self.targets:
             return layer(x)
-        dtype = compute_dtype(x)
-        return self.routed_project(layer, key_of(target), x, self.routing.index, self.routing.sample_coef(dtype),
-                                   dtype)
+        coef = self.routing.sample_coef(compute_dtype(x))  # in the dtype the matmuls run in
+        return self.routed_project(layer, key_of(target), x, self.routing.index, coef)
 
 
 class SingLoRABankProcessor(BankProcessor):
@@ -117,32 +108,27 @@ class SingLoRABankProcessor(BankProcessor):
 
     def __init__(self, single: SingLoRAAttnProcessor, n: int, routing: Routing):
         staging = {key_of(t): (f"{t}.A", single.adapters[key_of(t)].A) for t in single.targets}
-        super().__init__(single, single.targets, staging, n, routing)
-        self.use_xformers = single.use_xformers
+        super().__init__(single, single.targets, staging, n, routing, single.use_xformers)
 
-    def routed_project(self, layer, key, x, index, coef, dtype):
+    def routed_project(self, layer, key, x, index, coef):
         a = self.inner.adapters[key]
-        A = self.banks[key][index].to(dtype)  # (B, D, r): sample b's own adapter
+        A = self.banks[key][index].to(coef.dtype)  # (B, D, r): sample b's own adapter
         return layer(x) + singlora_matmul(x, A, a.d_in, a.d_out, coef)
 
 
 class LoRABankProcessor(BankProcessor):
-    """Routed LoRA (PEFT's layers in to_q / to_k): sample b's projection is base(x_b) + coef_b B_b A_b x_b,
-    A_b (r, d_in) and B_b (d_out, r) its subject's row: what PEFT's layer computes with that subject
-    loaded (LoRA and LoRA+ differ only in the optimizer). `inner` is the stock attention processor."""
+    """Routed LoRA (PEFT's layers in to_q / to_k): sample b's projection is base(x_b) + coef_b B_b A_b x_b, A_b and
+    B_b its subject's row: what PEFT's layer computes with that subject loaded (LoRA and LoRA+ differ only in the
+    optimizer). `inner` is the stock attention processor."""
 
     def __init__(self, attn, inner, targets, n: int, routing: Routing, use_xformers: bool):
-        staging = {}
-        for t in targets:
-            layer = attn.get_submodule(t)
-            for part in ("lora_A", "lora_B"):
-                staging[f"{key_of(t)}_{part}"] = (f"{t}.{part}.weight", getattr(layer, part)[PEFT_NAME].weight)
-        super().__init__(inner, targets, staging, n, routing)
-        self.use_xformers = use_xformers
+        staging = {f"{key_of(t)}_{part}": (f"{t}.{part}.weight", getattr(attn.get_submodule(t), part)[PEFT_NAME].weight)
+                   for t in targets for part in ("lora_A", "lora_B")}
+        super().__init__(inner, targets, staging, n, routing, use_xformers)
 
-    def routed_project(self, layer, key, x, index, coef, dtype):
-        A = self.banks[f"{key}_lora_A"][index].to(dtype)  # (B, r, d_in)
-        B = self.banks[f"{key}_lora_B"][index].to(dtype)  # (B, d_out, r)
+    def routed_project(self, layer, key, x, index, coef):
+        A = self.banks[f"{key}_lora_A"][index].to(coef.dtype)  # (B, r, d_in)
+        B = self.banks[f"{key}_lora_B"][index].to(coef.dtype)  # (B, d_out, r)
         h = torch.bmm(x, A.transpose(1, 2))  # (B, N, r)
         return layer.get_base_layer()(x) + torch.bmm(h * coef, B.transpose(1, 2))
 
@@ -153,10 +139,8 @@ def bank_processors(unet) -> list[BankProcessor]:
 
 def add_bank(unet, n: int) -> Routing:
     """Turn the adapter on `unet` (SingLoRA, LoRA or LoRA+) into a bank of n copies of it; returns the routing.
-
-    Only the bank trains (the staging adapter is frozen); its rows start equal to the staging adapter.
-    Calling it again (a UNet that already has a bank) resizes the bank to n fresh copies.
-    """
+    Only the bank trains (the staging adapter is frozen); its rows start equal to the staging adapter. Calling it
+    again (a UNet that already has a bank) replaces the bank with n fresh copies."""
     from diffusers.models.attention_processor import XFormersAttnProcessor
 
     config = get_config(unet)
@@ -167,14 +151,9 @@ def add_bank(unet, n: int) -> Routing:
         raise UserError(f"a bank needs at least one adapter, got {n}")
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before add_bank")
-    procs = bank_processors(unet)
-    ref = next(iter(procs[0].banks.values())) if procs else next(unet.parameters())
+    remove_bank(unet)  # a bank already there gives way to the new one
+    ref = next(unet.parameters())
     routing = Routing(torch.full((n,), config.alpha / config.rank * getattr(unet, "_dbsl_u", 0.0), device=ref.device))
-    if procs:
-        for p in procs:
-            p.routing = routing
-            p.resize(n)
-        return routing
     for _, attn in attention_modules(unet):
         if config.method == "singlora":
             proc = SingLoRABankProcessor(attn.processor, n, routing)

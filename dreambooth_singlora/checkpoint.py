@@ -7,11 +7,10 @@
         adapter_model.safetensors + adapter_config.json   a group of one subject: the adapter, usable as is
         bank.safetensors        a group of several: every adapter tensor stacked over the subjects, (S, ...)
 
-A checkpoint is written into `checkpoint-<step>.tmp/` and renamed into place. Replacing an existing
-`checkpoint-<step>` goes through `checkpoint-<step>.replaced/`, which `list_checkpoints` counts as the
-checkpoint until the new one is in place, so a kill at any moment leaves a complete checkpoint of that
-step. Checkpoints written before version 0.2 (a single subject's, with `history` and no `subjects`) read
-as a group of one.
+A checkpoint is written into `checkpoint-<step>.tmp/` and renamed into place. Replacing an existing `checkpoint-<step>`
+goes through `checkpoint-<step>.replaced/`, which `list_checkpoints` counts as the checkpoint until the new one is
+in place, so a kill at any moment leaves a complete checkpoint of that step. Checkpoints written before version 0.2
+(a single subject's, with `history` and no `subjects`) read as a group of one.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ def checkpoint_root(output_dir) -> Path:
 
 
 def list_checkpoints(root, names: list[str] | None = None) -> list[Path]:
-    """Complete checkpoint folders (of the group `names`, if given), oldest first. A `.tmp` folder (a save
-    that did not finish) is never listed; a `.replaced` one stands for its step while the folder replacing
-    it is not complete."""
+    """Complete checkpoint folders (of the group `names`, if given), oldest first: never a `.tmp` one; a
+    `.replaced` one stands for its step while the folder replacing it is not complete."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -63,7 +61,7 @@ def save_optimizer_state(optimizer, folder: Path) -> dict:
     """Write the optimizer's tensors to <folder>/optimizer.safetensors (atomically); returns the rest
     (param_groups, and plain-number state such as bitsandbytes' int step) as JSON for trainer_state."""
     sd = optimizer.state_dict()
-    flat = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in _flatten(s)}  # "<param>.<key>[.<key>...]"
+    flat = dict(_flatten(sd["state"]))  # "<param>.<key>[.<key>...]"
     bad = [k for k, v in flat.items() if not (torch.is_tensor(v) or isinstance(v, (int, float, bool, str, type(None))))]
     if bad:
         raise UserError(f"the optimizer's state holds {type(flat[bad[0]]).__name__} at {bad[0]}, which a checkpoint "
@@ -75,7 +73,7 @@ def save_optimizer_state(optimizer, folder: Path) -> dict:
 
 
 def _flatten(state: dict, prefix: str = ""):
-    """(dotted key, value) of a possibly nested state dict (bitsandbytes nests its quantisation state)."""
+    """(dotted key, value) of a nested state dict (per parameter; bitsandbytes nests its quantisation state)."""
     for k, v in state.items():
         if isinstance(v, dict):
             yield from _flatten(v, f"{prefix}{k}.")
@@ -86,23 +84,20 @@ def _flatten(state: dict, prefix: str = ""):
 def load_optimizer_state(optimizer, folder: Path, saved: dict) -> None:
     """The inverse of save_optimizer_state (safetensors: no pickle is ever loaded)."""
     state: dict = {}
-    values = {name.split(".", 1)[1]: v for name, v in load_file(str(folder / OPTIMIZER_NAME)).items()}
-    for name, v in {**values, **saved.get("scalars", {})}.items():  # "<param>.<key>[.<key>...]"
-        i, *path = name.split(".")
+    for name, v in [*load_file(str(folder / OPTIMIZER_NAME)).items(), *saved.get("scalars", {}).items()]:
+        i, *path, last = name.removeprefix("state.").split(".")  # "<param>.<key>[.<key>...]"
         node = state.setdefault(int(i), {})
-        for k in path[:-1]:
+        for k in path:
             node = node.setdefault(k, {})
-        node[path[-1]] = v
+        node[last] = v
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def save_checkpoint(output_dir, step: int, write_weights, optimizer, lr_scheduler, state: dict,
                     limit: int | None) -> Path:
-    """Write checkpoint-<step> (weights by `write_weights(folder)`, optimizer, schedule and `state`), commit
-    it atomically and keep the newest `limit` checkpoints (None: all). On any error nothing is left half-done:
-    the temporary folder is removed and every earlier checkpoint is as it was."""
-    root = checkpoint_root(output_dir)
-    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
+    """Write checkpoint-<step> (weights by `write_weights(folder)`, optimizer, schedule and `state`), commit it and
+    keep the newest `limit` (None: all). On any error the temporary folder is removed, earlier checkpoints intact."""
+    tmp = checkpoint_root(output_dir) / f"checkpoint-{step}.tmp"
     schedule = {k: v for k, v in lr_scheduler.state_dict().items()
                 if isinstance(v, (int, float, str, bool, list, type(None)))}  # what JSON holds
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +109,7 @@ def save_checkpoint(output_dir, step: int, write_weights, optimizer, lr_schedule
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return commit_checkpoint(tmp, final, limit, state.get("subjects"))
+    return commit_checkpoint(tmp, tmp.with_name(f"checkpoint-{step}"), limit, state.get("subjects"))
 
 
 def commit_checkpoint(tmp: Path, final: Path, limit: int | None, names: list[str] | None = None) -> Path:
@@ -140,8 +135,7 @@ def remove_checkpoints(output_dir, names: list[str]) -> None:
 
 
 def read_state(path: Path) -> dict:
-    """trainer_state.json of a checkpoint, in today's form (a pre-0.2 single-subject one gains
-    subjects = None and histories = {None: history})."""
+    """trainer_state.json of a checkpoint, in today's form (pre-0.2: subjects = None, histories = {None: history})."""
     try:
         state = json.loads((path / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -169,8 +163,7 @@ def find_checkpoint(output_dir, resume: str, names: list[str], max_steps: int) -
     found = [p for p in list_checkpoints(checkpoint_root(output_dir), names) if read_state(p)["step"] <= max_steps]
     if not found:
         logger.info("no checkpoint of %s in %s: starting from step 0", ", ".join(names), checkpoint_root(output_dir))
-        return None
-    return found[-1]
+    return found[-1] if found else None
 
 
 def _holds(state: dict, names: list[str]) -> bool:

@@ -7,8 +7,8 @@ Each command is the module of the same name (`python -m dreambooth_singlora.trai
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 import sys
 
 COMMANDS = {
@@ -46,10 +46,9 @@ def main(argv=None):
         return
     rest = argv[1:]
     if argv[0] in HELP and ("-h" in rest or "--help" in rest):  # answered from the parser alone: no torch import
-        module, _, function = HELP[argv[0]].partition(":")
-        getattr(importlib.import_module(module), function)().parse_args(rest)
-    module, _, function = COMMANDS[argv[0]][0].partition(":")
-    command = getattr(importlib.import_module(module), function or "main")
+        pkgutil.resolve_name(HELP[argv[0]])().parse_args(rest)
+    target = COMMANDS[argv[0]][0]  # "module:function", or "module" for its main
+    command = pkgutil.resolve_name(target if ":" in target else f"{target}:main")
     if own and "own_process" in inspect.signature(command).parameters:  # a command that may end its own process
         return command(rest, own_process=True)
     return command(rest)

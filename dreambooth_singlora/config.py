@@ -66,8 +66,7 @@ class SingLoRAConfig:
             raise UserError(f"ramp_steps must be >= 0 (0 = no ramp), got {self.ramp_steps}")
         if self.init not in INITS:
             raise UserError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
-        bad = [t for t in self.target_modules if t not in TARGETS]
-        if bad or not self.target_modules:
+        if not self.target_modules or any(t not in TARGETS for t in self.target_modules):
             raise UserError(f"bad target_modules {list(self.target_modules)}; choose from {', '.join(TARGETS)}")
         if self.loraplus_lr_ratio <= 0:
             raise UserError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}")
@@ -119,16 +118,14 @@ def _digest(adapter: Path) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is read again
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the description's layout and shows every flag's default (unless its help says it)."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "default" in text.lower() else super()._get_help_string(action)
+        return action.help if "default" in (action.help or "").lower() else super()._get_help_string(action)
 
 
 def command_parser(command: str, description: str, cls=None) -> argparse.ArgumentParser:
@@ -142,8 +139,7 @@ def command_parser(command: str, description: str, cls=None) -> argparse.Argumen
 
 def module_doc(module: str) -> str:
     """The docstring of `module`, read from its source without importing it (the heavy modules import torch)."""
-    spec = importlib.util.find_spec(module)
-    with open(spec.origin, encoding="utf-8") as f:
+    with open(importlib.util.find_spec(module).origin, encoding="utf-8") as f:
         return ast.get_docstring(ast.parse(f.read())) or ""
 
 
@@ -164,8 +160,7 @@ def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
                         help="images folder (<output>/<subject>/<slug>/<k>.png)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subjects to render (default: all 30)")
     parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of each subject")
-    parser.add_argument("--no_resume", action="store_true", dest="overwrite",
-                        help="the earlier name of --overwrite")
+    parser.add_argument("--no_resume", action="store_true", dest="overwrite", help="the earlier name of --overwrite")
     add_arguments(parser, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "output_dir",
                                                    "skip_existing", "merge"))
 
@@ -287,9 +282,7 @@ class TrainConfig(SingLoRAConfig):
             if given:
                 raise UserError(f"{given[0]} is a single-subject flag: with --subjects each subject's photos, "
                                 "prompts and output folder come from --dataset_dir and --output_dir/<subject>")
-            self.subjects = list(self.subjects)
-            if self.subjects == ["all"]:
-                self.subjects = list(all_subjects())
+            self.subjects = list(all_subjects() if list(self.subjects) == ["all"] else self.subjects)
             if not self.subjects or "all" in self.subjects:
                 raise UserError("--subjects takes 'all' alone, or a list of subject names")
             dups = sorted({n for n in self.subjects if self.subjects.count(n) > 1})
@@ -332,8 +325,7 @@ class TrainConfig(SingLoRAConfig):
             raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
             raise UserError("--checkpoints_total_limit must be >= 1, or 0 to keep every checkpoint")
-        if self.checkpoints_total_limit == 0:
-            self.checkpoints_total_limit = None
+        self.checkpoints_total_limit = self.checkpoints_total_limit or None  # 0: keep them all
         if self.overwrite:
             if self.resume_from_checkpoint not in (None, "latest"):
                 raise UserError("--overwrite starts over; it cannot go with --resume_from_checkpoint <folder>")
@@ -357,11 +349,9 @@ PER_SUBJECT = ("subject", "subjects", "instance_data_dir", "instance_prompt", "c
 
 # --------------------------------------------------------------------------- generation
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler", "ddpm": "DDPMScheduler",
-}
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+              "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+              "lms": "LMSDiscreteScheduler", "unipc": "UniPCMultistepScheduler", "ddpm": "DDPMScheduler"}
 
 
 @dataclass

@@ -87,8 +87,7 @@ def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
     cw, ch = (resolution, resolution) if crop else (w - w % 8, h - h % 8)
     left, top = (w - cw) // 2, (h - ch) // 2
     img = img.crop((left, top, left + cw, top + ch))
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def image_grid(images: list[Image.Image], cols: int = 4, captions: list[str] | None = None,

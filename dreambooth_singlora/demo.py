@@ -62,11 +62,7 @@ def main(argv=None):
     ]
     for argv_ in steps:
         print("\n$ dreambooth-singlora " + " ".join(argv_), flush=True)
-        try:
-            cli.main(argv_)
-        except SystemExit as e:
-            if e.code not in (None, 0):
-                raise
+        cli.main(argv_)  # a failed step raises SystemExit(2) (cli_entry), which ends the demo with it
     print(f"\ndemo done: adapter, 100 images (contact_sheet.png), a kohya LoRA and scores in {dog}. "
           "For real images, run the same commands with --pretrained_model_name_or_path "
           "runwayml/stable-diffusion-v1-5 (or a local copy of it) and the DreamBooth dataset.")

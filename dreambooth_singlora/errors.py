@@ -21,18 +21,14 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errn
                       errno.EEXIST, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def _error_line(message: str) -> None:
-    _close_progress_bars()
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
-def _close_progress_bars() -> None:
-    """Close the tqdm bars a failed run left open, so that the error line starts a line of its own."""
+def _fail(line: str, code: int = 2) -> None:
+    """Close the tqdm bars a failed run left open (so that `line` starts a line of its own), print `line`, exit."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
         with suppress(Exception):  # a bar that cannot close must not hide the error
             bar.close()
+    print(line, file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 def quiet_libraries() -> None:
@@ -72,15 +68,13 @@ def cli_entry(main):
         try:
             return main(argv, **kwargs)
         except UserError as e:
-            _error_line(str(e))
+            _fail(f"error: {e}")
         except OSError as e:  # the machine's fault, not the code's: a folder that cannot be made, a full disk
             if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
             where = f" ({e.filename})" if e.filename else ""
-            _error_line(f"{(e.strerror or str(e)).lower()}{where}; nothing written before it was lost")
+            _fail(f"error: {(e.strerror or str(e)).lower()}{where}; nothing written before it was lost")
         except KeyboardInterrupt:
-            _close_progress_bars()
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+            _fail("interrupted", 130)
 
     return wrapper

@@ -67,8 +67,7 @@ def to_standard_lora(adapter, fmt: str) -> tuple[dict, dict[str, str]]:
             out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
             out[f"{name}.alpha"] = torch.tensor(alpha)
         else:
-            out[f"unet.{path}.lora.down.weight"] = down
-            out[f"unet.{path}.lora.up.weight"] = up * (alpha / rank)
+            out[f"unet.{path}.lora.down.weight"], out[f"unet.{path}.lora.up.weight"] = down, up * (alpha / rank)
     out.update({f"unet.{key}": m for key, m in dora.items()})
     info = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": "sd_v1",

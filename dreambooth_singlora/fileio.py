@@ -28,7 +28,7 @@ class WriteError(UserError):
         super().__init__(f"{self.what()} while writing {self.path}")
 
     def what(self) -> str:
-        """'disk full (1.2 GB free on /x)' or 'permission denied', for messages that name the file themselves."""
+        """'disk full (1.20 GB free)' or 'permission denied', for messages that name the file themselves."""
         if not self.disk_full:
             return self.reason
         try:
@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
-        if (isinstance(e, OSError) or type(e).__name__ == "SafetensorError") and not isinstance(e, WriteError):
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # a WriteError is neither
             raise write_error(path, e) from None
         raise
     finally:
@@ -98,9 +98,8 @@ def check_writable(folder) -> None:
 
 
 def check_base_model(src: str) -> None:
-    """UserError at once, not after minutes of retries, for a base model that cannot be had: a local path
-    that does not exist, or a hub id that is neither in the local cache nor reachable (HF_HUB_OFFLINE set,
-    or no network)."""
+    """UserError at once, not after minutes of retries, for a base model that cannot be had: a local path that does
+    not exist, or a hub id that is neither in the local cache nor reachable (HF_HUB_OFFLINE set, or no network)."""
     path = Path(src)
     if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
         if not path.expanduser().exists():

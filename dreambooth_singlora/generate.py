@@ -77,9 +77,7 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
     return pipe
 
 
-def place_adapter(unet, adapter, *, adapter_scale: float = 1.0, merge: bool = True,
-                  use_xformers: bool = False) -> None:
-    """Load the adapter saved at `adapter` onto `unet` at strength `adapter_scale`, merged if asked."""
+def place_adapter(unet, adapter, *, adapter_scale: float = 1.0, merge: bool = True, use_xformers: bool = False) -> None:
     config = load_adapter(unet, adapter, use_xformers=use_xformers)
     if adapter_scale != 1.0 and config.method == "singlora":  # the update u -> scale * u_trained
         for _, _, layer in singlora_layers(unet):
@@ -110,7 +108,6 @@ def plan(prompts: list[str], n: int) -> list[tuple[str, str, int]]:
 
 
 def write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
-    """Save `img` atomically as PNG with its prompt, seed and settings in text chunks."""
     info = PngImagePlugin.PngInfo()
     for key, text in (("prompt", prompt), ("seed", str(seed)), ("settings", json.dumps(settings))):
         info.add_text(key, text)
@@ -119,12 +116,11 @@ def write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
 
 
 class PngWriter:
-    """Write PNGs on worker threads while the GPU renders the next batch (PNG encoding of a 512 px image
-    takes ~60 ms of CPU: one at a time it would hold the GPU up). At most `max_pending` writes wait.
-    A failed write (a full disk, ...) is raised by the next `write` that finds it done, or on leaving
-    the `with` block, which waits for every write; if the block itself raised, that error wins and
-    failed writes are only logged. Give each write its own image object (PIL keeps a save's options
-    on the image while it saves)."""
+    """Write PNGs on worker threads while the GPU renders the next batch (PNG encoding of a 512 px image takes
+    ~60 ms of CPU: one at a time it would hold the GPU up). At most `max_pending` writes wait. A failed write (a
+    full disk, ...) is raised by the next `write` that finds it done, or on leaving the `with` block, which waits
+    for every write; if the block itself raised, that error wins and failed writes are only logged. Give each
+    write its own image object (PIL keeps a save's options on the image while it saves)."""
 
     def __init__(self, workers: int | None = None, max_pending: int = 64):
         self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="png")
@@ -140,14 +136,12 @@ class PngWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            for f in self.pending:
-                if exc_type is None:
-                    f.result()
-                elif f.exception() is not None:  # keep the block's own error (e.g. out of memory)
-                    logger.error("writing a PNG failed too: %s", f.exception())
-        finally:
-            self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
+        for f in self.pending:
+            if exc_type is None:
+                f.result()
+            elif f.exception() is not None:  # keep the block's own error (e.g. out of memory)
+                logger.error("writing a PNG failed too: %s", f.exception())
 
 
 #: keyword arguments of torch.compile for --compile (e.g. {"mode": "max-autotune-no-cudagraphs"})
@@ -174,12 +168,9 @@ def batches(jobs: list, size: int, pad: bool = False) -> list[tuple[list, int]]:
     """[(batch, n)] for consecutive batches of `size` jobs; n = how many are real. pad=True fills a short last
     batch (after full ones) with copies of its last job, whose images the caller drops: every batch then has
     one shape, so a compiled UNet is not compiled again for the last one."""
-    out = []
-    for i in range(0, len(jobs), size):
-        batch = jobs[i:i + size]
-        fill = size - len(batch) if pad and len(jobs) > size else 0
-        out.append((batch + [batch[-1]] * fill, len(batch)))
-    return out
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    pad = pad and len(chunks) > 1
+    return [(b + b[-1:] * (size - len(b) if pad else 0), len(b)) for b in chunks]
 
 
 class Job(NamedTuple):
@@ -203,9 +194,8 @@ def rendered(job: Job) -> bool:
 
 
 def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[float]:
-    """The renderer: every job's image, cfg.batch_size a batch (routed per sample through a bank when
-    `routing` is given), PNGs written on worker threads. Jobs whose PNG exists are skipped with
-    cfg.skip_existing. Returns each batch's wall seconds."""
+    """The renderer: every job's image (those already `rendered` skipped with cfg.skip_existing), cfg.batch_size a
+    batch, routed per sample through a bank when `routing` is given. Returns each batch's wall seconds."""
     tok = pipe.tokenizer
     for p in dict.fromkeys(j.prompt for j in jobs):  # warn of a prompt over the text encoder's 77 tokens
         ids, limit = tok(p, truncation=False).input_ids, tok.model_max_length
@@ -270,8 +260,7 @@ def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts
     groups: dict = {}  # (method, rank, targets) -> subjects that share one bank; None -> one at a time
     for n, path in adapters.items():
         m = read_adapter(path)[0]
-        banked = m.get("method") in BANKED
-        key = (m["method"], m.get("rank"), tuple(m.get("target_modules") or ())) if banked else None
+        key = (m["method"], m.get("rank"), tuple(m.get("target_modules") or ())) if m.get("method") in BANKED else None
         groups.setdefault(key, []).append(n)
     seconds = []
     for key, names in groups.items():
@@ -330,11 +319,10 @@ def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Pat
         with Image.open(out / rec["file"]) as im:
             im.thumbnail((192, 192))
             if max(im.size) < 128:  # tiny images: blown up so that the captions fit
-                im = im.resize((128 * im.size[0] // max(im.size), 128 * im.size[1] // max(im.size)),
-                               Image.Resampling.NEAREST)
+                im = im.resize(tuple(128 * side // max(im.size) for side in im.size), Image.Resampling.NEAREST)
             thumbs.append(im.convert("RGB"))
     sheet = image_grid(thumbs, cols=cfg.num_images_per_prompt, captions=[f"seed {r['seed']}" for r in images],
-                       row_titles=list(dict.fromkeys(r["prompt"] for r in images)),
+                       row_titles=[r["prompt"] for r in images[::cfg.num_images_per_prompt]],  # a row per prompt given
                        title=f"{cfg.adapter or cfg.pretrained_model_name_or_path}: {cfg.num_inference_steps} steps, "
                              f"guidance {cfg.guidance_scale:g}, {cfg.scheduler}")
     with atomic_path(out / "contact_sheet.png") as tmp:

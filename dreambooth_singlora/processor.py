@@ -19,7 +19,6 @@ from .singlora import SingLoRA
 
 
 def require_xformers() -> None:
-    """Raise UserError, saying what to do, unless xformers can be imported."""
     try:
         import xformers.ops  # noqa: F401
     except ImportError as e:
@@ -126,7 +125,6 @@ class SingLoRAAttnProcessor(AdapterAttnProcessor):
         self.use_xformers = use_xformers
 
     def project(self, layer: nn.Module, target: str, x: torch.Tensor) -> torch.Tensor:
-        """layer(x), plus the SingLoRA term when `target` is adapted (and not merged into the weight)."""
         y = layer(x)
         key = key_of(target)
         if self.merged or key not in self.adapters:

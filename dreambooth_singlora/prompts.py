@@ -4,9 +4,8 @@ prompts/subjects.csv   subject,class,kind (kind: object | live), the 30 DreamBoo
 prompts/object.txt     25 evaluation prompts for objects, "{}" where "sks <class>" goes
 prompts/live.txt       25 evaluation prompts for live subjects (dogs and cats)
 
-The folder installs as the package data `dreambooth_singlora.benchmark_data` (pyproject.toml's
-package-dir) and is read through importlib.resources, so a wheel install finds it as a checkout
-does. $DREAMBOOTH_SINGLORA_PROMPTS, if set, is a folder of the same three files used instead.
+The folder installs as the package data `dreambooth_singlora.benchmark_data` (pyproject.toml's package-dir) and is
+read through importlib.resources, so a wheel install finds it as a checkout does (prompts_dir says the search order).
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Tiny random-weight Stable Diffusion pipelines, built and saved locally.
 
-No model hub is reachable here, so tests, demos and GPU benchmarks build the models they need:
-- `build_tiny_pipeline(dir)`: a few-MB SD-1.5-shaped pipeline (UNet, VAE, CLIP text encoder,
-  the real CLIP tokenizer, SD1.5's scheduler) saved in diffusers layout, loaded back through
-  the same `from_pretrained` path users take with real weights.
-- `build_sd15_pipeline(dir)`: the full SD1.5 architecture (UNet of 859,520,964 parameters), random weights.
-The tokenizer is real: its vocabulary ships inside open_clip (bpe_simple_vocab_16e6.txt.gz) and
-vocab.json / merges.txt are derived from it exactly as CLIP's SimpleTokenizer builds its own.
+No model hub is reachable here, so tests, demos and GPU benchmarks build the models they need, saved in diffusers
+layout and loaded back through the same `from_pretrained` path users take with real weights. The tokenizer is
+real: its vocabulary ships inside open_clip (bpe_simple_vocab_16e6.txt.gz) and vocab.json / merges.txt are
+derived from it exactly as CLIP's SimpleTokenizer builds its own.
 """
 
 from __future__ import annotations
@@ -65,8 +62,7 @@ def write_clip_tokenizer(out_dir) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = merges[1:49152 - 256 - 2 + 1]  # as SimpleTokenizer
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]  # as SimpleTokenizer
     # CLIP's (and GPT-2's) byte -> unicode map: printable bytes as themselves, the other 68 as chr(256), chr(257), ...
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = list(map(chr, [*printable, *range(256, 512 - len(printable))]))
@@ -83,13 +79,13 @@ def write_clip_tokenizer(out_dir) -> Path:
 
 
 def build_tiny_pipeline(out_dir, seed: int = 0) -> Path:
-    """Build and save a tiny random-weight SD-1.5-shaped pipeline in diffusers layout; returns its folder."""
+    """Build and save a few-MB random-weight SD-1.5-shaped pipeline in diffusers layout; returns its folder."""
     return _build_pipeline(out_dir, seed, TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG)
 
 
 def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:
-    """The full SD1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights,
-    saved in diffusers layout: what speed and memory benchmarks train on where no weights exist."""
+    """The full SD1.5 architecture (UNet of 859,520,964 parameters, VAE, CLIP ViT-L/14 text encoder) with random
+    weights, saved in diffusers layout: what speed and memory benchmarks train on where no weights exist."""
     return _build_pipeline(out_dir, seed, SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, device, dtype)
 
 
@@ -101,10 +97,8 @@ def _build_pipeline(out_dir, seed, unet_config, vae_config, text_config, device=
     out = Path(out_dir)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    if dtype is not None:
-        unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
+        unet, vae = UNet2DConditionModel(**unet_config).to(dtype), AutoencoderKL(**vae_config).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)  # dtype None: as built
     tok_dir = write_clip_tokenizer(out / "_tokenizer_src")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
