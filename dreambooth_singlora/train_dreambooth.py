@@ -35,13 +35,15 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, read_adapter, save_adapter, set_step,
                       trainable_parameters)
-from .bank import BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank, row_to_staging
+from .bank import (BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank,
+                   row_to_staging)
 from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint, read_state,
                          remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
 from .data import image_grid, load_images, prepare, use_cpu_threads
 from .errors import UserError, cli_entry, end_process, observed
-from .fileio import WriteError, atomic_path, check_base_model, check_writable, write_error, write_json_atomic, write_text_atomic
+from .fileio import (WriteError, atomic_path, check_base_model, check_writable, write_error, write_json_atomic,
+                     write_text_atomic)
 from .singlora import at_least_fp32, ramp
 
 logger = logging.getLogger("dreambooth_singlora.train")
@@ -520,10 +522,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
     optimizer, lr_scheduler = make_optimizer_and_schedule(cfg, accelerator, base)
 
     # 2. resume: adapters, optimizer, schedule, step; the data of step t is a function of t
-    step, histories = resume(cfg, group, adapters, optimizer, lr_scheduler)
-    # accelerate steps a prepared schedule once per process and optimizer step, so it stands at step x processes:
-    # a checkpoint written by another number of processes goes on at this run's count (the same learning rate)
-    lr_scheduler.scheduler.last_epoch = step * accelerator.num_processes
+    step, histories = resume(cfg, group, adapters, optimizer, lr_scheduler, accelerator.num_processes)
     u, prior_w = adapters.set_step(step), cfg.prior_loss_weight if cfg.with_prior_preservation else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {names[0]}" if len(group) == 1
                else f"training {len(group)} subjects", disable=not accelerator.is_local_main_process)
@@ -592,9 +591,10 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
     return stats
 
 
-def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_scheduler) -> tuple[int, dict]:
-    """(step, loss histories by subject) from --resume_from_checkpoint; (0, empty) for a fresh start.
-    A checkpoint of another run (other photos or settings; 0.1 checkpoints record none) is refused."""
+def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_scheduler, processes: int):
+    """Adapters, optimizer and schedule from --resume_from_checkpoint; returns (step, loss histories by subject),
+    (0, empty) for a fresh start. A checkpoint of another run (other photos or settings; 0.1 checkpoints record
+    none) is refused."""
     names = [m.name for m in group]
     found = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint, names, cfg.max_train_steps) \
         if cfg.resume_from_checkpoint else None
@@ -605,6 +605,9 @@ def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_schedu
                             "--output_dir, or --overwrite to start over")
     step, histories = load_checkpoint(found, names, cfg.adapter_config().to_dict(), adapters.load_weights,
                                       optimizer, lr_scheduler) if found is not None else (0, {})
+    # accelerate steps a prepared schedule once per process and optimizer step, so it stands at step x processes:
+    # a checkpoint written by another number of processes goes on at this run's count (the same learning rate)
+    lr_scheduler.scheduler.last_epoch = step * processes
     logger.info("%s: %s, steps %d -> %d", ", ".join(names), cfg.method, step, cfg.max_train_steps)
     return step, {n: histories.get(n, []) for n in names}
 
@@ -799,9 +802,10 @@ def model_card(cfg: TrainConfig, member: Member, step: int, n_params: int, secon
 
     template = importlib.resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
     return template.format_map({
-        **cfg.to_dict(), "prompt": member.instance_prompt, "class_prompt": member.class_prompt or "-",
-        "base_model": cfg.pretrained_model_name_or_path, "version": __version__, "targets": ", ".join(cfg.target_modules),
-        "n_params": n_params, "step": step, "seconds": seconds, "out": member.output_dir, "out_name": member.output_dir.name})
+        **cfg.to_dict(), "prompt": member.instance_prompt, "class_prompt": member.class_prompt or "-", "step": step,
+        "base_model": cfg.pretrained_model_name_or_path, "version": __version__, "n_params": n_params,
+        "targets": ", ".join(cfg.target_modules), "seconds": seconds, "out": member.output_dir,
+        "out_name": member.output_dir.name})
 
 
 # --------------------------------------------------------------------------- CLI

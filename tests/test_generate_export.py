@@ -117,6 +117,17 @@ def test_cli_writes_pngs_with_text_index_and_sheet(adapter_dir, tmp_path, capsys
     assert not list(tmp_path.glob("etc*")) and all(p.is_relative_to(out) for p in out.rglob("*"))
 
 
+def test_a_prompt_given_twice_renders_into_two_folders_and_one_sheet(adapter_dir, tmp_path):
+    """The same prompt twice gets two folders (plan) and two rows on the contact sheet (it had crashed there)."""
+    out = tmp_path / "twice"
+    generate_main(["--adapter", str(adapter_dir), "--prompt", "a sks dog", "--prompt", "a sks dog",
+                   "--num_images_per_prompt", "1", "--num_inference_steps", "1", "--output_dir", str(out)])
+    index = json.loads((out / "index.json").read_text())
+    assert [i["file"] for i in index["images"]] == ["a-sks-dog/0.png", "a-sks-dog-2/0.png"]
+    sheet, tile = Image.open(out / "contact_sheet.png"), Image.open(out / "a-sks-dog" / "0.png")
+    assert sheet.size[1] > 2 * min(128, tile.size[1])  # two rows of (blown-up) thumbnails
+
+
 def test_subject_prompts(adapter_dir, tmp_path):
     cfg = GenerateConfig(adapter=str(adapter_dir), subject="backpack", num_images_per_prompt=1)
     assert len(cfg.prompts()) == 25 and cfg.prompts()[0] == "a sks backpack in the jungle"

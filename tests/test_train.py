@@ -530,3 +530,15 @@ def test_autocast_flag_reaches_the_unet_in_a_run(autocast, subjects, tiny_pipeli
     assert len(seen) >= 2 and set(seen) == {autocast}  # (a bank: one call a step)
     stats = json.loads(((tmp_path if one else tmp_path / "dog") / "train_stats.json").read_text())
     assert stats["autocast"] is autocast and stats["mixed_precision"] == "bf16"
+
+
+def test_the_training_loop_fits_one_screen():
+    """Issue 11's rule for the one loop of 1..N subjects: 80 lines or fewer, in labelled phases (it had crept to 82)."""
+    import inspect
+
+    from dreambooth_singlora.train_dreambooth import train_group
+
+    source = inspect.getsource(train_group)
+    assert len(source.splitlines()) <= 80
+    assert [line.strip()[:4] for line in source.splitlines() if line.strip()[:3] in ("# 1", "# 2", "# 3", "# 4")] == \
+        ["# 1.", "# 2.", "# 3.", "# 4."]
