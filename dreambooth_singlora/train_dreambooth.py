@@ -116,9 +116,10 @@ def run_of(cfg: TrainConfig, member: Member) -> dict:
 
 
 def run_differs(cfg: TrainConfig, member: Member, recorded: dict | None) -> str | None:
-    """The first key of run_of(cfg, member) in which `recorded` (what an adapter or checkpoint saved) differs."""
-    ours = run_of(cfg, member)
-    return next((k for k in ours if (recorded or {}).get(k) != ours[k]), None)
+    """The first key in which `recorded` (what an adapter or checkpoint saved) is not run_of(cfg, member), a key
+    only one of them has included; None if they are equal."""
+    ours, recorded = run_of(cfg, member), recorded or {}
+    return next((k for k in {**ours, **recorded} if k not in ours or k not in recorded or ours[k] != recorded[k]), None)
 
 
 def check_not_another_run(cfg: TrainConfig, member: Member) -> bool:

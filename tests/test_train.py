@@ -542,3 +542,19 @@ def test_the_training_loop_fits_one_screen():
     assert len(source.splitlines()) <= 80
     assert [line.strip()[:4] for line in source.splitlines() if line.strip()[:3] in ("# 1", "# 2", "# 3", "# 4")] == \
         ["# 1.", "# 2.", "# 3.", "# 4."]
+
+
+def test_a_recorded_run_is_this_run_only_if_equal(tmp_path):
+    """run_differs names the first differing key, a key that only the recorded run has included (a folder written
+    with settings this version does not know is not taken for this run)."""
+    from dreambooth_singlora.config import TrainConfig
+    from dreambooth_singlora.train_dreambooth import Member, run_differs, run_of
+
+    cfg = TrainConfig(pretrained_model_name_or_path="x", instance_data_dir=str(tmp_path), instance_prompt="a sks dog")
+    member = Member("dog", [], "a sks dog", None, None, tmp_path, [["a.jpg", 3]])
+    ours = run_of(cfg, member)
+    assert run_differs(cfg, member, dict(ours)) is None
+    assert run_differs(cfg, member, {**ours, "seed": 1}) == "seed"
+    assert run_differs(cfg, member, {**ours, "a_later_setting": None}) == "a_later_setting"
+    assert run_differs(cfg, member, {k: v for k, v in ours.items() if k != "class_prompt"}) == "class_prompt"
+    assert run_differs(cfg, member, None) == "subject"
