@@ -71,6 +71,17 @@ class SingLoRAConfig:
         if self.loraplus_lr_ratio <= 0:
             raise UserError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}")
 
+    def u(self, step: int) -> float:
+        """u(t) after `step` optimizer steps: SingLoRA's ramp min(t / T, 1), 1 for the baselines (the one rule)."""
+        from .singlora import ramp
+
+        return ramp(step, self.ramp_steps) if self.method == "singlora" else 1.0
+
+    def coef(self, step: int, strength: float = 1.0) -> float:
+        """(alpha / r) * u(step) * strength: the factor of every adapter term at `step` (the one rule, for the
+        layers, the bank, generation and export alike)."""
+        return self.alpha / self.rank * self.u(step) * strength
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(SingLoRAConfig)} | {
             "target_modules": list(self.target_modules)}
