@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: a script of scripts/ loaded as a module, a real process killed at a chosen point,
-accelerate's process-wide state reset around an in-process run."""
+"""Helpers shared by the tests: a script of experiments/ or scripts/ loaded as a module, a real process killed
+at a chosen point, accelerate's process-wide state reset around an in-process run."""
 
 import importlib.util
 import os
@@ -7,7 +7,8 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT_DIRS = [os.path.join(ROOT, "experiments"), os.path.join(ROOT, "scripts")]  # where load_script looks
 
 
 @contextmanager
@@ -24,11 +25,13 @@ def fresh_accelerate_state():
 
 
 def load_script(name: str):
-    """scripts/<name>.py as a fresh module (registered in sys.modules: dataclasses look their module up
-    there; scripts/ on sys.path: the scripts import their siblings)."""
-    if SCRIPTS not in sys.path:
-        sys.path.insert(0, SCRIPTS)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    """<name>.py of experiments/ or scripts/ (the first that has it) as a fresh module (registered in
+    sys.modules: dataclasses look their module up there; its folder on sys.path: the experiments import
+    their siblings)."""
+    folder = next(d for d in SCRIPT_DIRS if os.path.isfile(os.path.join(d, f"{name}.py")))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

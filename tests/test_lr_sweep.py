@@ -1,4 +1,4 @@
-"""scripts/lr_sweep.py end to end on the tiny pipeline with tiny random encoders: 2 methods x 2 learning
+"""experiments/lr_sweep.py end to end on the tiny pipeline with tiny random encoders: 2 methods x 2 learning
 rates x 1 subject, 2 steps at 32 px, 1 prompt x 2 images of 2 inference steps. The trainer runs in this
 process with the argv the script builds (tests/test_reproduce.py's table3_run runs the same stage functions
 through real processes); rendering and scoring run in this process as the script runs them without --gpus."""

@@ -1,4 +1,4 @@
-"""scripts/synthetic_attention.py: a tiny run of the LoRA vs SingLoRA attention experiment, end to end."""
+"""experiments/synthetic_attention.py: a tiny run of the LoRA vs SingLoRA attention experiment, end to end."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""scripts/synthetic_lr_width.py: the learning-rate x width sweep on a tiny config, and its summary maths."""
+"""experiments/synthetic_lr_width.py: the learning-rate x width sweep on a tiny config, and its summary maths."""
 
 import json
 

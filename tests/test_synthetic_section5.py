@@ -1,4 +1,5 @@
-"""scripts/synthetic_section5.py and scripts/synthetic_common.py: the section-5 task, end to end on a tiny config."""
+"""experiments/synthetic_section5.py and experiments/synthetic_common.py: the section-5 task, end to end on a
+tiny config."""
 
 import json
 

@@ -1,6 +1,6 @@
 """Does the stable learning rate depend on the layer width? A learning-rate x width sweep on the section-5 task.
 
-The task is scripts/synthetic_section5.py's (fixed X, frozen random W_q, W_k, target softmax(N(0, 1))
+The task is experiments/synthetic_section5.py's (fixed X, frozen random W_q, W_k, target softmax(N(0, 1))
 logits, Frobenius loss, full-batch AdamW); the target is n x n and does not change with d, and the
 base logits are O(1) at every width. For each width d and learning rate, four adapters, each
 initialised as the project initialises it:
@@ -14,8 +14,8 @@ Per width: the best learning rate (lowest median final loss), the band of learni
 median final loss is within --band x the best (reported as max_lr / min_lr over those grid points),
 and the share of runs that diverge (final loss non-finite or above the starting loss).
 
-    python scripts/synthetic_lr_width.py                         # defaults: docs/SYNTHETIC.md
-    python scripts/synthetic_lr_width.py --widths 16 32 --seeds 2 --steps 30 --lrs 1e-3 1e-2 1e-1
+    python experiments/synthetic_lr_width.py                         # defaults: docs/SYNTHETIC.md
+    python experiments/synthetic_lr_width.py --widths 16 32 --seeds 2 --steps 30 --lrs 1e-3 1e-2 1e-1
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training speed and memory at full SD1.5 size, on the GPU (random weights: speed does not depend on them).
 
-    python scripts/benchmark.py --dataset_dir DIR --subject dog --output benchmark.json
+    python benchmarks/benchmark.py --dataset_dir DIR --subject dog --output benchmark.json
 
 1. builds the SD1.5 architecture (UNet 859.5M, VAE, CLIP ViT-L text encoder) with random weights
    and saves it in diffusers layout (fp16), as a user's local model folder would be;

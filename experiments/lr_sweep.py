@@ -1,13 +1,13 @@
 """Learning-rate sweep for DreamBooth: train every method at several learning rates, render, score, compare.
 
-    python scripts/lr_sweep.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+    python experiments/lr_sweep.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --dataset_dir dreambooth/dataset --work_dir lr_sweep --methods singlora lora \\
         --learning_rates 3e-5 1e-4 3e-4 1e-3 --subjects dog cat backpack --gpus 0
 
 One run per (method, learning rate): the trainer once with `--subjects` (one adapter per subject in
 <work>/adapters/<method>_lr<lr>/<subject>/; DoRA, which does not batch subjects, with
 --subjects_per_batch 1), then `eval render` into <work>/images/<method>_lr<lr>/ and `eval score` into
-<work>/eval/<method>_lr<lr>/, with reproduce_table3.py's stages (same resumability: a rerun with
+<work>/eval/<method>_lr<lr>/, with scripts/reproduce_table3.py's stages (same resumability: a rerun with
 nothing left to do starts no process and loads no model). Outputs:
     <work>/sweep.md    per metric, a table method x learning rate: mean of subject means ± std across subjects
     <work>/sweep.json  the same numbers with the settings they came from
@@ -23,8 +23,8 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce_table3 as t3  # noqa: E402  (this folder's sibling script: its stages are reused as they are)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import reproduce_table3 as t3  # noqa: E402  (scripts/reproduce_table3.py: its stages are reused as they are)
 
 from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
 

@@ -1,6 +1,6 @@
 """GPU check of `generate_many --compile` with inductor (the CPU tests trace with dynamo's eager backend).
 
-    python scripts/check_compiled_render.py --output X.json
+    python benchmarks/check_compiled_render.py --output X.json
 
 On the tiny random-weight pipeline (dreambooth_singlora.testing), fp16 on the GPU: three SingLoRA
 and two LoRA adapters with strong random updates render through their banks, 5 images per batch

@@ -1,7 +1,7 @@
 """Where a training step spends its GPU time, for one subject (CUDA graphs) or a bank of many (eager or compiled).
 
-    python scripts/profile_step.py --model /tmp/dbsl-bench/sd15-random --subjects 1 --variants default channels_last
-    python scripts/profile_step.py --model /tmp/dbsl-bench/sd15-random --subjects 30 --variants default compile
+    python benchmarks/profile_step.py --model /tmp/dbsl-bench/sd15-random --subjects 1 --variants default channels_last
+    python benchmarks/profile_step.py --model /tmp/dbsl-bench/sd15-random --subjects 30 --variants default compile
 
 The trainer's own pieces on random-weight SD1.5 at 512 px, bf16, rank 8 on to_q/to_k: one subject is
 the plain SingLoRA adapter captured as CUDA graphs (`graph_unet`, as the trainer's group of one on one

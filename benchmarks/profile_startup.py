@@ -1,6 +1,6 @@
 """Where a one-subject run's time goes before its first step, on the GPU (random-weight SD1.5).
 
-    python scripts/profile_startup.py --model /tmp/dbsl-bench/sd15-random --output startup.json
+    python benchmarks/profile_startup.py --model /tmp/dbsl-bench/sd15-random --output startup.json
 
 Times, in one fresh process: each import, CUDA start, each model's from_pretrained (into the compute
 dtype, on the CPU, then moved; and with device_map straight to the GPU), and the capture of the UNet's

@@ -11,8 +11,8 @@ full-batch AdamW on the loss ||softmax(Q K^T / sqrt(d)) - T||_F, Q = X (W_q + dW
 All use scale alpha / r = 1. One fixed learning rate (--lr, run on --seeds seeds, the Figure-1 style
 curves) and a learning-rate sweep (--lrs, on the first --sweep_seeds of them).
 
-    python scripts/synthetic_section5.py                      # defaults: docs/SYNTHETIC.md
-    python scripts/synthetic_section5.py --seeds 8 --sweep_seeds 4 --steps 40 --lrs 1e-3 1e-2 --dim 16
+    python experiments/synthetic_section5.py                      # defaults: docs/SYNTHETIC.md
+    python experiments/synthetic_section5.py --seeds 8 --sweep_seeds 4 --steps 40 --lrs 1e-3 1e-2 --dim 16
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Multi-subject speed and memory at full SD1.5 size on one GPU (random weights: speed does not depend on them).
 
-    python scripts/benchmark_multi.py --dataset_dir .devdata/dreambooth --subjects all --output X.json
+    python benchmarks/benchmark_multi.py --dataset_dir .devdata/dreambooth --subjects all --output X.json
 
 1. builds the SD1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights in
    diffusers layout (reused from --work_dir if already there);

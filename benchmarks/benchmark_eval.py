@@ -1,6 +1,6 @@
 """Scoring speed: 3,000 generated images (30 subjects x 25 prompts x 4) + the 158 real images.
 
-    python scripts/benchmark_eval.py --dataset_dir DIR --output benchmark_eval.json
+    python benchmarks/benchmark_eval.py --dataset_dir DIR --output benchmark_eval.json
 
 The encoders are the protocol's real architectures (open_clip ViT-B/32 with QuickGELU, timm DINO
 ViT-S/16) with random weights, saved to local files and loaded through the same loaders users
@@ -72,7 +72,7 @@ def main(argv=None):
            "generated_images": n, "scored_images": result["summary"]["all"]["dino"]["n_images"],
            "load_encoders_seconds": round(t1 - t0, 1), "score_seconds": round(t2 - t1, 1),
            "batch_size": args.batch_size,
-           "command": "python scripts/benchmark_eval.py " + " ".join(argv or [])}
+           "command": "python benchmarks/benchmark_eval.py " + " ".join(argv or [])}
     Path(args.output).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 

@@ -1,6 +1,6 @@
 """Where rendering time goes: UNet forward, VAE decode and PNG writing, each alone, on one GPU.
 
-    python scripts/benchmark_render_parts.py --output X.json [--compile]
+    python benchmarks/benchmark_render_parts.py --output X.json [--compile]
 
 Full SD1.5 architecture, random weights (speed does not depend on them), 512 px, fp16:
 1. UNet forward at --unet_batch samples (guidance doubles the images of a batch), samples/s, for

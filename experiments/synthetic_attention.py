@@ -1,6 +1,6 @@
 """Perturbed-layer experiment (the project's own, not the paper's section 5): LoRA vs SingLoRA.
 
-The paper's section-5 set-up (a random target attention pattern) is scripts/synthetic_section5.py.
+The paper's section-5 set-up (a random target attention pattern) is experiments/synthetic_section5.py.
 Here the target is the attention map of the same layer with a perturbed W_q and W_k. A frozen single-head attention layer, logits = (X W_q^T)(X W_k^T)^T / sqrt(d), is given adapters on
 its query and key projections, trained with AdamW to reproduce the attention maps of a hidden
 target layer (W_q + dQ, W_k + dK; dQ, dK of rank k). Loss: KL(target || adapted) per query row.
@@ -9,9 +9,9 @@ ramp) have the same trainable-parameter count on these square layers: 2 r d per 
 Each method is swept over learning rates; every (method, lr) runs all seeds at once (the seed is a
 batch dimension of every tensor; AdamW is elementwise, so the seeds stay independent).
 
-    python scripts/synthetic_attention.py                    # defaults: docs/SYNTHETIC.md
-    python scripts/synthetic_attention.py --seed_offset 10 --output docs/synthetic_attention_seeds10.json --plot ''
-    python scripts/synthetic_attention.py --seeds 2 --steps 50 --dim 16 --rank 2
+    python experiments/synthetic_attention.py                    # defaults: docs/SYNTHETIC.md
+    python experiments/synthetic_attention.py --seed_offset 10 --output docs/synthetic_attention_seeds10.json --plot ''
+    python experiments/synthetic_attention.py --seeds 2 --steps 50 --dim 16 --rank 2
 """
 
 from __future__ import annotations
