@@ -10,7 +10,8 @@ Each method is swept over learning rates; every (method, lr) runs all seeds at o
 batch dimension of every tensor; AdamW is elementwise, so the seeds stay independent).
 
     python experiments/synthetic_attention.py                    # defaults: docs/SYNTHETIC.md
-    python experiments/synthetic_attention.py --seed_offset 10 --output docs/synthetic_attention_seeds10.json --plot ''
+    python experiments/synthetic_attention.py --seed_offset 10 \\
+        --output results/synthetic/synthetic_attention_seeds10.json --plot ''
     python experiments/synthetic_attention.py --seeds 2 --steps 50 --dim 16 --rank 2
 """
 
@@ -71,7 +72,7 @@ class Config:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (diffusers' default)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (the tensors are small: on a shared "
                                                       "2-core machine 1 thread ran 5x faster than 2)"})
-    output: str = field(default=os.path.join(ROOT, "docs", "synthetic_attention.json"),
+    output: str = field(default=os.path.join(ROOT, "results", "synthetic", "synthetic_attention.json"),
                         metadata={"help": "results JSON"})
     plot: str = field(default=os.path.join(ROOT, "assets", "synthetic_attention.png"),
                       metadata={"help": "figure path ('' = no plot)"})

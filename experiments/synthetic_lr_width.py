@@ -57,7 +57,7 @@ class Config:
                                                        "band x the best median"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
-    output: str = field(default=os.path.join(ROOT, "docs", "synthetic_lr_width.json"),
+    output: str = field(default=os.path.join(ROOT, "results", "synthetic", "synthetic_lr_width.json"),
                         metadata={"help": "results JSON ('' = none)"})
     plot: str = field(default=os.path.join(ROOT, "assets", "synthetic_lr_width.png"),
                       metadata={"help": "figure ('' = none)"})

@@ -53,7 +53,7 @@ class Config:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (torch's default)"})
     eval_every: int = field(default=20, metadata={"help": "steps between recorded loss points"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
-    output: str = field(default=os.path.join(ROOT, "docs", "synthetic_section5.json"),
+    output: str = field(default=os.path.join(ROOT, "results", "synthetic", "synthetic_section5.json"),
                         metadata={"help": "results JSON ('' = none)"})
     plot: str = field(default=os.path.join(ROOT, "assets", "synthetic_section5.png"),
                       metadata={"help": "figure ('' = none)"})
