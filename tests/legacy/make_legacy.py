@@ -1,4 +1,10 @@
-"""Write checkpoints and adapters with the code of commit db8577c (before the trainer redesign)."""
+"""Write checkpoints and adapters with the code of commit db8577c (before the trainer redesign).
+
+Run with that commit's package first on the path, not today's: the imports below are db8577c's modules
+(its dreambooth_singlora.train_multi was the many-subject trainer; today's package has no such module):
+    mkdir /tmp/db8577c && git archive db8577c dreambooth_singlora prompts | tar -x -C /tmp/db8577c
+    cd /tmp && PYTHONPATH=/tmp/db8577c python /path/to/checkout/tests/legacy/make_legacy.py   # -> /tmp/legacy/out
+"""
 import shutil, sys, json
 from pathlib import Path
 import torch
