@@ -1,9 +1,11 @@
-"""Reading a user's photos: any format PIL opens, any mode, any orientation, bad files skipped.
+"""Reading a user's photos, for training and scoring alike: any format the installed Pillow opens, any mode,
+any orientation; bad files skipped (training) or named in an error (scoring).
 
 Every image becomes an RGB PIL image with EXIF orientation applied: CMYK and palette images
 are converted, transparency is composited on white, 16-bit grayscale is scaled (not clipped)
-to 8 bits. Unreadable, truncated or empty files are skipped with a warning naming them;
-files that are not images (by extension) are ignored.
+to 8 bits. `IMAGE_SUFFIXES` is the one list of photo suffixes, read off Pillow's registered openers.
+Unreadable, truncated or empty files, and photos in a format this Pillow cannot open (.heic without
+a plugin, say), are skipped with a warning naming them; other files (.txt, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,23 @@ from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def _pillow_suffixes() -> frozenset[str]:
+    """The suffixes of every format the installed Pillow has an opener for (.avif where it is built with AVIF)."""
+    Image.init()  # registers every plugin that this Pillow can load
+    # MPO (multi-picture JPEG) is opened by the JPEG opener, so it has no entry of its own in Image.OPEN
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN or fmt == "MPO")
+
+
+IMAGE_SUFFIXES = _pillow_suffixes()
+# Photo formats that a Pillow may lack (a plugin or a build option) or only write: a file with one of these
+# suffixes that IMAGE_SUFFIXES does not hold is named in a warning rather than passed over in silence.
+_OTHER_PHOTO_SUFFIXES = frozenset(
+    {".avif", ".avifs", ".heic", ".heif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf",
+     ".rw2", ".svg", ".pdf", ".palm"}) - IMAGE_SUFFIXES
+COMMON_SUFFIXES = ".jpg, .png, .webp, .tif, .bmp, .gif" + (", .avif" if ".avif" in IMAGE_SUFFIXES else "")
 
 
 def use_cpu_threads(device) -> None:
@@ -44,15 +62,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def list_images(folder) -> list[Path]:
-    """Image files (by extension) directly in `folder`, sorted; UserError if the folder is missing."""
+    """Image files (by suffix, see IMAGE_SUFFIXES) directly in `folder`, sorted; UserError if the folder is missing.
+    A photo in a format this Pillow cannot open (e.g. .heic) is left out with a warning naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist (expected a folder of the subject's photos)")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for p in files:
+        if p.suffix.lower() in _OTHER_PHOTO_SUFFIXES:
+            logger.warning("skipping %s: the installed Pillow cannot open %s files (convert it to one of %s, or "
+                           "install a Pillow plugin for it, e.g. pillow-heif for .heic)", p, p.suffix.lower(),
+                           COMMON_SUFFIXES)
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def read_image(path) -> Image.Image | None:
-    """Open and fully decode one image as RGB; None (with a warning naming it) if it cannot be read."""
+def open_rgb(path) -> Image.Image:
+    """Open and fully decode one image as 8-bit RGB (EXIF orientation applied, transparency on white, see
+    to_rgb); UserError naming the file if it cannot be read. The reader for anything that must not be skipped."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -60,8 +86,17 @@ def read_image(path) -> Image.Image | None:
                 im.draft("RGB", (4096, 4096))  # JPEG: decode huge photos at a reduced scale
                 im.load()
                 return to_rgb(im)
-    except Exception as e:  # PIL raises many types for truncated / corrupt / bomb files
-        logger.warning("skipping %s: cannot read it as an image (%s: %s)", path, type(e).__name__, e)
+    except Exception as e:  # PIL raises many types for missing / truncated / corrupt / bomb files
+        raise UserError(f"cannot read {path} as an image ({type(e).__name__}: {e}); expected a photo in a format "
+                        f"Pillow opens ({COMMON_SUFFIXES}, ...)") from e
+
+
+def read_image(path) -> Image.Image | None:
+    """open_rgb, or None (with a warning naming the file) if it cannot be read."""
+    try:
+        return open_rgb(path)
+    except UserError as e:
+        logger.warning("skipping an unreadable photo: %s", e)
         return None
 
 
@@ -69,7 +104,7 @@ def load_images(folder, what: str = "instance") -> tuple[list[Image.Image], list
     """All readable images of `folder`; UserError if none is usable."""
     paths = list_images(folder)
     if not paths:
-        raise UserError(f"{what} folder {folder} has no image files (.jpg, .png, .webp, ...)")
+        raise UserError(f"{what} folder {folder} has no image files ({COMMON_SUFFIXES}, ...)")
     good = [(im, p) for p in paths if (im := read_image(p)) is not None]
     if not good:
         raise UserError(f"no usable image in {what} folder {folder}: all {len(paths)} files failed to decode")
