@@ -283,17 +283,15 @@ def csv_tables(results: Mapping[str, dict]) -> dict:
 
 def bar_chart(results: Mapping[str, dict], path) -> None:
     """Grouped bars: per metric, one bar per method plus the real-image bound; std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: the caller's pyplot backend is left as it is
 
     metrics = metric_order(results)
     series = [(name, {m: r["summary"]["all"].get(m) for m in metrics}) for name, r in results.items()]
     for row_label, name in _bound_rows(results):
         series.append((row_label, {m: results[name]["bound"]["groups"]["all"].get(m) for m in metrics}))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + len(metrics) * len(series) * 0.5), 5.0))
+    fig = Figure(figsize=(max(6.0, 1.5 + len(metrics) * len(series) * 0.5), 5.0))
+    ax = fig.subplots()
     low, high = 0.0, 1.0
     box = dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9)
     for i, (name, values) in enumerate(series):
@@ -321,7 +319,6 @@ def bar_chart(results: Mapping[str, dict], path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------

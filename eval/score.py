@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth_singlora import __version__
+from dreambooth_singlora.data import IMAGE_SUFFIXES, open_rgb
 from dreambooth_singlora.errors import UserError
 from dreambooth_singlora.prompts import IDENTIFIER, get_subject, slugify, strip_identifier
 from dreambooth_singlora.prompts import subjects as all_subjects
@@ -42,7 +43,6 @@ from .encoders import Encoder, parallel_map
 logger = logging.getLogger(__name__)
 
 FORMAT = "dreambooth-singlora-eval/1"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGES_PER_PROMPT = 4
 LAYOUT = "<subject>/<prompt-slug>/<k>.png"
 OVERVIEW_FILES = ("contact_sheet.png",)  # written by `generate` beside the prompt folders; not scored
@@ -84,13 +84,12 @@ def _suggest(name: str, candidates) -> str:
 
 
 def load_image(path) -> Image.Image:
-    """Open and fully decode an image as RGB; raises OSError / ValueError / SyntaxError if unreadable."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+    """One image as training reads it (dreambooth_singlora.data.open_rgb: EXIF orientation applied,
+    transparency composited on white, any mode to 8-bit RGB); UserError naming the file if unreadable."""
+    return open_rgb(path)
 
 
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_UNREADABLE = (UserError,)  # open_rgb turns every decoding failure into one
 
 
 def _try_load(path):
@@ -240,7 +239,7 @@ class ReferenceCache:
                     paths.append(p.relative_to(self.dataset_dir).as_posix())
                 except _UNREADABLE as e:
                     _problem(problems, "unreadable_real_image", p.relative_to(self.dataset_dir).as_posix(),
-                             f"{type(e).__name__}: {e}")
+                             str(e))
             if not images:
                 _problem(problems, "no_real_images", f"{subject}/",
                          f"no readable real images in {self.dataset_dir / subject}: subject not scored")
@@ -333,7 +332,7 @@ def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_i
             part = gens[start:start + _LOAD_CHUNK]
             for g, im in zip(part, parallel_map(_try_load, [g.path for g in part])):
                 if isinstance(im, Exception):
-                    _problem(problems, "unreadable_image", g.rel, f"{type(im).__name__}: {im}; not scored")
+                    _problem(problems, "unreadable_image", g.rel, f"{im}; not scored")
                 else:
                     images.append(im)
                     chunk.append(g)
