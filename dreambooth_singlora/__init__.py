@@ -1,4 +1,4 @@
-"""dreambooth-singlora: DreamBooth for Stable Diffusion 1.5 with SingLoRA adapters.
+"""dreambooth-singlora: DreamBooth for Stable Diffusion (1.x, 2.x, XL) with SingLoRA adapters.
 
 The public API is importable from here (`from dreambooth_singlora import add_adapter, ...`). It is
 loaded on first use, so that importing the package (the command line's `--help`) does not import torch.
@@ -19,8 +19,10 @@ if os.path.isfile(os.path.join(_checkout, "eval", "__init__.py")) and \
     __path__.append(_checkout)  # noqa: F821 - the package's own __path__
 
 _API = {  # name -> the module that defines it
-    **dict.fromkeys(("add_adapter", "add_singlora", "adapter_state_dict", "get_config", "load_adapter",
-                     "merge_adapter", "remove_adapter", "save_adapter", "set_step", "unmerge_adapter"), "adapter"),
+    **dict.fromkeys(("add_adapter", "add_singlora", "adapter_state", "adapter_state_dict", "get_config",
+                     "load_adapter", "merge_adapter", "remove_adapter", "save_adapter", "set_step", "set_strength",
+                     "unmerge_adapter"), "adapter"),
+    **dict.fromkeys(("Base", "detect_family"), "base"),
     "SingLoRAConfig": "config", "UserError": "errors",
 }
 __all__ = sorted(_API)

@@ -17,12 +17,14 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from dataclasses import dataclass, field
+
 from . import __version__
 from .config import CONFIG_NAME, WEIGHTS_NAME, SingLoRAConfig
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
 from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, key_of, require_xformers
-from .singlora import at_least_fp32, ramp
+from .singlora import at_least_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,41 @@ def attention_modules(unet):
     return [(name, m) for name, m in unet.named_modules() if isinstance(m, Attention)]
 
 
+@dataclass
+class AdapterState:
+    """Everything the adapter on a UNet holds besides its tensors, in one object (`adapter_state(unet)`): the
+    config, the optimizer step its ramp stands at, the strength it is applied with, whether it is merged, and what
+    `remove_adapter` puts back."""
+    config: SingLoRAConfig
+    original_processors: dict = field(default_factory=dict)
+    requires_grad: dict = field(default_factory=dict)
+    step: int = 0
+    strength: float = 1.0
+    merged: bool = False
+
+    @property
+    def u(self) -> float:
+        """u(t) at the adapter's step (1 for the baselines)."""
+        return self.config.u(self.step)
+
+    @property
+    def coef(self) -> float:
+        """(alpha / r) u(step) x strength: the factor of every adapter term."""
+        return self.config.coef(self.step, self.strength)
+
+
+STATE_ATTR = "_dbsl_state"  # the one attribute the adapter puts on a UNet
+
+
+def adapter_state(unet) -> AdapterState | None:
+    """The state of the adapter on `unet`, or None if it has none."""
+    return getattr(unet, STATE_ATTR, None)
+
+
 def get_config(unet) -> SingLoRAConfig | None:
     """The config of the adapter on `unet`, or None."""
-    return getattr(unet, "_dbsl_config", None)
+    state = adapter_state(unet)
+    return state.config if state is not None else None
 
 
 def _require_config(unet, purpose: str = "") -> SingLoRAConfig:
@@ -98,9 +132,8 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
         raise UserError(f"{type(unet).__name__} has no diffusers Attention layers to adapt")
     if use_xformers:
         require_xformers()
-    # what remove_adapter puts back
-    unet._dbsl_original_processors = {name: a.processor for name, a in attns}
-    unet._dbsl_requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    state = AdapterState(config, original_processors={name: a.processor for name, a in attns},
+                         requires_grad={name: p.requires_grad for name, p in unet.named_parameters()})
     unet.requires_grad_(False)
     if config.method == "singlora":
         ref = next(unet.parameters())
@@ -117,7 +150,7 @@ def add_adapter(unet, config: SingLoRAConfig, *, use_xformers: bool = False) -> 
                                     use_dora=config.method == "dora"), adapter_name=PEFT_NAME)
         for p in trainable_parameters(unet):
             p.data = at_least_fp32(p.data)
-    unet._dbsl_config = config
+    setattr(unet, STATE_ATTR, state)
     if use_xformers:  # with PEFT's layers (in to_q / to_k) only the attention itself changes
         set_use_xformers(unet, True)
     set_step(unet, 0)
@@ -137,12 +170,10 @@ def remove_adapter(unet) -> None:
         unet.unload_lora()
     for name, attn in attention_modules(unet):
         attn.__dict__.pop("set_processor", None)  # the guard add_adapter installed
-        set_processor(attn, unet._dbsl_original_processors[name])
+        set_processor(attn, adapter_state(unet).original_processors[name])
     for name, p in unet.named_parameters():
-        p.requires_grad_(unet._dbsl_requires_grad.get(name, p.requires_grad))
-    for attr in ("_dbsl_config", "_dbsl_original_processors", "_dbsl_requires_grad", "_dbsl_step", "_dbsl_u",
-                 "_dbsl_merged"):
-        vars(unet).pop(attr, None)
+        p.requires_grad_(adapter_state(unet).requires_grad.get(name, p.requires_grad))
+    vars(unet).pop(STATE_ATTR, None)
 
 
 def singlora_processor(attn) -> SingLoRAAttnProcessor | None:
@@ -169,14 +200,36 @@ def trainable_parameters(unet) -> list[torch.nn.Parameter]:
 
 def set_step(unet, step: int) -> float:
     """Set the SingLoRA ramp from the optimizer step count; returns u. No-op (u = 1) for baselines."""
-    config = _require_config(unet)
+    _require_config(unet)
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before setting the step")
-    u = ramp(step, config.ramp_steps) if config.method == "singlora" else 1.0
+    state = adapter_state(unet)
+    state.step = step
+    _apply_coef(unet)
+    return state.u
+
+
+def set_strength(unet, strength: float) -> None:
+    """Apply the adapter at `strength` x its trained update (1 = as trained, 0 = the base model): SingLoRA's
+    u -> strength x u, LoRA's and DoRA's scaling x strength (PEFT's set_scale)."""
+    _require_config(unet)
+    if is_merged(unet):
+        raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before setting the strength")
+    adapter_state(unet).strength = float(strength)
+    _apply_coef(unet, peft_scale=True)
+
+
+def _apply_coef(unet, peft_scale: bool = False) -> None:
+    """Put the state's step and strength into the layers (PEFT's scaling too with `peft_scale`)."""
+    state = adapter_state(unet)
     for _, _, layer in singlora_layers(unet):
-        layer.set_ramp(u)
-    unet._dbsl_step, unet._dbsl_u = step, u
-    return u
+        layer.set_ramp(state.u * state.strength)
+    if peft_scale and state.config.method != "singlora":
+        from peft.tuners.lora import LoraLayer
+
+        for m in unet.modules():
+            if isinstance(m, LoraLayer):
+                m.set_scale(PEFT_NAME, state.strength)
 
 
 def set_use_xformers(unet, enabled: bool) -> None:
@@ -190,7 +243,7 @@ def set_use_xformers(unet, enabled: bool) -> None:
         if isinstance(attn.processor, AdapterAttnProcessor):  # SingLoRA's, or an adapter bank's (LoRA too)
             _set_backend(attn.processor, enabled)
         else:
-            set_processor(attn, XFormersAttnProcessor() if enabled else unet._dbsl_original_processors[name])
+            set_processor(attn, XFormersAttnProcessor() if enabled else adapter_state(unet).original_processors[name])
 
 
 # --------------------------------------------------------------------------- state
@@ -231,7 +284,7 @@ def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
     meta = {**(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
-            "step": getattr(unet, "_dbsl_step", 0), "base_model": base_model, "shapes": layer_shapes(unet)}
+            "step": adapter_state(unet).step, "base_model": base_model, "shapes": layer_shapes(unet)}
     meta["u"] = saved_u(meta)  # recorded for people to read; every reader derives u from the step
     tensors = {k: at_least_fp32(v.detach().cpu()).contiguous() for k, v in adapter_state_dict(unet).items()}
     out = Path(output_dir)
@@ -278,6 +331,10 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
                             f"{file_meta.get(key)!r}); the folder mixes two adapters")
     if file_meta:  # the weights file is the commit point of a save: its step and u win
         meta.update({k: file_meta[k] for k in ("step", "u") if k in file_meta})
+    try:
+        SingLoRAConfig.from_dict(meta)
+    except (UserError, TypeError) as e:
+        raise UserError(f"bad adapter config in {path}: {e}") from None
     if "u" in meta and not math.isclose(float(meta["u"]), saved_u(meta), rel_tol=1e-9, abs_tol=1e-12):
         raise UserError(f"{cfg_file} records u = {meta['u']} but step {meta.get('step')} with ramp_steps "
                         f"{meta.get('ramp_steps')} gives u = {saved_u(meta)}; the config was edited or is corrupt")
@@ -285,18 +342,15 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def saved_u(meta: dict) -> float:
-    """The u(t) a saved adapter ended at: the ramp at its step for SingLoRA, 1 for the baselines (one source
-    of truth: load_adapter, export and the bank all derive u from the step this way)."""
-    return ramp(int(meta.get("step", 0)), int(meta.get("ramp_steps", 0))) if meta.get("method") == "singlora" else 1.0
+    """The u(t) a saved adapter ended at (its config's rule at its step): load_adapter, export and the bank all
+    derive u from the step."""
+    return SingLoRAConfig.from_dict(meta).u(int(meta.get("step", 0)))
 
 
 def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
     """Place the adapter saved at `path` on a UNet without one; on any error the UNet is unchanged."""
     meta, tensors = read_adapter(path)
-    try:
-        config = SingLoRAConfig.from_dict(meta)
-    except (UserError, TypeError) as e:
-        raise UserError(f"bad adapter config in {path}: {e}") from None
+    config = SingLoRAConfig.from_dict(meta)  # checked by read_adapter
     add_adapter(unet, config, use_xformers=use_xformers)
     try:
         saved, ours = meta.get("shapes"), layer_shapes(unet)
@@ -317,7 +371,8 @@ def load_adapter(unet, path, *, use_xformers: bool = False) -> SingLoRAConfig:
 # --------------------------------------------------------------------------- merging
 
 def is_merged(unet) -> bool:
-    return bool(getattr(unet, "_dbsl_merged", False))
+    state = adapter_state(unet)
+    return state is not None and state.merged
 
 
 def merge_adapter(unet, *, safe: bool = True) -> None:
@@ -344,7 +399,7 @@ def merge_adapter(unet, *, safe: bool = True) -> None:
                         layer.get_base_layer().weight.copy_(weight)
                 raise UserError("merge refused: the adapter gives non-finite weights; nothing changed") from None
             done.append((m, before))
-    unet._dbsl_merged = True
+    adapter_state(unet).merged = True
 
 
 def unmerge_adapter(unet) -> None:
@@ -359,7 +414,7 @@ def unmerge_adapter(unet) -> None:
 
         for m in (m for m in unet.modules() if isinstance(m, BaseTunerLayer)):
             m.unmerge()
-    unet._dbsl_merged = False
+    adapter_state(unet).merged = False
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import PEFT_NAME, attention_modules, get_config, is_merged, set_processor
+from .adapter import PEFT_NAME, adapter_state, attention_modules, get_config, is_merged, set_processor
 from .errors import UserError
 from .processor import AdapterAttnProcessor, SingLoRAAttnProcessor, key_of
 from .singlora import compute_dtype, singlora_matmul
@@ -153,7 +153,7 @@ def add_bank(unet, n: int) -> Routing:
         raise UserError("the adapter is merged into the weights: unmerge_adapter(unet) before add_bank")
     remove_bank(unet)  # a bank already there gives way to the new one
     ref = next(unet.parameters())
-    routing = Routing(torch.full((n,), config.alpha / config.rank * getattr(unet, "_dbsl_u", 0.0), device=ref.device))
+    routing = Routing(torch.full((n,), adapter_state(unet).coef, device=ref.device))
     for _, attn in attention_modules(unet):
         if config.method == "singlora":
             proc = SingLoRABankProcessor(attn.processor, n, routing)

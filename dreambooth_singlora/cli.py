@@ -22,6 +22,8 @@ COMMANDS = {
     "export": ("dreambooth_singlora.export", "export an adapter as a standard (kohya / diffusers) LoRA"),
     "eval": ("dreambooth_singlora.eval.cli", "render, score and report the DreamBooth fidelity benchmark"),
     "demo": ("dreambooth_singlora.demo", "every command once on a tiny random-weight model: checks the install"),
+    "ui": ("dreambooth_singlora.ui.app", "a local web app over a workspace folder: train, watch, generate, export, "
+           "evaluate (needs the [ui] extra)"),
 }
 
 #: the parser of each command, built without importing the command's module (which imports torch)
@@ -29,7 +31,7 @@ HELP = {"train": "dreambooth_singlora.config:train_parser", "train-multi": "drea
         "generate": "dreambooth_singlora.config:generate_parser",
         "generate-many": "dreambooth_singlora.config:generate_many_parser",
         "export": "dreambooth_singlora.export:build_parser", "eval": "dreambooth_singlora.eval.cli:build_parser",
-        "demo": "dreambooth_singlora.demo:build_parser"}
+        "demo": "dreambooth_singlora.demo:build_parser", "ui": "dreambooth_singlora.ui.app:build_parser"}
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from dreambooth_singlora import adapter as adapter_mod
-from dreambooth_singlora.adapter import (
+from dreambooth_singlora.adapter import (adapter_state, 
     CONFIG_NAME, WEIGHTS_NAME, add_adapter, attention_modules, count_parameters, get_config, load_adapter,
     merge_adapter, remove_adapter, save_adapter, set_step, singlora_layers, trainable_parameters,
     unmerge_adapter,
@@ -92,7 +92,7 @@ def test_save_then_load_into_a_fresh_unet_gives_the_same_output(method, make_une
     config = load_adapter(fresh, tmp_path)
     assert config.method == method and config.rank == 4
     assert torch.equal(run(fresh), out)
-    assert fresh._dbsl_step == 3
+    assert adapter_state(fresh).step == 3
     assert not any(p.requires_grad for p in fresh.parameters())  # loaded for inference
     if method == "singlora":
         for (_, _, a), (_, _, b) in zip(singlora_layers(unet), singlora_layers(fresh)):
@@ -177,7 +177,7 @@ def test_set_step_while_merged_raises(make_unet):
     for step in (21, 5):
         with pytest.raises(UserError, match="merged"):
             set_step(unet, step)
-    assert unet._dbsl_step == 20
+    assert adapter_state(unet).step == 20
     unmerge_adapter(unet)
     assert set_step(unet, 5) == 0.5
 
@@ -340,7 +340,7 @@ def test_a_save_that_fails_mid_write_keeps_the_previous_adapter(make_unet, tmp_p
     (tmp_path / f"{WEIGHTS_NAME}.tmp-12345").write_bytes(b"half a file from a killed save")
     fresh = make_unet()
     load_adapter(fresh, tmp_path)  # reads the committed file only, never a stray tmp
-    assert fresh._dbsl_step == 4
+    assert adapter_state(fresh).step == 4
     assert torch.equal(run(fresh), good_out)
 
 
@@ -361,7 +361,7 @@ def test_u_has_one_source_the_step(make_unet, tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, "u": 1.0}))
     fresh = make_unet()
     load_adapter(fresh, tmp_path)
-    assert fresh._dbsl_u == 0.5
+    assert adapter_state(fresh).u == 0.5
     meta, tensors = read_adapter(tmp_path)
     key = next(iter(tensors))
     down, up = lora_pairs(meta, tensors)[key[:-len(".A")]]

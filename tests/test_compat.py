@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dreambooth_singlora import load_adapter
+from dreambooth_singlora.adapter import adapter_state
 from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.config import TrainConfig
 from dreambooth_singlora.export import to_standard_lora
@@ -40,7 +41,7 @@ def weights(folder) -> dict:
 def test_legacy_adapter_loads_and_exports(tiny_unet):
     config = load_adapter(tiny_unet, LEGACY / "adapter")
     meta = json.loads((LEGACY / "adapter" / "adapter_config.json").read_text())
-    assert config.rank == 2 and meta["step"] == 4 and tiny_unet._dbsl_u == meta["u"] == 1.0
+    assert config.rank == 2 and meta["step"] == 4 and adapter_state(tiny_unet).u == meta["u"] == 1.0
     tensors, _ = to_standard_lora(LEGACY / "adapter", "kohya")
     assert len(tensors) == 3 * len(weights(LEGACY / "adapter"))  # down, up, alpha per adapted projection
 
