@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -99,24 +98,35 @@ def check_writable(folder) -> None:
 
 def check_base_model(src: str) -> None:
     """UserError at once, not after minutes of retries, for a base model that cannot be had: a local path that does
-    not exist, or a hub id that is neither in the local cache nor reachable (HF_HUB_OFFLINE set, or no network)."""
+    not exist, or a hub id that is neither in the local cache nor reachable (HF_HUB_OFFLINE set, no network, or
+    not on the hub). The hub is asked through huggingface_hub, so HF_ENDPOINT (a mirror), proxies (HTTPS_PROXY)
+    and a token count as they do for the download itself."""
     path = Path(src)
     if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
         if not path.expanduser().exists():
             raise UserError(f"base model folder {src} does not exist (give a local diffusers folder with "
                             "model_index.json, unet/, vae/, ... or a hub id such as runwayml/stable-diffusion-v1-5)")
         return
-    with suppress(Exception):  # not cached: the hub client raises several types
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError
 
+    with suppress(Exception):  # not cached: the hub client raises several types
         snapshot_download(src, local_files_only=True, allow_patterns=["model_index.json"])
         return  # in the local cache
     how = ("pass a local diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-v1-5 "
            "(e.g. one made by `huggingface-cli download` on a machine with network)")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    # the hub client's own switch (read at its import), or the variable set later in this process
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError(f"HF_HUB_OFFLINE is set and {src} is not in the local cache: {how}, or unset HF_HUB_OFFLINE")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-    except OSError:
-        raise UserError(f"no network to the model hub (huggingface.co) and {src} is not in the local cache: "
+    hub = constants.ENDPOINT
+    try:  # one request, no retries: a refused or unresolvable host answers at once, a silent one in 10 s
+        HfApi(endpoint=hub).model_info(src, timeout=10)
+    except RepositoryNotFoundError:
+        raise UserError(f"{src} is not a model on the hub ({hub}) and not in the local cache: check the id (a private "
+                        f"or gated model needs `huggingface-cli login`), or {how}") from None
+    except HfHubHTTPError:
+        return  # the hub answered (busy, rate-limited, ...): the download itself will retry or say what is wrong
+    except Exception as e:  # connection refused, DNS, proxy, TLS, timeout: requests' or httpx's types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"no network to the model hub ({hub}: {reason}) and {src} is not in the local cache: "
                         f"{how}") from None
