@@ -43,6 +43,7 @@ class KohyaLayout:
 
     def names(self, paths) -> dict[str, str]:
         """{diffusers layer path: kohya name without the .lora_down/.lora_up/.alpha suffix} for `paths`."""
+        paths = list(paths)
         if self.blocks == "diffusers":
             return {path: "lora_unet_" + path.replace(".", "_") for path in paths}
         per_block = layers_per_block(paths)
