@@ -196,3 +196,41 @@ def load_checkpoint(path: Path, names: list[str], adapter_settings: dict, load_w
         histories = {names[0]: histories[None]}
     logger.info("resumed %s from %s at step %d", ", ".join(names), path, state["step"])
     return int(state["step"]), histories
+
+
+def subject_adapter(checkpoint, subject: str, output_dir=None) -> Path:
+    """Subject `subject`'s adapter at the checkpoint's step, as an adapter folder (what load_adapter, generate and
+    eval read). A checkpoint of one subject holds its adapter as it is: that folder is returned. A checkpoint of
+    a batched group holds every subject's tensors stacked in bank.safetensors, (S, ...), row i = subjects[i]
+    under the names a single adapter's tensors have: row i is written to `output_dir` (required then) as
+    adapter_model.safetensors + adapter_config.json (settings, step and base model from trainer_state.json, the
+    subject's run record as "run"), each atomically. UserError if the checkpoint does not hold the subject."""
+    from . import __version__
+    from .adapter import FORMAT, saved_u
+    from .config import CONFIG_NAME, WEIGHTS_NAME
+
+    path = Path(checkpoint)
+    state = read_state(path)
+    names = state["subjects"]
+    if names is not None and subject not in names:
+        raise UserError(f"checkpoint {path} holds {', '.join(names)}, not {subject!r}")
+    if (path / WEIGHTS_NAME).is_file():
+        return path
+    if not (path / BANK_NAME).is_file() or names is None:
+        raise UserError(f"checkpoint {path} has neither {WEIGHTS_NAME} nor {BANK_NAME}: it is damaged")
+    if output_dir is None:
+        raise UserError(f"checkpoint {path} is a batched group's: give an output folder for {subject}'s adapter")
+    row = names.index(subject)
+    try:
+        tensors = {k: v[row].contiguous() for k, v in load_file(str(path / BANK_NAME)).items()}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UserError(f"checkpoint {path} has an unreadable {BANK_NAME} ({type(e).__name__}: {e})") from None
+    meta = {"run": (state.get("runs") or {}).get(subject), "format": FORMAT, "version": __version__,
+            **state["adapter"], "step": int(state["step"]),
+            "base_model": (state.get("config") or {}).get("pretrained_model_name_or_path"), "shapes": None}
+    meta["u"] = saved_u(meta)
+    out = Path(output_dir)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", FORMAT: json.dumps(meta)})
+    write_json_atomic(out / CONFIG_NAME, meta)
+    return out

@@ -8,6 +8,11 @@ The same CLI is `python -m dreambooth_singlora.eval <command>` anywhere it is in
                           [--clip_checkpoint F] [--dino_checkpoint F] [--with_identifier] [--dino_patch_tokens]
     python -m eval report --results NAME=DIR [NAME=DIR ...] --output DIR [--reference]
     python -m eval bound  --dataset_dir DIR --output FILE.json
+    python -m eval curve  --run DIR --dataset_dir DIR --output DIR [--max_prompts N]   (fidelity over steps)
+    python -m eval table3 --pretrained_model_name_or_path M --dataset_dir DIR --work_dir DIR [--rows ...]
+
+render, score, curve and table3 take --events FILE (JSON lines: started, progress, finished/failed;
+dreambooth_singlora.events).
 
 Adding a command: write `add_<name>_command(subparsers)` that calls
 `subparsers.add_parser(...)`, adds its arguments and sets `func=<run(args) -> int>` with
@@ -74,19 +79,37 @@ def add_score_command(subparsers) -> None:
     p.add_argument("--subjects", nargs="+", default=None,
                    help="subjects expected in the folder (default: all 30; others are reported missing)")
     p.add_argument("--reference", action="store_true", help="add the published reference numbers to report.md")
+    p.add_argument("--adapters", nargs="+", default=None, metavar="DIR",
+                   help="adapter folders to read held-out photos from (adapter_config.json's \"holdout\"): a folder of "
+                        "per-subject adapters (<DIR>/<subject>/) or one subject's adapter folder; default: the adapter "
+                        "each subject's index.json names")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_events_argument(p)
     p.set_defaults(func=run_score)
 
 
+def add_events_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="append the job's events to FILE as JSON lines (started, progress, finished or failed)")
+
+
 def run_score(args) -> int:
+    from dreambooth_singlora.events import job
+
+    from .holdout import holdouts_from_adapters
     from .report import write_score_outputs
     from .score import check_folders, score_folder
 
     check_folders(args.images, args.dataset_dir)  # fail before loading the encoders
-    encoders = encoders_from_args(args)
-    result = score_folder(args.images, args.dataset_dir, encoders, with_identifier=args.with_identifier,
-                          identifier=args.identifier, subjects=args.subjects, progress=not args.no_progress)
-    paths = write_score_outputs(result, args.output, name=args.name, reference=args.reference)
+    holdout = holdouts_from_adapters(args.adapters) if args.adapters else None
+    with job("score", args.events) as events:
+        events.emit("started", config=dict(images=args.images, dataset_dir=args.dataset_dir, encoders=args.encoders,
+                                           output=args.output))
+        encoders = encoders_from_args(args)
+        result = score_folder(args.images, args.dataset_dir, encoders, with_identifier=args.with_identifier,
+                              identifier=args.identifier, subjects=args.subjects, progress=not args.no_progress,
+                              holdout=holdout, events=events)
+        paths = write_score_outputs(result, args.output, name=args.name, reference=args.reference)
     _print_summary(result)
     print(f"skipped or flagged: {len(result['skipped'])} (listed in {paths['md']})")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -103,6 +126,15 @@ def _print_summary(result: dict) -> None:
         cells = [f"{label(m)} {g[m]['mean']:.4f}" for m in metric_order({"": result}) if g[m]["mean"] is not None]
         if cells:
             print(f"  {group:<6} " + "  ".join(cells))
+    held = result.get("holdout")
+    if held:
+        from .holdout import summary_cells
+
+        print(f"  held-out photos ({held['n_subjects']} subjects: {', '.join(held['files'])}):")
+        for group in ("all", "object", "live"):
+            cells = summary_cells(held, group)
+            if cells:
+                print(f"  {group:<6} " + "  ".join(cells))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +213,24 @@ def add_render_command(subparsers) -> None:
     add(subparsers)
 
 
-COMMANDS = [add_render_command, add_score_command, add_report_command, add_bound_command]
+def add_curve_command(subparsers) -> None:
+    from .curve import add_curve_command as add
+
+    add(subparsers)
+
+
+def add_table3_command(subparsers) -> None:
+    from . import table3  # no torch at import: --help stays fast
+
+    p = subparsers.add_parser("table3", help="train, render, score and compare the rows of the SingLoRA paper's "
+                                             "Table 3 (and ablation rows)",
+                              description=table3.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    table3.add_table3_arguments(p)
+    p.set_defaults(func=table3.run_table3)
+
+
+COMMANDS = [add_render_command, add_score_command, add_report_command, add_bound_command, add_curve_command,
+            add_table3_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,3 +141,34 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_resamples: int
     q = torch.quantile(means, torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
     out["low"], out["high"] = float(q[0]), float(q[1])
     return out
+
+
+def stratified_bootstrap(groups: Sequence[Sequence[float]], *, n_resamples: int = 2_000, confidence: float = 0.95,
+                         seed: int = 0) -> dict:
+    """Mean of the group means and its percentile bootstrap interval, the values resampled within each group.
+
+    groups: one list of values per group (e.g. per subject: one value per image). Each resample draws every
+    group's values with replacement (its own size), takes each group's mean and then the mean over groups;
+    the interval is the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles of those means (float64,
+    indices from a torch.Generator seeded with `seed`: the same inputs give the same interval). With one
+    group this is the plain bootstrap of its mean; a group of identical values adds no spread. A group of
+    one value cannot show its spread: low and high are None if every group has fewer than 2 values.
+
+    Returns {mean, low, high, n (values), n_groups, n_resamples, confidence, seed}.
+    """
+    groups = [list(g) for g in groups if len(g)]
+    n = sum(len(g) for g in groups)
+    out = dict(mean=math.fsum(math.fsum(g) / len(g) for g in groups) / len(groups) if groups else None,
+               low=None, high=None, n=n, n_groups=len(groups), n_resamples=n_resamples, confidence=confidence,
+               seed=seed)
+    if not groups or all(len(g) < 2 for g in groups):
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(n_resamples, dtype=torch.float64)
+    for g in groups:
+        v = torch.tensor(g, dtype=torch.float64)
+        total += v[torch.randint(len(g), (n_resamples, len(g)), generator=gen)].mean(dim=1)
+    q = torch.quantile(total / len(groups),
+                       torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
+    out["low"], out["high"] = float(q[0]), float(q[1])
+    return out

@@ -26,14 +26,24 @@ def add_render_command(subparsers) -> None:
     p = subparsers.add_parser("render", help="render the 25 prompts x 4 images of every subject's adapter",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_many_arguments(p, output_flag="--output")
+    if "--events" not in p._option_string_actions:  # (the shared many-subject flags may come to hold it)
+        p.add_argument("--events", default=None, metavar="FILE",
+                       help="append the job's events to FILE as JSON lines (started, progress, finished or failed)")
     p.set_defaults(func=run_render)
 
 
 def run_render(args) -> int:
+    from accelerate import PartialState
+
     from dreambooth_singlora.config import many_config
+    from dreambooth_singlora.events import job
     from dreambooth_singlora.generate import render_subjects
 
-    result = render_subjects(args.adapters, args.output_dir, many_config(args), args.subjects, args.max_prompts,
-                             skip_missing=True)
+    cfg = many_config(args)
+    with job("render", args.events if PartialState().is_main_process else None) as events:  # one writer
+        events.emit("started", config=dict(adapters=args.adapters, output=args.output_dir, subjects=args.subjects,
+                                           max_prompts=args.max_prompts, settings=cfg.settings()))
+        result = render_subjects(args.adapters, args.output_dir, cfg, args.subjects, args.max_prompts,
+                                 skip_missing=True, events=events)  # progress: one event per batch of images
     print(f"rendered {len(result['rendered'])} subjects into {args.output_dir}; skipped {len(result['skipped'])}")
     return 0

@@ -136,6 +136,32 @@ def summary_rows(results: Mapping[str, dict], group: str, metrics: list) -> list
     return rows
 
 
+HOLDOUT_HEADER = ["Method", "Group", "Metric", "vs training photos", "vs held-out photos", "gap (train - held-out)",
+                  "Subjects"]
+
+
+def holdout_rows(results: Mapping[str, dict]) -> list:
+    """Rows of HOLDOUT_HEADER for every method whose adapters held photos out (eval.holdout)."""
+    rows = []
+    for name, r in results.items():
+        held = r.get("holdout")
+        if not held:
+            continue
+        for group in GROUPS:
+            for m in held["image_metrics"]:
+                g = held["summary"][group]
+                if g[f"{m}_train"]["mean"] is None:
+                    continue
+                rows.append([name, group, label(m), _fmt_ms(g[f"{m}_train"]), _fmt_ms(g[f"{m}_heldout"]),
+                             _fmt_ms(g[f"{m}_gap"]), g[f"{m}_gap"]["n_subjects"]])
+    return rows
+
+
+HOLDOUT_NOTE = ("Subjects whose adapter recorded held-out photos (trainer --holdout): the same generations scored "
+                "against the photos the adapter trained on and against the photos it never saw; gap = train - "
+                "held-out, mean over subjects ± std across subjects. The tables above use all photos (the protocol).")
+
+
 def provenance_lines(provenance: Optional[Mapping[str, str]]) -> list:
     """Markdown lines for where the numbers came from; a run off the protocol says so first."""
     if not provenance:
@@ -159,6 +185,13 @@ def markdown(results: Mapping[str, dict], reference: bool = False,
     out += provenance_lines(provenance)
     for group in GROUPS:
         out += [f"## {GROUP_TITLES[group]}", "", _md_table(header, summary_rows(results, group, metrics)), ""]
+    held = holdout_rows(results)
+    if held:
+        out += ["## Held-out photos", "", HOLDOUT_NOTE, "", _md_table(HOLDOUT_HEADER, held), ""]
+        for name, r in results.items():
+            if r.get("holdout"):
+                out.append(f"- {name}: " + "; ".join(f"{s}: {', '.join(f)}" for s, f in r["holdout"]["files"].items()))
+        out.append("")
     if reference:
         out += ["## Published reference numbers (other setups; compare with care)", "",
                 _md_table(["Method", "DINO", "CLIP-I", "CLIP-T", "Source"],
@@ -260,6 +293,9 @@ def csv_tables(results: Mapping[str, dict]) -> dict:
             for m in r["bound"]["metrics"]:
                 e = r["bound"]["groups"][group][m]
                 summary.append([name, "real_bound", group, m, e["mean"], e["std"], e["n_subjects"], e["n_images"]])
+            for m in (r.get("holdout") or {}).get("metrics", ()):
+                e = r["holdout"]["summary"][group][m]
+                summary.append([name, "holdout", group, m, e["mean"], e["std"], e["n_subjects"], e["n_images"]])
     per_subject, per_prompt, per_image = [], [], []
     for name, r in results.items():
         for s, v in r["subjects"].items():
@@ -361,6 +397,12 @@ def html_page(results: Mapping[str, dict], out_dir, provenance: Optional[Mapping
         parts.append(f"<h3>{GROUP_TITLES[group]}</h3><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
                      + "</tr>" + "".join("<tr>" + "".join(f"<td class=num>{html.escape(str(c))}</td>" for c in row)
                                          + "</tr>" for row in rows) + "</table>")
+    held = holdout_rows(results)
+    if held:
+        parts.append(f"<h3>Held-out photos</h3><p>{html.escape(HOLDOUT_NOTE)}</p><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in HOLDOUT_HEADER) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td class=num>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                               for row in held) + "</table>")
     if chart:
         parts.append(f'<p><img src="{html.escape(quote(chart))}" alt="bar chart of every metric" '
                      'style="max-width:100%"></p>')

@@ -37,6 +37,7 @@ from dreambooth_singlora.errors import UserError
 from dreambooth_singlora.prompts import IDENTIFIER, get_subject, slugify, strip_identifier
 from dreambooth_singlora.prompts import subjects as all_subjects
 
+from . import holdout as H
 from . import metrics as M
 from .encoders import Encoder, parallel_map
 
@@ -292,18 +293,26 @@ def protocol_settings(*, with_identifier: bool, identifier: str, encoders: Seque
 
 def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_identifier: bool = False,
                  identifier: str = IDENTIFIER, subjects: Optional[Sequence[str]] = None,
-                 cache: Optional[ReferenceCache] = None, progress: bool = True) -> dict:
+                 cache: Optional[ReferenceCache] = None, progress: bool = True, holdout: Optional[dict] = None,
+                 events=None) -> dict:
     """Score every generation under images_dir against the real images; returns a JSON-ready dict.
 
     Keys: metrics, summary ({all, object, live} -> metric -> mean/std/n_subjects/n_images),
     subjects, prompts, bound (real-image bound of the scored subjects), images (one record per
     scored image), real_images, scored (counts), skipped (problems), settings (encoders,
-    protocol, generation JSON found in images_dir), images_dir, dataset_dir.
+    protocol, generation JSON found in images_dir), images_dir, dataset_dir, holdout (None, or the
+    scores against the photos each subject's adapter trained on and against its held-out ones: eval.holdout).
+    holdout: {subject: held-out photo names} (default: read from the adapters the images' index.json files
+    name). events: a dreambooth_singlora.events.Events that gets a `progress` event per chunk of images.
     Raises UserError when nothing could be scored.
     """
     metrics = _metric_names(encoders)
     cache = cache or ReferenceCache(dataset_dir)
     items, problems, gen_settings = scan_images(images_dir, identifier=identifier, expected_subjects=subjects)
+    if holdout is None:
+        holdout = H.holdouts_from_settings(gen_settings)
+    image_metrics = [m for e in encoders for m in e.image_metrics]
+    held_files, held_metrics = {}, H.metric_names(image_metrics)
     by_subject = defaultdict(list)
     for g in items:
         by_subject[g.subject].append(g)
@@ -311,15 +320,20 @@ def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_i
     records, real_images, bound_subjects, kinds = [], {}, {}, {}
     text_encoders = [e for e in encoders if e.text_fn is not None]
     bar = tqdm(total=len(items), desc="scoring", unit="img", disable=not progress)
+    done = 0
     for subject, gens in by_subject.items():
         kinds[subject] = get_subject(subject).kind
         refs = {id(e): cache.features(e, subject) for e in encoders}
         problems += cache.problems(subject)
         if any(r is None for r in refs.values()):
             bar.update(len(gens))
+            done += len(gens)
             continue
         real_images[subject] = cache.paths(subject)
         n_real = len(real_images[subject])
+        split = _holdout_split(subject, holdout.get(subject) or [], real_images[subject], problems)
+        if split:
+            held_files[subject] = [Path(real_images[subject][i]).name for i in split[1]]
         bound_subjects[subject] = dict(kind=kinds[subject], n_images=n_real, **{
             m: M.real_pair_mean(refs[id(e)][m]) for e in encoders for m in e.image_metrics})
 
@@ -342,13 +356,21 @@ def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_i
                     feats = e.encode_images(images)
                     for m in e.image_metrics:
                         scores[m] = M.image_scores(feats[m], refs[id(e)][m]).tolist()
+                        for side, idx in zip(("train", "heldout"), split or ()):
+                            scores[f"{m}_{side}"] = M.image_scores(feats[m], refs[id(e)][m][idx]).tolist()
+                        if split:
+                            scores[f"{m}_gap"] = [a - b for a, b in zip(scores[f"{m}_train"], scores[f"{m}_heldout"])]
                     if e.text_fn is not None:
                         txt = torch.stack([text_feats[id(e)][g.prompt] for g in chunk])
                         scores[e.text_metric] = M.text_scores(feats[e.text_pairs_with], txt).tolist()
+            names = metrics + (held_metrics if split else [])
             for i, g in enumerate(chunk):
                 records.append(dict(subject=g.subject, kind=kinds[subject], prompt=g.prompt, slug=g.slug,
-                                    path=g.rel, **{m: scores[m][i] for m in metrics}))
+                                    path=g.rel, **{m: scores[m][i] for m in names}))
             bar.update(len(gens[start:start + _LOAD_CHUNK]))
+            done += len(part)
+            if events is not None:
+                events.emit("progress", done=done, total=len(items), unit="image")
     bar.close()
 
     if not records:
@@ -383,7 +405,36 @@ def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_i
                       generation=gen_settings),
         real_images=real_images,
         images=records,
+        holdout=_holdout_section(records, held_files, image_metrics, held_metrics, kinds),
     )
+
+
+def _holdout_split(subject: str, names: list, real_paths: list, problems: list):
+    """(training indices, held-out indices) of the subject's real photos, or None (no holdout, or one that
+    leaves no photo on either side: reported as a problem)."""
+    if not names:
+        return None
+    train_idx, held_idx, missing = H.split(real_paths, names)
+    for name in missing:
+        _problem(problems, "missing_holdout", f"{subject}/{name}",
+                 "held-out photo named by the adapter is not in the dataset folder; left out")
+    if not train_idx or not held_idx:
+        _problem(problems, "holdout_unusable", f"{subject}/",
+                 f"{len(train_idx)} training and {len(held_idx)} held-out photos found: no held-out scores")
+        return None
+    return train_idx, held_idx
+
+
+def _holdout_section(records, held_files: dict, image_metrics, held_metrics, kinds) -> Optional[dict]:
+    """The scores against training and held-out photos of the subjects with a holdout (None if none has)."""
+    recs = [r for r in records if r["subject"] in held_files]
+    if not recs:
+        return None
+    agg = M.aggregate(recs, held_metrics, {s: kinds[s] for s in held_files})
+    return dict(image_metrics=image_metrics, metrics=held_metrics, files=held_files, n_subjects=len(agg["subjects"]),
+                subjects=agg["subjects"], summary=agg["groups"],
+                note="<metric>_train: mean cosine to the photos the adapter trained on; _heldout: to the photos it "
+                     "never saw; _gap: train - heldout. The protocol's <metric> uses all photos.")
 
 
 def real_image_bound(dataset_dir, encoders: Sequence[Encoder], *, subjects: Optional[Sequence[str]] = None,

@@ -1,6 +1,7 @@
-"""Render and the Table-3 reproduction, end to end on the tiny pipeline with tiny random encoders
-(2 subjects x 2 prompts x 4 images, 2 rows; then a second seed added to a copy). Numbers from random
-encoders mean nothing; the plumbing is real."""
+"""Render and the Table-3 reproduction (`eval table3`, dreambooth_singlora.eval.table3), end to end on the tiny
+pipeline with tiny random encoders (2 subjects x 2 prompts x 4 images, 2 rows: LoRA r8 named by --rows and an
+ablation row of SingLoRA from a rows file; then a second seed added to a copy). Numbers from random encoders
+mean nothing; the plumbing is real."""
 
 import json
 import os
@@ -10,16 +11,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import fresh_accelerate_state, load_script
+from helpers import fresh_accelerate_state
 
 from dreambooth_singlora.eval.cli import main as eval_main
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS, SUBJECTS, PROMPTS, IMAGES = ("lora_r8", "singlora_r8"), ("dog", "backpack"), 2, 4
+# the ablation row: no ramp, all four projections (a rows-file row: trainer flags of its own)
+ABLATION = dict(name="singlora_qkvo_noramp", method="singlora", rank=8, ramp_steps=0,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+ROWS, SUBJECTS, PROMPTS, IMAGES = ("lora_r8", ABLATION["name"]), ("dog", "backpack"), 2, 4
+SING = ABLATION["name"]
 
 
 def load_table3():
-    return load_script("reproduce_table3")
+    from dreambooth_singlora.eval import table3
+
+    return table3
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +34,11 @@ def table3_run(tiny_pipeline, dataset_dir, tiny_eval_checkpoints, tmp_path_facto
     """One reproduction run for the whole session (its processes are the expensive part). Read-only for
     tests: a test that changes files works on a copy."""
     work = tmp_path_factory.mktemp("t3") / "work"
+    rows_file = work.parent / "rows.json"
+    rows_file.write_text(json.dumps([ABLATION]))
     argv = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--dataset_dir", dataset_dir, "--work_dir",
-            str(work), "--rows", *ROWS, "--subjects", *SUBJECTS, "--max_train_steps", "2", "--resolution", "32",
+            str(work), "--rows", "lora_r8", "--rows_file", str(rows_file), "--events", str(work.parent / "ev.jsonl"),
+            "--subjects", *SUBJECTS, "--max_train_steps", "2", "--resolution", "32",
             "--num_inference_steps", "2", "--max_prompts", str(PROMPTS), "--num_images_per_prompt", str(IMAGES),
             "--clip_checkpoint", str(tiny_eval_checkpoints["clip_dir"]),
             "--dino_checkpoint", str(tiny_eval_checkpoints["dino_dir"]), "--multi_subject", "--mixed_precision", "no",
@@ -53,7 +63,16 @@ def in_process_trainer(mod, calls):
 def test_table3_end_to_end(table3_run):
     work, _ = table3_run
     table = (work / "table3.md").read_text()
-    assert "| lora_r8 | 1 |" in table and "| singlora_r8 | 1 |" in table and "0.677" in table  # beside the paper's
+    assert "| lora_r8 | 1 |" in table and f"| {SING} | 1 |" in table and "0.677" in table  # beside the paper's
+    assert f"{SING} = singlora r8, ramp_steps 0, target_modules to_q to_k to_v to_out.0" in table
+    meta = json.loads((work / "adapters" / SING / "dog" / "adapter_config.json").read_text())
+    assert meta["ramp_steps"] == 0 and meta["target_modules"] == ABLATION["target_modules"]  # the row's flags
+    stats = json.loads((work / "table3.json").read_text())
+    assert stats["rows"][SING]["metrics"]["clip_i"]["difference"]["n"] == len(SUBJECTS)  # paired against LoRA r8
+    assert stats["row_settings"][SING]["ramp_steps"] == 0
+    events = [json.loads(line) for line in (work.parent / "ev.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "started" and events[-1]["event"] == "finished"
+    assert {e.get("stage") for e in events if e["event"] == "progress"} == {"render", "score"}
     assert "DINO patch (diag.)" in table and "about 0.15" in table and "Paired difference" in table
     assert "Not a protocol run" in table and "max_train_steps 2 (protocol: 400)" in table  # a toy run says so
     assert '"a photo of sks <class>"' in table and "400 optimizer steps" in table
@@ -78,9 +97,9 @@ def argv_value(argv, flag):
 def test_table3_rerun_with_nothing_to_do_starts_no_process(table3_run, monkeypatch):
     """The same command again, every stage: no trainer, no accelerate, no encoder; finished files untouched."""
     work, argv = table3_run
-    files = [work / "adapters" / "singlora_r8" / "dog" / "adapter_model.safetensors",
-             next((work / "images" / "singlora_r8" / "dog").glob("*/0.png")),
-             work / "eval" / "lora_r8" / "scores.json", work / "eval" / "singlora_r8" / "scores.json"]
+    files = [work / "adapters" / SING / "dog" / "adapter_model.safetensors",
+             next((work / "images" / SING / "dog").glob("*/0.png")),
+             work / "eval" / "lora_r8" / "scores.json", work / "eval" / SING / "scores.json"]
     stamps = [f.stat().st_mtime_ns for f in files]
     table = (work / "table3.md").read_text()
 
@@ -171,11 +190,11 @@ def test_more_seeds_extend_a_one_seed_work_dir(table3_run, tmp_path, monkeypatch
         assert len(list((copy / "images" / f"{row}_seed1" / "dog").glob("*/*.png"))) == PROMPTS * IMAGES
     stats = json.loads((copy / "table3.json").read_text())["rows"]
     assert stats["lora_r8"]["seeds"] == [0, 1] and stats["lora_r8"]["metrics"]["dino"]["difference"] is None
-    diff = stats["singlora_r8"]["metrics"]["clip_i"]["difference"]
+    diff = stats[SING]["metrics"]["clip_i"]["difference"]
     assert diff["n"] == len(SUBJECTS) and diff["low"] <= diff["mean"] <= diff["high"]
-    assert stats["singlora_r8"]["metrics"]["dino"]["std_seeds"] is not None
+    assert stats[SING]["metrics"]["dino"]["std_seeds"] is not None
     table = (copy / "table3.md").read_text()
-    assert "| singlora_r8 | 2 |" in table and "seeds: 0, 1" in table
+    assert f"| {SING} | 2 |" in table and "seeds: 0, 1" in table
 
 
 def test_render_reports_missing_and_rejects_unknown(table3_run, tmp_path, capsys):

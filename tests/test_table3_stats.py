@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import load_script
 import torch
 
 from dreambooth_singlora.errors import UserError
@@ -25,7 +24,9 @@ EPS = torch.finfo(torch.float64).eps
 
 
 def load_table3():
-    return load_script("reproduce_table3")
+    from dreambooth_singlora.eval import table3
+
+    return table3
 
 
 def test_bootstrap_of_a_method_against_itself_is_exactly_zero():
