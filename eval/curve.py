@@ -151,8 +151,8 @@ def run_curve(args) -> int:
     cfg = generate_config(args, base)
     prompts = {s: get_subject(s).eval_prompts(cfg.identifier)[:args.max_prompts] for s in subjects}
     holdout = run_holdouts(run, last, subjects)
-    key = dict(subjects=subjects, prompts=prompts, generation={k: v for k, v in cfg.settings().items()
-                                                               if k not in ("adapter", "pretrained_model_name_or_path")},
+    generation = {k: v for k, v in cfg.settings().items() if k not in ("adapter", "pretrained_model_name_or_path")}
+    key = dict(subjects=subjects, prompts=prompts, generation=generation,
                base_model=base, encoders=sorted(args.encoders), clip_checkpoint=args.clip_checkpoint,
                dino_checkpoint=args.dino_checkpoint, dino_patch_tokens=args.dino_patch_tokens,
                with_identifier=args.with_identifier, dataset_dir=str(Path(dataset).resolve()), holdout=holdout)
@@ -359,7 +359,8 @@ def curve_page(results: dict, rows: list, subjects, out: Path, key: dict, run: P
                 imgs = "".join(_img(Path(r["images_dir"]) / rec["path"], out, ", ".join(
                     f"{label(m)} {rec[m]:.3f}" for m in r["metrics"])) for rec in recs)
                 pv = r["prompts"].get(s, {}).get(p)
-                nums = ", ".join(f"{label(m)} {pv[m]:.3f}" for m in r["metrics"] if m in PLOTTED) if pv else "not scored"
+                nums = (", ".join(f"{label(m)} {pv[m]:.3f}" for m in r["metrics"] if m in PLOTTED) if pv
+                        else "not scored")
                 cells.append(f"<td>{imgs}<br><span class=num>{html.escape(nums)}</span></td>")
             parts.append(f"<tr><td>{html.escape(p)}</td>{''.join(cells)}</tr>")
         parts.append("</table>")

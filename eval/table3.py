@@ -723,7 +723,8 @@ def add_common_arguments(p: argparse.ArgumentParser, work_dir: str) -> None:
     p.add_argument("--num_images_per_prompt", type=int, default=4)
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts per subject (demos)")
     p.add_argument("--render_batch_size", type=int, default=16,
-                   help="images per rendering batch (an H100 takes 48: UNet batch 96, 17 GB); lower it if out of memory")
+                   help="images per rendering batch (an H100 takes 48: UNet batch 96, 17 GB); lower it if out of "
+                        "memory")
     p.add_argument("--compile", action="store_true",
                    help="render with torch.compile'd UNet and VAE decoder (GPU; 3,000 images in ~14 min instead of "
                         "~21 on an H100, docs/BENCHMARKS.md)")

@@ -144,3 +144,66 @@ def test_provenance_says_when_a_run_is_not_the_protocol():
     toy = mod.provenance(args, runs, ["dog"])["differs from the protocol"]
     assert "max_train_steps 2 (protocol: 400)" in toy and "resolution 32 (protocol: 512)" in toy
     assert "subjects 1 (protocol: 30)" in toy
+
+
+# ---------------------------------------------------------------------------------------------
+# rows as data
+
+def test_default_and_named_rows_and_their_trainer_flags(tmp_path):
+    mod = load_table3()
+    assert [r.name for r in mod.select_rows()] == ["lora_r8", "loraplus_r8", "dora_r8", "singlora_r8", "singlora_r16"]
+    assert all(r.train_args() == () for r in mod.PAPER_ROWS)  # the paper's rows: the trainer's defaults
+    rows = mod.select_rows(["lora_r8", "singlora_r8_noramp", "singlora_r8_rankinit", "singlora_r8_qkvo"])
+    assert [r.train_args() for r in rows[1:]] == [
+        ("--ramp_steps", "0"), ("--init", "rank"), ("--target_modules", "to_q", "to_k", "to_v", "to_out.0")]
+    args = SimpleNamespace(pretrained_model_name_or_path="base", dataset_dir="d", work_dir=tmp_path,
+                           max_train_steps=3, resolution=32, mixed_precision="no", train_args=["--ramp_steps", "5"],
+                           instance_prompt_template=None)
+    run = mod.seed_runs(rows, 1)[1]
+    cmd = mod.train_command(args, run, ["dog"], one_subject=True)
+    assert cmd[-4:] == ["--ramp_steps", "0", "--ramp_steps", "5"]  # the row's flag, then --train_args (which win)
+
+
+def test_rows_file_json_and_csv(tmp_path):
+    mod = load_table3()
+    items = [{"name": "sing_lr3e-4", "method": "singlora", "rank": 8, "learning_rate": 3e-4},
+             {"name": "sing_qv", "method": "singlora", "rank": 4, "ramp_steps": 0, "init": "rank",
+              "target_modules": ["to_q", "to_v"]}]
+    (tmp_path / "rows.json").write_text(__import__("json").dumps(items))
+    (tmp_path / "rows.csv").write_text("name,method,rank,learning_rate,ramp_steps,init,target_modules\n"
+                                       "sing_lr3e-4,singlora,8,3e-4,,,\n"
+                                       "sing_qv,singlora,4,,0,rank,to_q to_v\n")
+    from_json, from_csv = mod.read_rows_file(tmp_path / "rows.json"), mod.read_rows_file(tmp_path / "rows.csv")
+    assert from_json == from_csv
+    assert from_json[0].train_args() == ("--learning_rate", "0.0003")
+    assert from_json[1].train_args() == ("--ramp_steps", "0", "--init", "rank", "--target_modules", "to_q", "to_v")
+    both = mod.select_rows(["lora_r8"], tmp_path / "rows.json")
+    assert [r.name for r in both] == ["lora_r8", "sing_lr3e-4", "sing_qv"]
+    bad = {"unknown field 'lr'": [{"name": "a", "method": "lora", "rank": 8, "lr": 1}],
+           "no 'rank'": [{"name": "a", "method": "lora"}],
+           "unknown method 'vera'": [{"name": "a", "method": "vera", "rank": 8}],
+           "must be a folder name": [{"name": "../a", "method": "lora", "rank": 8}],
+           "bad target_modules": [{"name": "a", "method": "lora", "rank": 8, "target_modules": ["to_x"]}],
+           "given twice with different settings": [{"name": "a", "method": "lora", "rank": 8},
+                                                   {"name": "a", "method": "lora", "rank": 4}]}
+    for message, content in bad.items():
+        (tmp_path / "bad.json").write_text(__import__("json").dumps(content))
+        with pytest.raises(UserError, match=message):
+            mod.select_rows(None, tmp_path / "bad.json")
+
+
+def test_every_row_is_paired_against_lora_including_ablations():
+    mod = load_table3()
+    rows = mod.select_rows(["lora_r8", "singlora_r8", "singlora_r8_noramp"])
+    runs = mod.seed_runs(rows, 1)
+    results = {}
+    for k, r in enumerate(runs):  # row k = lora + k / 1024 on every subject and metric
+        subj = {s: {m: (v + k) / 1024 for m in ("dino", "clip_i", "clip_t")} for s, v in SUBJECTS.items()}
+        results[r.name] = dict(metrics=["dino", "clip_i", "clip_t"], subjects=subj,
+                               summary={"all": {m: dict(mean=None, std=None) for m in ("dino", "clip_i", "clip_t")}})
+    stats = mod.group_stats(results, runs)
+    assert stats["singlora_r8_noramp"]["metrics"]["dino"]["difference"]["mean"] == 2 / 1024  # exact: dyadic
+    table = mod.table3(results, runs, None, stats, rows)
+    assert "| singlora_r8_noramp | 3 | +0.002 [+0.002, +0.002] |" in table
+    assert "| singlora_r8_noramp | 1 |" in table and "| - | - | - |" in table  # no paper numbers for it
+    assert "singlora_r8_noramp = singlora r8, ramp_steps 0" in table
