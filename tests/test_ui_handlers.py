@@ -1,0 +1,301 @@
+"""The web UI's handlers called as functions (no browser, no HTTP): the queue, path safety, uploads, and one run
+trained, watched, generated, exported and scored on the tiny pipeline through the real CLI subprocesses."""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dreambooth_singlora.errors import UserError
+from dreambooth_singlora.ui import app, forms, paths
+from dreambooth_singlora.ui.jobs import Queue, accepts, cli
+from dreambooth_singlora.ui.runs import progress
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def photos_in(ws: Path, dataset_dir, n=3) -> list[str]:
+    """Copies of n dog photos where Gradio puts uploads (<workspace>/.gradio/...), as the upload widget hands them."""
+    up = ws / ".gradio" / "upload"
+    up.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in sorted(Path(dataset_dir, "dog").glob("*.jpg"))[:n]:
+        shutil.copy(p, up / p.name)
+        out.append(str(up / p.name))
+    return out
+
+
+def train_form(ws, tiny_pipeline, files, **kw):
+    form = dict(run="r", subject="", dataset_dir="", photos=files, noun="dog", token="sks", base_model=tiny_pipeline,
+                method="singlora", rank=4, steps=2, learning_rate=1e-4, prior=False, resolution=32,
+                validation_prompt="a sks dog", preset="none", report_to="none")
+    form.update(kw)
+    return form
+
+
+# ---------------------------------------------------------------- path safety
+def test_typed_paths_that_leave_the_workspace_are_refused(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "runs").mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (ws / "runs" / "link").symlink_to(outside)
+    assert paths.inside(ws, "runs") == (ws / "runs").resolve()
+    with pytest.raises(UserError, match=r"leaves the workspace by '\.\.'"):
+        paths.inside(ws, "runs/../../secret")
+    with pytest.raises(UserError, match="is absolute"):
+        paths.inside(ws, str(outside))
+    with pytest.raises(UserError, match="through a symlink"):
+        paths.inside(ws, "runs/link/file.txt")
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 65, "a b"):
+        with pytest.raises(UserError, match="not allowed"):
+            paths.check_name(bad)
+    assert paths.check_name("dog-1.v2") == "dog-1.v2"
+
+
+def test_job_ids_typed_into_the_ui_stay_inside_the_jobs_folder(tmp_path):
+    ui = app.UI(tmp_path / "ws")
+    assert ui.stop("../../etc").startswith("Refused: job id '../../etc' is not allowed")
+    assert ui.live("../x")["status"].startswith("job id '../x' is not allowed")
+
+
+# ---------------------------------------------------------------- launch settings
+def test_other_hosts_need_a_login_and_nothing_is_shared(tmp_path):
+    parser = app.build_parser()
+    ws = tmp_path / "ws"
+    with pytest.raises(UserError, match="--host 0.0.0.0 would let other machines reach the UI"):
+        app.launch_settings(parser.parse_args(["--workspace", str(ws), "--host", "0.0.0.0"]))
+    s = app.launch_settings(parser.parse_args(["--workspace", str(ws)]))
+    assert s["server_name"] == "127.0.0.1" and s["share"] is False and s["auth"] is None
+    assert s["allowed_paths"] == [str(ws.resolve())]
+    assert str(ws.resolve() / "jobs") in s["blocked_paths"]
+    users = tmp_path / "users.txt"
+    users.write_text("# logins\nann:pass word\nbob:x:y\n")
+    s = app.launch_settings(parser.parse_args(["--workspace", str(ws), "--host", "0.0.0.0", "--auth_file",
+                                               str(users), "--auth", "cy:z"]))
+    assert s["auth"] == [("cy", "z"), ("ann", "pass word"), ("bob", "x:y")] and s["share"] is False
+    assert str(users.resolve()) in s["blocked_paths"]  # the logins are never served, even from the workspace
+    for bad in ("nopassword", ":pw", "user:"):
+        with pytest.raises(UserError, match="USER:PASSWORD"):
+            app.launch_settings(parser.parse_args(["--workspace", str(ws), "--host", "0.0.0.0", "--auth", bad]))
+    users.write_text("# nothing\n")
+    with pytest.raises(UserError, match="has no login"):
+        app.launch_settings(parser.parse_args(["--workspace", str(ws), "--host", "::", "--auth_file", str(users)]))
+    assert app.is_loopback("127.0.0.2") and app.is_loopback("::1") and not app.is_loopback("example.org")
+
+
+def test_build_parser_imports_neither_gradio_nor_torch():
+    import subprocess
+
+    code = ("import sys; from dreambooth_singlora.ui.app import build_parser; build_parser().parse_args([]); "
+            "print(sorted(m for m in ('gradio', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- uploads
+def test_uploads_that_are_not_good_photos_are_refused_and_nothing_is_kept(tmp_path, tiny_pipeline, dataset_dir):
+    ws = tmp_path / "ws"
+    ui = app.UI(ws)
+    up = ws / ".gradio" / "upload"
+
+    def bad(name):
+        up.mkdir(parents=True, exist_ok=True)
+        if name == "notes.jpg":
+            (up / name).write_bytes(b"this is not a picture")
+        elif name == "tiny.png":
+            Image.new("RGB", (20, 20)).save(up / name)
+        else:
+            (up / name).write_bytes(b"\0" * (forms.MAX_PHOTO_BYTES + 1))
+        return str(up / name)
+
+    cases = [(lambda: [*photos_in(ws, dataset_dir, 2), bad("notes.jpg")], "notes.jpg is not an image"),
+             (lambda: photos_in(ws, dataset_dir, 2), "2 photos given: upload 3 to 20"),
+             (lambda: photos_in(ws, dataset_dir, 3) * 7, "21 photos given"),
+             (lambda: [*photos_in(ws, dataset_dir, 2), bad("tiny.png")], "tiny.png is 20x20 px"),
+             (lambda: [*photos_in(ws, dataset_dir, 2), bad("big.png")], "big.png is 25.0 MiB")]
+    for files, message in cases:
+        msg, job = ui.start_train("r", "", "", files(), "dog", "sks", tiny_pipeline, "singlora", 4, 2, 1e-4, False,
+                                  32, "", "none", "none")
+        assert msg.startswith("Refused: ") and message in msg and job == "", msg
+        assert not (ws / "runs" / "r").exists()  # no half-made run folder
+        assert not (ws / ".staging").exists() or not any((ws / ".staging").iterdir())
+        assert not any(up.iterdir())  # Gradio's copies of the uploads are deleted once read, refused or not
+    assert ui.queue.jobs() == []
+
+
+def test_train_form_refusals(tmp_path, tiny_pipeline, dataset_dir):
+    ws = tmp_path / "ws"
+    for change, message in [(dict(run="../up"), "run name '../up' is not allowed"),
+                            (dict(base_model=str(tmp_path / "nope")), "base model"),
+                            (dict(resolution=30), "not a multiple of 8"),
+                            (dict(method="dreamlora"), "unknown method"),
+                            (dict(preset="4 GB"), "unknown memory preset"),
+                            (dict(validation_prompt="a\nb"), "one validation prompt"),
+                            (dict(token="two words"), r"rare token \(one word")]:
+        with pytest.raises(UserError, match=message):
+            forms.new_train(ws, train_form(ws, tiny_pipeline, photos_in(ws, dataset_dir), **change))
+    assert not (ws / "runs").exists() or not any((ws / "runs").iterdir())
+
+
+def test_presets_set_the_trainers_memory_flags():
+    assert forms.preset_flags("12 GB") == {"gradient_checkpointing": True, "train_batch_size": 1,
+                                           "use_8bit_adam": False}
+    assert forms.preset_flags("24 GB")["gradient_checkpointing"] is False
+    eight = forms.preset_flags("8 GB")
+    import importlib.util
+
+    assert eight["use_8bit_adam"] is (importlib.util.find_spec("bitsandbytes") is not None)
+
+
+# ---------------------------------------------------------------- queue
+def test_queue_cancel_stop_and_a_restarted_ui_finds_a_running_job(tmp_path):
+    q = Queue(tmp_path / "ws")
+    a = q.submit("generate", SLEEP, run="x")
+    b = q.submit("generate", SLEEP, run="x")
+    assert not a.events and not a.stop_file  # not a CLI command: no --events / --stop_file added
+    q.tick()
+    assert q.load(a.id).status == "running" and q.load(b.id).status == "queued"  # one at a time on the one slot
+    assert q.cancel(b.id).status == "cancelled"
+    with pytest.raises(UserError, match="only a queued job can be cancelled"):
+        q.cancel(a.id)
+    # a restarted UI (a new Queue, no Popen of its own) finds the running job by pid and start time
+    q2 = Queue(tmp_path / "ws")
+    q2.tick()
+    job = q2.load(a.id)
+    assert job.status == "running" and q2._alive(job)
+    job.pid_start -= 100  # a pid now used by another process is not the job
+    assert not q2._alive(job)
+    q2.stop(a.id)
+    q.tick()  # the first queue reaps its child
+    done = q.wait(a.id, 20)
+    assert done.status == "stopped" and done.stop_requested
+    with pytest.raises(UserError, match="only a queued or running job can be stopped"):
+        q.stop(a.id)
+
+
+def test_a_second_ui_on_the_same_workspace_is_refused(tmp_path):
+    q = Queue(tmp_path / "ws").start()
+    try:
+        with pytest.raises(UserError, match="another web UI"):
+            Queue(tmp_path / "ws").claim()
+    finally:
+        q.close()
+
+
+def test_events_are_read_into_the_live_view(tmp_path):
+    q = Queue(tmp_path / "ws")
+    job = q.submit("train", cli("train", "--output_dir", "x"), run="r")
+    assert job.events == accepts(job.argv, "--events")
+    job.events = True
+    lines = [{"event": "started", "time": 1, "job": "train"},
+             {"event": "step", "time": 2, "job": "train", "step": 10, "total": 40, "loss": {"dog": 0.5, "cat": 0.25},
+              "lr": 1e-4, "u": 0.25, "it_per_s": 4.0, "eta_s": 7.5},
+             {"event": "validation", "time": 3, "job": "train", "step": 10,
+              "paths": [str(q.workspace / "runs/r/adapter/validation/step-00010.png"), "/etc/passwd"]}]
+    q.events_path(job).write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "st')  # a half line
+    p = progress(q, job)
+    assert (p["step"], p["total"], p["it_per_s"], p["eta_s"]) == (10, 40, 4.0, 7.5)
+    assert sorted((r["subject"], r["loss"]) for r in p["loss"]) == [("cat", 0.25), ("dog", 0.5)]
+    assert {(r["series"], r["value"]) for r in p["sched"]} == {("lr", 1e-4), ("u", 0.25)}
+    assert [v[0] for v in p["validation"]] == [str(q.workspace / "runs/r/adapter/validation/step-00010.png")]
+
+
+# ---------------------------------------------------------------- one run through every tab's handlers
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_pipeline, dataset_dir):
+    """A 2-step run on the tiny pipeline from uploaded photos, through the queue and the real trainer."""
+    ws = tmp_path_factory.mktemp("ui") / "ws"
+    ui = app.UI(ws)
+    msg, job_id = ui.start_train("dog1", "dog", "", photos_in(ws, dataset_dir), "", "sks", tiny_pipeline,
+                                 "singlora", 4, 2, 1e-4, False, 32, "a sks dog", "none", "none")
+    assert job_id, msg
+    job = ui.queue.wait(job_id, 180)
+    return ui, job
+
+
+def test_training_through_the_queue(trained):
+    ui, job = trained
+    assert job.status == "finished", ui.live(job.id)["log"]
+    view = ui.live(job.id)
+    assert "finished" in view["status"]
+    ws = ui.workspace
+    events = [json.loads(line)["event"] for line in (ws / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "started" and events[-1] == "finished" and "step" in events
+    assert view["loss"] and all(r["loss"] > 0 for r in view["loss"])
+    settings = json.loads((ws / "runs" / "dog1" / "run.json").read_text())
+    assert settings["prompt"] == "a photo of sks dog" and settings["subject"] == "dog"
+    assert sorted(p.name for p in (ws / "runs" / "dog1" / "photos" / "dog").iterdir()) == ["00.png", "01.png",
+                                                                                          "02.png"]
+    detail = ui.run_detail("dog1")
+    assert detail["status"] == "dog1: finished" and "argv" not in detail["settings"]
+    assert detail["card"].strip() and any(f.endswith("adapter_model.safetensors") for f in detail["files"])
+    assert [r[:2] for r in ui.runs()] == [["dog1", "finished"]]
+
+
+def test_generate_export_and_evaluate(trained, tiny_eval_checkpoints):
+    ui, job = trained
+    msg, gen = ui.generate("dog1", "", 5, 1, 0.5, 1, 7.5, "ddim", True, 32)
+    assert gen, msg
+    g = ui.queue.wait(gen, 180)
+    assert g.status == "finished", ui.live(gen)["log"]
+    view = ui.generate_view(gen)
+    assert len(view["gallery"]) == 25 and view["gallery"][0][1].endswith(" - seed 5")
+    assert all(Path(p).is_file() for p, _ in view["gallery"]) and Path(view["zip"]).is_file()
+    with Image.open(view["gallery"][0][0]) as im:
+        assert im.size == (32, 32)
+
+    msg, path = ui.export("dog1", "kohya")
+    assert path and Path(path).name == "dog1-kohya.safetensors", msg
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        assert any(k.endswith(".lora_down.weight") for k in f.keys())
+    assert ui.export("dog1", "onnx")[0].startswith("Refused: unknown export format")
+    assert ui.export("nope", "kohya")[0] == "Refused: run 'nope' has no saved adapter yet: train it to the end first"
+
+    sets = ui.image_sets("dog1")
+    assert len(sets) == 1
+    assert ui.evaluate("dog1", sets[0], "/nonexistent/clip", tiny_eval_checkpoints["dino_dir"])[0].startswith(
+        "Refused: CLIP checkpoint /nonexistent/clip does not exist")
+    assert "Refused" in ui.evaluate("dog1", "../" + sets[0], tiny_eval_checkpoints["clip_dir"],
+                                    tiny_eval_checkpoints["dino_dir"])[0]
+    msg, ev = ui.evaluate("dog1", sets[0], tiny_eval_checkpoints["clip_dir"], tiny_eval_checkpoints["dino_dir"])
+    assert ev, msg
+    e = ui.queue.wait(ev, 180)
+    assert e.status == "finished", ui.live(ev)["log"]
+    report = ui.eval_view(ev)
+    header = report["summary"][0]
+    metrics = {row[header.index("metric")] for row in report["summary"][1:]}
+    assert {"dino", "clip_i", "clip_t"} <= metrics
+    assert len(report["per_prompt"]) == 26  # header + 25 prompts
+    assert any(Path(p).name == "contact_sheet.png" for p, _ in report["grids"])
+
+
+def test_stop_then_resume_continues_the_run(trained, tiny_pipeline, dataset_dir):
+    ui, _ = trained
+    msg, job_id = ui.start_train("long", "dog", "", photos_in(ui.workspace, dataset_dir), "", "sks", tiny_pipeline,
+                                 "singlora", 4, 100, 1e-4, False, 32, "", "none", "none")
+    assert job_id, msg
+    end = time.monotonic() + 120
+    while ui.live(job_id)["job"].status in ("queued", "running") and not ui.live(job_id)["loss"]:
+        assert time.monotonic() < end
+        ui.queue.tick()
+        time.sleep(0.05)
+    assert ui.stop(job_id).startswith("Stop requested")
+    job = ui.queue.wait(job_id, 120)
+    assert job.status == "stopped", ui.live(job_id)["log"]
+    stopped = [json.loads(x) for x in (ui.workspace / "jobs" / job_id / "events.jsonl").read_text().splitlines()][-1]
+    assert stopped["event"] == "stopped" and stopped["step"] < 100
+    msg, again = ui.resume(job_id)
+    assert again, msg
+    job2 = ui.queue.wait(again, 180)
+    assert job2.status == "finished", ui.live(again)["log"]
+    first = [json.loads(x) for x in (ui.workspace / "jobs" / again / "events.jsonl").read_text().splitlines()
+             if '"step"' in x and '"event": "step"' in x]
+    assert first and first[0]["step"] > stopped["step"]  # it went on from the checkpoint, not from step 0
+    assert first[-1]["step"] == 100
