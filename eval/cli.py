@@ -78,6 +78,9 @@ def add_score_command(subparsers) -> None:
     p.add_argument("--identifier", default=IDENTIFIER, help="the rare-token identifier in the prompts (default: sks)")
     p.add_argument("--subjects", nargs="+", default=None,
                    help="subjects expected in the folder (default: all 30; others are reported missing)")
+    p.add_argument("--max_prompts", type=int, default=None,
+                   help="only the first N of each subject's 25 prompts are expected (what render --max_prompts "
+                        "wrote); the others are not reported missing")
     p.add_argument("--reference", action="store_true", help="add the published reference numbers to report.md")
     p.add_argument("--adapters", nargs="+", default=None, metavar="DIR",
                    help="adapter folders to read held-out photos from (adapter_config.json's \"holdout\"): a folder of "
@@ -108,7 +111,7 @@ def run_score(args) -> int:
         encoders = encoders_from_args(args)
         result = score_folder(args.images, args.dataset_dir, encoders, with_identifier=args.with_identifier,
                               identifier=args.identifier, subjects=args.subjects, progress=not args.no_progress,
-                              holdout=holdout, events=events)
+                              holdout=holdout, events=events, max_prompts=args.max_prompts)
         paths = write_score_outputs(result, args.output, name=args.name, reference=args.reference)
     _print_summary(result)
     print(f"skipped or flagged: {len(result['skipped'])} (listed in {paths['md']})")

@@ -235,7 +235,8 @@ def step_result(state: _Lazy, out: Path, step: int, checkpoint: Path, subjects, 
     encoders, cache = state.scorer()
     result = score_folder(images, state.dataset, encoders, with_identifier=state.args.with_identifier,
                           identifier=state.cfg.identifier, subjects=subjects, cache=cache,
-                          progress=not state.args.no_progress, holdout=holdout)
+                          progress=not state.args.no_progress, holdout=holdout,
+                          max_prompts=state.args.max_prompts)
     result.update(curve_key=key, weights=digest, step=step, checkpoint=str(checkpoint))
     write_json_atomic(path, result)
     return result
@@ -347,9 +348,11 @@ def curve_page(results: dict, rows: list, subjects, out: Path, key: dict, run: P
     dataset = Path(first["dataset_dir"])
     for s in subjects:
         held = set(((first.get("holdout") or {}).get("files") or {}).get(s, []))
-        reals = "".join(_img(dataset / p, out, p + (" (held out)" if Path(p).name in held else ""), 64)
+        reals = "".join(_img(dataset / p, out, p, 64) if Path(p).name not in held else
+                        f'<span style="outline:3px dashed #c44">{_img(dataset / p, out, p + " (held out)", 64)}</span>'
                         for p in first["real_images"].get(s, []))
-        parts.append(f'<h2 id="{html.escape(s)}">{html.escape(s)}</h2><div class=real>Real photos: {reals}</div>')
+        note = " (dashed: held out of training)" if held else ""
+        parts.append(f'<h2 id="{html.escape(s)}">{html.escape(s)}</h2><div class=real>Real photos{note}: {reals}</div>')
         parts.append("<table><tr><th>Prompt</th>" + "".join(f"<th>step {t}</th>" for t in steps) + "</tr>")
         for p in key["prompts"][s]:
             cells = []

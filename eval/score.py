@@ -113,8 +113,11 @@ def _resolve_subjects(names: Optional[Sequence[str]]) -> list:
     return [get_subject(n).name for n in names]  # UserError for an unknown name
 
 
-def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: Optional[Sequence[str]] = None):
-    """Walk a generations folder: (generations, problems, settings JSON found at its top level)."""
+def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: Optional[Sequence[str]] = None,
+                max_prompts: Optional[int] = None):
+    """Walk a generations folder: (generations, problems, settings JSON found at its top level). With
+    max_prompts, only each subject's first max_prompts prompts are expected (the others are not reported
+    missing; found, they are scored)."""
     root = Path(images_dir)
     if not root.is_dir():
         raise UserError(f"images folder {str(images_dir)!r} does not exist or is not a folder (expected {LAYOUT})")
@@ -136,7 +139,7 @@ def scan_images(images_dir, *, identifier: str = IDENTIFIER, expected_subjects: 
             _problem(problems, "not_requested", f"{name}/", "subject not in the requested subjects")
             continue
         seen.add(name)
-        items += _scan_subject(entry, known[name], identifier, problems, settings)
+        items += _scan_subject(entry, known[name], identifier, problems, settings, max_prompts)
     for name in expected:
         if name not in seen:
             _problem(problems, "missing_subject", f"{name}/", "no folder: subject not scored")
@@ -163,7 +166,8 @@ def _read_settings(path: Path, rel: str, settings: dict, problems: list) -> None
         _problem(problems, "bad_settings", rel, f"not readable JSON ({e}); not recorded")
 
 
-def _scan_subject(folder: Path, subject, identifier: str, problems: list, settings: dict) -> list:
+def _scan_subject(folder: Path, subject, identifier: str, problems: list, settings: dict,
+                  max_prompts: Optional[int] = None) -> list:
     by_slug = {slugify(p): p for p in subject.eval_prompts(identifier)}
     items, found = [], set()
     for entry in sorted(folder.iterdir()):
@@ -193,7 +197,7 @@ def _scan_subject(folder: Path, subject, identifier: str, problems: list, settin
             _problem(problems, "image_count", f"{rel}/",
                      f"{len(images)} images (protocol: {IMAGES_PER_PROMPT}); all scored")
         items += [Generation(subject.name, by_slug[entry.name], entry.name, f, f"{rel}/{f.name}") for f in images]
-    for slug in by_slug:
+    for slug in list(by_slug)[:max_prompts]:
         if slug not in found:
             _problem(problems, "missing_prompt", f"{subject.name}/{slug}/", "no folder: prompt not scored")
     return items
@@ -294,7 +298,7 @@ def protocol_settings(*, with_identifier: bool, identifier: str, encoders: Seque
 def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_identifier: bool = False,
                  identifier: str = IDENTIFIER, subjects: Optional[Sequence[str]] = None,
                  cache: Optional[ReferenceCache] = None, progress: bool = True, holdout: Optional[dict] = None,
-                 events=None) -> dict:
+                 events=None, max_prompts: Optional[int] = None) -> dict:
     """Score every generation under images_dir against the real images; returns a JSON-ready dict.
 
     Keys: metrics, summary ({all, object, live} -> metric -> mean/std/n_subjects/n_images),
@@ -304,11 +308,13 @@ def score_folder(images_dir, dataset_dir, encoders: Sequence[Encoder], *, with_i
     scores against the photos each subject's adapter trained on and against its held-out ones: eval.holdout).
     holdout: {subject: held-out photo names} (default: read from the adapters the images' index.json files
     name). events: a dreambooth_singlora.events.Events that gets a `progress` event per chunk of images.
+    max_prompts: only each subject's first max_prompts prompts are expected (scan_images).
     Raises UserError when nothing could be scored.
     """
     metrics = _metric_names(encoders)
     cache = cache or ReferenceCache(dataset_dir)
-    items, problems, gen_settings = scan_images(images_dir, identifier=identifier, expected_subjects=subjects)
+    items, problems, gen_settings = scan_images(images_dir, identifier=identifier, expected_subjects=subjects,
+                                                max_prompts=max_prompts)
     if holdout is None:
         holdout = H.holdouts_from_settings(gen_settings)
     image_metrics = [m for e in encoders for m in e.image_metrics]

@@ -507,7 +507,7 @@ def score_all(args, runs, subjects, events=None) -> dict:
             cache = ReferenceCache(args.dataset_dir)
         print(f"[score] {run.name}", flush=True)
         results[run.name] = score_folder(args.work_dir / "images" / run.name, args.dataset_dir, encoders,
-                                         subjects=subjects, cache=cache)
+                                         subjects=subjects, cache=cache, max_prompts=args.max_prompts)
         write_score_outputs(results[run.name], args.work_dir / "eval" / run.name, name=run.name)
     _progress(events, len(runs), len(runs), "score")
     return results
