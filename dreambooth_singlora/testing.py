@@ -163,7 +163,7 @@ def build_sd15_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 
 
 
 def build_tiny_sd2_pipeline(out_dir, seed: int = 0) -> Path:
-    """A few-MB random-weight SD-2.1-shaped pipeline (linear attention projections, heads per block, a gelu text
+    """A random-weight SD-2.1-shaped pipeline of 20 MB (linear attention projections, heads per block, a gelu text
     encoder, v-prediction, the tokenizer padding with "!") in diffusers layout; returns its folder."""
     return _build_pipeline(out_dir, seed, TINY_SD2_UNET_CONFIG, TINY_VAE_CONFIG, TINY_SD2_TEXT_CONFIG,
                            scheduler=("DDIMScheduler", SD21_SCHEDULER_CONFIG), pad_token="!")
@@ -177,8 +177,9 @@ def build_sd21_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 
 
 
 def build_tiny_sdxl_pipeline(out_dir, seed: int = 0) -> Path:
-    """A few-MB random-weight SDXL-shaped pipeline (two text encoders, text_time micro-conditioning, several
-    transformer layers per block, Euler) in diffusers layout; returns its folder."""
+    """A random-weight SDXL-shaped pipeline of 45 MB (two text encoders, text_time micro-conditioning, 1/1/2
+    transformer layers per level, the original model's block numbering, Euler) in diffusers layout; returns its
+    folder."""
     return _build_sdxl(out_dir, seed, TINY_SDXL_UNET_CONFIG, TINY_SDXL_VAE_CONFIG, TINY_SDXL_TEXT_CONFIG,
                        TINY_SDXL_TEXT2_CONFIG)
 
@@ -238,7 +239,8 @@ def _build_sdxl(out_dir, seed, unet_config, vae_config, text_config, text2_confi
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text2_config)).to(dtype)
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(out),
-        tokenizer_2=_tokenizer(out, pad_token="!"), unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True, add_watermarker=False)
+        tokenizer_2=_tokenizer(out, pad_token="!"), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
