@@ -414,7 +414,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
 
             # 2. Live run
             with gr.Tab("Live run", id="live", elem_id="tab-live"):
-                live_job = gr.Dropdown(ui.job_choices("train"), label="Training job", elem_id="live-job")
+                live_job = gr.Dropdown(ui.job_choices("train"), label="Training job", elem_id="live-job", allow_custom_value=True)
                 live_status = gr.Markdown(elem_id="live-status")
                 with gr.Row():
                     loss_plot = gr.LinePlot(frame([], ["step", "loss", "subject"]), x="step", y="loss",
@@ -433,7 +433,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                 runs_cols = ["run", "status", "error", "prompt", "method", "steps", "base model", "created"]
                 runs_df = gr.Dataframe(frame(ui.runs(), runs_cols), interactive=False, elem_id="runs-table")
                 runs_refresh = gr.Button("Refresh", size="sm")
-                run_pick = gr.Dropdown(ui.run_names(), label="Run", elem_id="runs-pick")
+                run_pick = gr.Dropdown(ui.run_names(), label="Run", elem_id="runs-pick", allow_custom_value=True)
                 run_status = gr.Markdown()
                 with gr.Row():
                     run_settings = gr.JSON(label="Settings")
@@ -447,7 +447,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row():
                     with gr.Column():
-                        gen_run = gr.Dropdown(ui.run_names(), label="Adapter (run)", elem_id="gen-run")
+                        gen_run = gr.Dropdown(ui.run_names(), label="Adapter (run)", elem_id="gen-run", allow_custom_value=True)
                         gen_prompts = gr.Textbox(label="Prompts (one a line)", lines=3, elem_id="gen-prompts")
                         gen_eval = gr.Checkbox(False, label="the subject's 25 evaluation prompts instead")
                         with gr.Row():
@@ -461,14 +461,14 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                             gen_size = gr.Number(0, label="Size (0 = the model's)", precision=0, elem_id="gen-size")
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
                     with gr.Column():
-                        gen_job = gr.Dropdown(ui.job_choices("generate"), label="Generation job")
+                        gen_job = gr.Dropdown(ui.job_choices("generate"), label="Generation job", allow_custom_value=True)
                         gen_status = gr.Markdown()
                         gen_gallery = gr.Gallery(label="Images (prompt - seed)", columns=4, height=360)
                         gen_zip = gr.File(label="Download all (zip)", interactive=False)
 
             # 5. Export
             with gr.Tab("Export", id="export", elem_id="tab-export"):
-                exp_run = gr.Dropdown(ui.run_names(), label="Adapter (run)", elem_id="exp-run")
+                exp_run = gr.Dropdown(ui.run_names(), label="Adapter (run)", elem_id="exp-run", allow_custom_value=True)
                 exp_fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="Layout",
                                    info="kohya loads in A1111, ComfyUI, kohya and diffusers; diffusers only in "
                                    "diffusers")
@@ -479,13 +479,13 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
             # 6. Evaluate
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
                 with gr.Row():
-                    ev_run = gr.Dropdown(ui.run_names(), label="Run (a DreamBooth subject)")
-                    ev_set = gr.Dropdown([], label="Image set (Generate with the 25 evaluation prompts)")
+                    ev_run = gr.Dropdown(ui.run_names(), label="Run (a DreamBooth subject)", allow_custom_value=True)
+                    ev_set = gr.Dropdown([], label="Image set (Generate with the 25 evaluation prompts)", allow_custom_value=True)
                 with gr.Row():
                     ev_clip = gr.Textbox(label="CLIP ViT-B/32 checkpoint (file or open_clip folder)")
                     ev_dino = gr.Textbox(label="DINO ViT-S/16 checkpoint (file or timm folder)")
                 ev_btn = gr.Button("Score", variant="primary")
-                ev_job = gr.Dropdown(ui.job_choices("eval"), label="Scoring job")
+                ev_job = gr.Dropdown(ui.job_choices("eval"), label="Scoring job", allow_custom_value=True)
                 ev_status = gr.Markdown()
                 ev_summary = gr.Dataframe(label="Report", interactive=False)
                 ev_prompts = gr.Dataframe(label="Per prompt", interactive=False)
@@ -497,7 +497,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                 q_df = gr.Dataframe(frame(ui.queue_rows(), q_cols), interactive=False, elem_id="queue-table")
                 q_refresh = gr.Button("Refresh", size="sm")
                 with gr.Row():
-                    q_job = gr.Dropdown(ui.job_choices(), label="Job")
+                    q_job = gr.Dropdown(ui.job_choices(), label="Job", allow_custom_value=True)
                     q_cancel = gr.Button("Cancel (queued)")
                     q_stop = gr.Button("Stop (running)", variant="stop")
                 q_msg = gr.Markdown()

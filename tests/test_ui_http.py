@@ -1,0 +1,151 @@
+"""The web UI end to end over HTTP: `dreambooth-singlora ui` in a subprocess on a free loopback port, driven with
+gradio_client as a browser would drive it: a 2-step training job on the tiny pipeline followed to its end, one
+image generated, the adapter exported; Gradio's file serving limited to the workspace; a restarted UI lists the
+same run."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from gradio_client import Client, handle_file  # the [test] extra installs it: missing, the module fails
+
+from dreambooth_singlora.ui.testing import running_app
+
+
+def follow(client, api, job_id, timeout=180):
+    """Call a view endpoint until its status line says the job ended; the last answer."""
+    end = time.monotonic() + timeout
+    while True:
+        out = client.predict(job_id, api_name=api)
+        status = out[0]
+        if any(f": {s}" in status for s in ("finished", "failed", "stopped", "cancelled")):
+            return out
+        assert time.monotonic() < end, status
+        time.sleep(0.5)
+
+
+def value(update):
+    """A component's value out of what an endpoint returned (a dropdown comes back as its update)."""
+    return update["value"] if isinstance(update, dict) and "__type__" in update else update
+
+
+def http_status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class Served:
+    """The module's one UI process: workspace, URL, client; `close()` ends it (the restart test)."""
+
+    def __init__(self, ws):
+        self.ws, self.stack = ws, ExitStack()
+        self.url = self.stack.enter_context(running_app(ws))
+        self.client = Client(self.url, verbose=False)
+
+    def __iter__(self):
+        return iter((self.ws, self.url, self.client))
+
+    def close(self):
+        self.stack.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_pipeline, dataset_dir):
+    app = Served(tmp_path_factory.mktemp("ui-http") / "ws")
+    yield app
+    app.close()
+
+
+def start_train(client, tiny_pipeline, photos, run="dog-http", steps=2):
+    return client.predict(run, "", "", [handle_file(str(p)) for p in photos], "dog", "sks", str(tiny_pipeline),
+                          "singlora", 4, steps, 1e-4, False, 32, "a sks dog", "none", "none", api_name="/start_train")
+
+
+def test_train_generate_export_over_http(served, tiny_pipeline, dataset_dir):
+    ws, url, client = served
+    photos = sorted(Path(dataset_dir, "dog").glob("*.jpg"))[:3]
+    out = start_train(client, tiny_pipeline, photos)
+    assert out[0].startswith("Queued training of run dog-http"), out[0]
+    job_id = value(out[1])
+    status, loss, sched, validation, log = follow(client, "/live", job_id)
+    assert status.startswith(f"train dog-http [{job_id}]: finished; step 2/2"), (status, log)
+    assert loss["columns"] == ["step", "loss", "subject"] and loss["data"][-1][:1] == [2]
+    assert {row[2] for row in sched["data"]} == {"lr", "u"}
+    events = [json.loads(x) for x in (ws / "jobs" / job_id / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][0] == "started" and events[-1]["event"] == "finished"
+    assert (ws / "runs" / "dog-http" / "adapter" / "adapter_model.safetensors").is_file()
+    # the validation grid of step 2 and its images, served and downloaded
+    assert Path(validation[0]["image"]).name == "step-00002.png" and Path(validation[0]["image"]).is_file()
+    assert {v["caption"] for v in validation} == {"step 2"}
+
+    msg, gen_id = client.predict("dog-http", "a sks dog on the beach", 3, 1, 1.0, 2, 7.5, "ddim", False, 32,
+                                 api_name="/generate")
+    gen_id = value(gen_id)
+    assert gen_id, msg
+    status, gallery, zipped = follow(client, "/generate_view", gen_id)
+    assert status == f"generate dog-http [{gen_id}]: finished; 1/1 done", status
+    assert [g["caption"] for g in gallery] == ["a sks dog on the beach - seed 3"]
+    assert Path(gallery[0]["image"]).is_file() and Path(zipped).suffix == ".zip"
+    gen_events = (ws / "jobs" / gen_id / "events.jsonl").read_text().splitlines()
+    assert json.loads(gen_events[-1])["event"] == "finished"
+
+    msg, lora = client.predict("dog-http", "diffusers", api_name="/export")
+    assert msg.startswith("Exported dog-http as a diffusers LoRA"), msg
+    assert (ws / "runs" / "dog-http" / "exports" / "dog-http-diffusers.safetensors").is_file()
+    assert Path(lora).read_bytes() == (ws / "runs" / "dog-http" / "exports" / "dog-http-diffusers.safetensors"
+                                       ).read_bytes()  # the download is the file
+
+    queue = client.predict(api_name="/queue")["data"]
+    assert sorted(row[1] for row in queue) == ["export", "generate", "train"]
+    assert all(row[3] == "finished" for row in queue)
+
+
+def test_http_refusals(served, tiny_pipeline, dataset_dir, tmp_path):
+    ws, url, client = served
+    # Gradio serves the workspace only: not a file outside it, not the jobs' command lines
+    assert http_status(url + "gradio_api/file=/etc/passwd") == 403
+    assert http_status(url + f"gradio_api/file={tiny_pipeline}/model_index.json") == 403
+    assert http_status(url + f"gradio_api/file={ws}/../{Path(ws).parent.name}/x") in (403, 404)
+    (ws / "jobs").mkdir(exist_ok=True)
+    (ws / "jobs" / "probe.txt").write_text("x")
+    assert http_status(url + f"gradio_api/file={ws}/jobs/probe.txt") == 403
+    # an upload that is not an image: refused in the page, no run folder kept
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("not an image")
+    photos = sorted(Path(dataset_dir, "dog").glob("*.jpg"))[:2]
+    out = start_train(client, tiny_pipeline, [*photos, fake], run="bad-upload")
+    assert out[0] == "Refused: photo.jpg is not an image this tool can read: upload photos (JPEG, PNG, WebP, ...)"
+    assert not (ws / "runs" / "bad-upload").exists()
+    # a path typed into the UI that leaves the workspace
+    msg, _ = client.predict("../../etc", "kohya", api_name="/export")
+    assert msg.startswith("Refused: run name '../../etc' is not allowed")
+
+
+def test_other_hosts_are_refused_without_a_login(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dreambooth_singlora.cli", "ui", "--workspace", str(tmp_path / "w"),
+                        "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --host 0.0.0.0 would let other machines reach the UI")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_restarted_ui_lists_the_same_run(served):
+    """Runs last in the module: ends the shared UI. A second UI on a served workspace is refused; once the first
+    ends, a new one lists the run the first trained."""
+    with pytest.raises(RuntimeError, match="another web UI .* serves the workspace"):
+        with running_app(served.ws):
+            pass
+    served.close()
+    with running_app(served.ws) as url:
+        rows = Client(url, verbose=False).predict(api_name="/runs")["data"]
+    assert [r[:2] for r in rows] == [["dog-http", "finished"]]
