@@ -1,6 +1,7 @@
 """Model families beyond SD1: the tiny SD2- and SDXL-shaped pipelines, the full-size SDXL architecture (on the meta
 device), and the family-aware kohya export read back by diffusers' own loader."""
 
+import json
 import logging
 import re
 
@@ -124,10 +125,9 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def saved_adapter(pipe, folder, family, extra=None):
+def saved_adapter(unet, folder, family, extra=None):
     """A SingLoRA adapter with random non-zero A on all four projections, past its ramp (u = 1), saved for `family`;
     returns the UNet with the adapter merged into its weights (the project's own merge)."""
-    unet = pipe.unet
     add_adapter(unet, SingLoRAConfig(rank=4, alpha=6.0, ramp_steps=10, target_modules=ALL_TARGETS))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -144,12 +144,13 @@ def saved_adapter(pipe, folder, family, extra=None):
 def test_kohya_export_fused_by_diffusers_equals_our_merge(family, tiny_sd2, tiny_sdxl, tmp_path):
     """The kohya file, loaded by diffusers' load_lora_weights and fused, changes exactly the adapted projections,
     each to the project's merged weight; no key is dropped or unexpected."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     cls, src = (StableDiffusionPipeline, tiny_sd2) if family == "sd2" else (StableDiffusionXLPipeline, tiny_sdxl)
     kw = {"safety_checker": None} if family == "sd2" else {}
-    pipe = cls.from_pretrained(src, **kw)
-    ours = saved_adapter(pipe, tmp_path / "a", family, {"prediction_type": pipe.scheduler.config.prediction_type})
+    prediction = json.loads((src / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+    ours = saved_adapter(UNet2DConditionModel.from_pretrained(src, subfolder="unet"), tmp_path / "a", family,
+                         {"prediction_type": prediction})
     path = export_lora(tmp_path / "a", "kohya", tmp_path / "k.safetensors")
     lora = load_file(str(path))
     with safe_open(str(path), "pt") as f:
