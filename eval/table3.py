@@ -341,6 +341,8 @@ def train_all(args, runs, subjects, events=None) -> None:
     if args.multi_subject:
         handled = train_multi_runs(args, runs, subjects)
         runs = [r for r in runs if r not in handled]
+        if events is not None and handled:
+            events.emit("progress", done=len(handled), total=len(handled), unit="run", stage="train")
     jobs = [(r, s) for r in runs for s in subjects
             if not trained(args.work_dir / "adapters" / r.name / s, args.max_train_steps)]
     if runs:

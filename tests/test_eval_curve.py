@@ -130,10 +130,18 @@ def test_curve_of_a_one_subject_run(bank_run, tiny_eval_checkpoints, dataset_dir
         subject_adapter(src, "dog", ckpt)
         state = json.loads((src / "trainer_state.json").read_text())
         (ckpt / "trainer_state.json").write_text(json.dumps({**state, "subjects": ["dog"]}))
+    # the run's final adapter (a one-subject run writes it into --output_dir itself) held two photos out
+    (run / "adapter_config.json").write_text(json.dumps({"holdout": ["03.jpg", "04.jpg"], "run": {"subject": "dog"}}))
     out = tmp_path / "curve"
     assert eval_main(curve_argv(run, out, tiny_eval_checkpoints, dataset_dir)) == 0
     rows = read_csv(out / "curve.csv")
     assert {(r["step"], r["subject"]) for r in rows} == {("1", "dog"), ("1", "mean"), ("3", "dog"), ("3", "mean")}
+    assert {r["metric"] for r in rows} == {"clip_i", "clip_t", "dino"} | {
+        f"{m}_{s}" for m in ("clip_i", "dino") for s in ("train", "heldout", "gap")}
+    by = {(r["step"], r["metric"]): float(r["mean"]) for r in rows if r["subject"] == "dog"}
+    # gap = train - held-out per image, so its mean is the difference of the means (float64, a few roundings)
+    assert by[("3", "dino_gap")] == pytest.approx(by[("3", "dino_train")] - by[("3", "dino_heldout")], abs=1e-12)
+    assert "dashed: held out of training" in (out / "curve.html").read_text()
     assert not (out / "adapters").exists()  # the checkpoint itself is the adapter: nothing written out
     assert "rendered 2 of 2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:

@@ -130,3 +130,22 @@ def test_summarize_subjects_skips_missing_values_and_empty_groups():
     assert g["all"]["clip_i"] == dict(mean=pytest.approx(0.9), std=None, n_subjects=1, n_images=5,
                                       image_mean=pytest.approx(0.9))
     assert g["live"]["dino"] == dict(mean=None, std=None, n_subjects=0, n_images=0, image_mean=None)
+
+
+def test_stratified_bootstrap():
+    # one group: the plain bootstrap of its mean, drawn as paired_bootstrap draws (same generator, same
+    # indices), so the two agree exactly
+    v = torch.rand(9, generator=torch.Generator().manual_seed(5), dtype=torch.float64).tolist()
+    one = M.stratified_bootstrap([v], n_resamples=10_000)
+    ref = M.paired_bootstrap(v, [0.0] * len(v))
+    assert (one["low"], one["high"]) == (ref["low"], ref["high"]) and one["mean"] == pytest.approx(ref["mean"], abs=0)
+    # constant groups (dyadic values): no spread, the interval is the mean of the group means exactly
+    c = M.stratified_bootstrap([[0.25] * 4, [0.75] * 2])
+    assert (c["mean"], c["low"], c["high"], c["n"], c["n_groups"]) == (0.5, 0.5, 0.5, 6, 2)
+    # the mean of group means, not the pooled mean: (0 + 1) / 2, though 3 of the 4 values are 1
+    assert M.stratified_bootstrap([[0.0], [1.0, 1.0, 1.0]])["mean"] == 0.5
+    lone = M.stratified_bootstrap([[0.3], [0.7]])  # one value per group: the spread is unknown
+    assert lone["low"] is None and lone["high"] is None
+    assert M.stratified_bootstrap([])["mean"] is None
+    r = M.stratified_bootstrap([v, [x + 1 for x in v]])
+    assert r["low"] <= r["mean"] <= r["high"] and r == M.stratified_bootstrap([v, [x + 1 for x in v]])

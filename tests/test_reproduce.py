@@ -72,7 +72,7 @@ def test_table3_end_to_end(table3_run):
     assert stats["row_settings"][SING]["ramp_steps"] == 0
     events = [json.loads(line) for line in (work.parent / "ev.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "started" and events[-1]["event"] == "finished"
-    assert {e.get("stage") for e in events if e["event"] == "progress"} == {"render", "score"}
+    assert {e.get("stage") for e in events if e["event"] == "progress"} == {"train", "render", "score"}
     assert "DINO patch (diag.)" in table and "about 0.15" in table and "Paired difference" in table
     assert "Not a protocol run" in table and "max_train_steps 2 (protocol: 400)" in table  # a toy run says so
     assert '"a photo of sks <class>"' in table and "400 optimizer steps" in table
