@@ -220,6 +220,7 @@ def step_result(state: _Lazy, out: Path, step: int, checkpoint: Path, subjects, 
     from dreambooth_singlora.fileio import write_json_atomic
     from dreambooth_singlora.generate import generate_many
 
+    from .render import events_kwarg
     from .score import score_folder
 
     path = out / "steps" / f"step-{step}.json"
@@ -230,7 +231,7 @@ def step_result(state: _Lazy, out: Path, step: int, checkpoint: Path, subjects, 
         return kept
     adapters = {s: subject_adapter(checkpoint, s, out / "adapters" / f"step-{step}" / s) for s in subjects}
     images = out / "images" / f"step-{step}"
-    generate_many(state.pipe(), adapters, state.cfg, images, prompts, events=events)
+    generate_many(state.pipe(), adapters, state.cfg, images, prompts, **events_kwarg(generate_many, events))
     state.rendered += 1
     encoders, cache = state.scorer()
     result = score_folder(images, state.dataset, encoders, with_identifier=state.args.with_identifier,

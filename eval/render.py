@@ -32,6 +32,14 @@ def add_render_command(subparsers) -> None:
     p.set_defaults(func=run_render)
 
 
+def events_kwarg(fn, events) -> dict:
+    """{"events": events} where the renderer function takes a stream (its `progress` events: one per batch of
+    images), else {} (a renderer without one: the job still reports started and finished)."""
+    import inspect
+
+    return {"events": events} if "events" in inspect.signature(fn).parameters else {}
+
+
 def run_render(args) -> int:
     from accelerate import PartialState
 
@@ -44,6 +52,6 @@ def run_render(args) -> int:
         events.emit("started", config=dict(adapters=args.adapters, output=args.output_dir, subjects=args.subjects,
                                            max_prompts=args.max_prompts, settings=cfg.settings()))
         result = render_subjects(args.adapters, args.output_dir, cfg, args.subjects, args.max_prompts,
-                                 skip_missing=True, events=events)  # progress: one event per batch of images
+                                 skip_missing=True, **events_kwarg(render_subjects, events))
     print(f"rendered {len(result['rendered'])} subjects into {args.output_dir}; skipped {len(result['skipped'])}")
     return 0
