@@ -207,3 +207,22 @@ def test_every_row_is_paired_against_lora_including_ablations():
     assert "| singlora_r8_noramp | 3 | +0.002 [+0.002, +0.002] |" in table
     assert "| singlora_r8_noramp | 1 |" in table and "| - | - | - |" in table  # no paper numbers for it
     assert "singlora_r8_noramp = singlora r8, ramp_steps 0" in table
+
+
+def test_the_script_is_the_package_command():
+    """scripts/reproduce_table3.py runs `eval table3`, and imported (experiments/lr_sweep.py does) it is the
+    package module itself, so a patch of its stages is a patch of the package's."""
+    import subprocess
+    import sys
+
+    script = ROOT / "scripts" / "reproduce_table3.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--rows_file" in r.stdout and "singlora_r8_noramp" in r.stdout
+    sys.path.insert(0, str(script.parent))
+    try:
+        sys.modules.pop("reproduce_table3", None)
+        import reproduce_table3
+    finally:
+        sys.path.remove(str(script.parent))
+        sys.modules.pop("reproduce_table3", None)
+    assert reproduce_table3 is load_table3()
