@@ -233,7 +233,8 @@ def test_training_through_the_queue(trained):
                                                                                           "02.png"]
     detail = ui.run_detail("dog1")
     assert detail["status"] == "dog1: finished" and "argv" not in detail["settings"]
-    assert detail["card"].strip() and any(f.endswith("adapter_model.safetensors") for f in detail["files"])
+    assert not detail["card"].startswith("---") and "a photo of sks dog" in detail["card"]  # front matter off
+    assert any(f.endswith("adapter_model.safetensors") for f in detail["files"])
     assert [r[:2] for r in ui.runs()] == [["dog1", "finished"]]
 
 

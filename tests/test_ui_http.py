@@ -77,10 +77,11 @@ def test_train_generate_export_over_http(served, tiny_pipeline, dataset_dir):
     out = start_train(client, tiny_pipeline, photos)
     assert out[0].startswith("Queued training of run dog-http"), out[0]
     job_id = value(out[1])
-    status, loss, sched, validation, log = follow(client, "/live", job_id)
+    status, loss, lr, u, validation, log = follow(client, "/live", job_id)
     assert status.startswith(f"train dog-http [{job_id}]: finished; step 2/2"), (status, log)
     assert loss["columns"] == ["step", "loss", "subject"] and loss["data"][-1][:1] == [2]
-    assert {row[2] for row in sched["data"]} == {"lr", "u"}
+    assert lr["columns"] == ["step", "lr"] and lr["data"] == [[2, 1e-4]]  # constant lr: --learning_rate 1e-4
+    assert u["columns"] == ["step", "u"] and u["data"][0][0] == 2 and 0 < u["data"][0][1] <= 1
     events = [json.loads(x) for x in (ws / "jobs" / job_id / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events][0] == "started" and events[-1]["event"] == "finished"
     assert (ws / "runs" / "dog-http" / "adapter" / "adapter_model.safetensors").is_file()

@@ -352,8 +352,16 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
     from ..prompts import subjects
     from .forms import METHODS, PRESETS, SCHEDULERS
 
+    nominal = {"subject", "series", "run", "status", "error", "prompt", "method", "base model", "created", "job",
+               "kind", "started", "time", "gpu"}
+
     def frame(rows, cols):
-        return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame({c: [] for c in cols})
+        """A table or plot's rows as a DataFrame; empty, it keeps the column types (a plot's colour column nominal)."""
+        if rows and isinstance(rows[0], dict):
+            rows = [[r[c] for c in cols] for r in rows]
+        if rows:
+            return pd.DataFrame(rows, columns=cols)
+        return pd.DataFrame({c: pd.Series(dtype=str if c in nominal else float) for c in cols})
 
     def table_frame(rows):
         return pd.DataFrame(rows[1:], columns=rows[0]) if rows else pd.DataFrame()
@@ -386,7 +394,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                         prompt_md = gr.Markdown(ui.prompt_preview("", "dog", "sks"))
                         base = gr.Textbox(label="Base model (hub id, local folder or .safetensors file)",
                                           value=default_base, elem_id="train-base")
-                        family_md = gr.Markdown(ui.family(default_base) if default_base else "Model family: -")
+                        family_md = gr.Markdown(ui.family(default_base) if default_base else "Model family: -",
+                                        elem_id="train-family")
                     with gr.Column():
                         with gr.Row():
                             method = gr.Dropdown(list(METHODS), value="singlora", label="Method")
@@ -397,7 +406,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                         with gr.Row():
                             resolution = gr.Number(512, label="Resolution", precision=0, elem_id="train-resolution")
                             prior = gr.Checkbox(False, label="Prior preservation")
-                        validation = gr.Textbox(label="Validation prompt (one line; empty = none)", lines=1)
+                        validation = gr.Textbox(label="Validation prompt (one line; empty = none)", lines=1,
+                                                elem_id="train-validation")
                         preset = gr.Radio(list(PRESETS), value="none", label="GPU-memory preset")
                         preset_md = gr.Markdown(ui.preset_note("none"))
                         report_to = gr.Dropdown(["tensorboard", "none"], value="tensorboard", label="Tracker",
@@ -418,10 +428,12 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                 live_status = gr.Markdown(elem_id="live-status")
                 with gr.Row():
                     loss_plot = gr.LinePlot(frame([], ["step", "loss", "subject"]), x="step", y="loss",
-                                            color="subject", title="Loss", elem_id="live-loss", height=260)
-                    sched_plot = gr.LinePlot(frame([], ["step", "value", "series"]), x="step", y="value",
-                                             color="series", title="lr and u(t)", elem_id="live-sched", height=260)
-                live_val = gr.Gallery(label="Validation images", columns=4, height=240)
+                                            title="Loss", elem_id="live-loss", height=240)
+                    lr_plot = gr.LinePlot(frame([], ["step", "lr"]), x="step", y="lr", title="Learning rate",
+                                          elem_id="live-lr", height=240)
+                    u_plot = gr.LinePlot(frame([], ["step", "u"]), x="step", y="u", title="u(t): SingLoRA's ramp",
+                                         elem_id="live-u", height=240)
+                live_val = gr.Gallery(label="Validation images", columns=5, height=240, elem_id="live-val")
                 with gr.Row():
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="live-stop")
                     resume_btn = gr.Button("Resume", elem_id="live-resume")
@@ -434,11 +446,11 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                 runs_df = gr.Dataframe(frame(ui.runs(), runs_cols), interactive=False, elem_id="runs-table")
                 runs_refresh = gr.Button("Refresh", size="sm")
                 run_pick = gr.Dropdown(ui.run_names(), label="Run", elem_id="runs-pick", allow_custom_value=True)
-                run_status = gr.Markdown()
+                run_status = gr.Markdown(elem_id="runs-status")
                 with gr.Row():
                     run_settings = gr.JSON(label="Settings")
                     run_loss = gr.LinePlot(frame([], ["step", "loss", "subject"]), x="step", y="loss",
-                                           color="subject", title="Loss", height=260)
+                                           title="Loss", height=260)
                 run_val = gr.Gallery(label="Validation images", columns=4, height=200)
                 run_card = gr.Markdown(label="Model card")
                 run_files = gr.File(label="Files", file_count="multiple", interactive=False)
@@ -462,8 +474,9 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
                     with gr.Column():
                         gen_job = gr.Dropdown(ui.job_choices("generate"), label="Generation job", allow_custom_value=True)
-                        gen_status = gr.Markdown()
-                        gen_gallery = gr.Gallery(label="Images (prompt - seed)", columns=4, height=360)
+                        gen_status = gr.Markdown(elem_id="gen-status")
+                        gen_gallery = gr.Gallery(label="Images (prompt - seed)", columns=4, height=360,
+                                                 elem_id="gen-gallery")
                         gen_zip = gr.File(label="Download all (zip)", interactive=False)
 
             # 5. Export
@@ -473,7 +486,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                                    info="kohya loads in A1111, ComfyUI, kohya and diffusers; diffusers only in "
                                    "diffusers")
                 exp_btn = gr.Button("Export", variant="primary", elem_id="exp-start")
-                exp_msg = gr.Markdown()
+                exp_msg = gr.Markdown(elem_id="exp-msg")
                 exp_file = gr.File(label="LoRA file", interactive=False)
 
             # 6. Evaluate
@@ -515,10 +528,13 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
 
         def on_live(job_id):
             v = ui.live(job_id)
-            return (v["status"], frame(v["loss"], ["step", "loss", "subject"]),
-                    frame(v["sched"], ["step", "value", "series"]), v["validation"], v["log"])
+            def series(name):
+                return frame([[r["step"], r["value"]] for r in v["sched"] if r["series"] == name], ["step", name])
 
-        live_outputs = [live_status, loss_plot, sched_plot, live_val, live_log]
+            return (v["status"], frame(v["loss"], ["step", "loss", "subject"]), series("lr"), series("u"),
+                    v["validation"], v["log"])
+
+        live_outputs = [live_status, loss_plot, lr_plot, u_plot, live_val, live_log]
         live_job.change(on_live, live_job, live_outputs, api_name="live")
         stop_btn.click(ui.stop, live_job, live_msg, api_name="stop")
 
@@ -567,20 +583,47 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
         q_cancel.click(ui.cancel, q_job, q_msg, api_name="cancel")
         q_stop.click(ui.stop, q_job, q_msg, api_visibility="private")
 
-        # one timer follows every live thing: the chosen jobs, the queue, the lists of runs and jobs
+        # one timer follows every live thing: the chosen jobs, the run shown, the queue, the lists of runs and jobs.
+        # A part is sent again only when it changed (a gallery resent every tick would be copied every tick, and a
+        # dropdown updated while open would close under the pointer).
         timer = gr.Timer(1.5)
+        seen = gr.State({})
 
-        def on_tick(live_id, gen_id, ev_id, q_id, run_name, gen_r, exp_r, ev_r):
+        def on_tick(seen, live_id, gen_id, ev_id, q_id, run_name, gen_r, exp_r, ev_r):
+            seen, out = dict(seen or {}), []
+
+            def part(key, signature, make, n=1):
+                if seen.get(key) == repr(signature):
+                    out.extend([gr.skip()] * n)
+                    return
+                seen[key] = repr(signature)
+                values = make()
+                out.extend(values if n > 1 else [values])
+
+            v = ui.live(live_id) if live_id else None
+            part("live", (live_id, v and (v["status"], len(v["loss"]), len(v["validation"]), v["log"][-300:])),
+                 lambda: on_live(live_id), 6)
+            g = ui.generate_view(gen_id) if gen_id else None
+            part("gen", (gen_id, g and (g["status"], len(g["gallery"]), g["zip"])), lambda: on_gen_view(gen_id), 3)
+            e = ui.eval_view(ev_id) if ev_id else None
+            part("eval", (ev_id, e and (e["status"], len(e["grids"]))), lambda: on_eval_view(ev_id), 4)
+            q_rows, r_rows = ui.queue_rows(), ui.runs()
+            part("queue", q_rows, lambda: frame(q_rows, q_cols))
+            part("runs", r_rows, lambda: frame(r_rows, runs_cols))
+            part("run", (run_name, [r for r in r_rows if r[0] == run_name]), lambda: on_run(run_name), 6)
             names = ui.run_names()
-            return (*on_live(live_id), *on_gen_view(gen_id), *on_eval_view(ev_id),
-                    frame(ui.queue_rows(), q_cols), frame(ui.runs(), runs_cols),
-                    dd(ui.job_choices("train"), live_id), dd(ui.job_choices("generate"), gen_id),
-                    dd(ui.job_choices("eval"), ev_id), dd(ui.job_choices(), q_id),
-                    dd(names, run_name), dd(names, gen_r), dd(names, exp_r), dd(names, ev_r))
+            for key, choices, current in (("j-train", ui.job_choices("train"), live_id),
+                                          ("j-gen", ui.job_choices("generate"), gen_id),
+                                          ("j-eval", ui.job_choices("eval"), ev_id), ("j-all", ui.job_choices(), q_id),
+                                          ("r-runs", names, run_name), ("r-gen", names, gen_r),
+                                          ("r-exp", names, exp_r), ("r-ev", names, ev_r)):
+                part(key, choices, lambda c=choices, v=current: dd(c, v))
+            return [seen, *out]
 
-        timer.tick(on_tick, [live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run],
-                   [*live_outputs, gen_status, gen_gallery, gen_zip, ev_status, ev_summary, ev_prompts, ev_grids,
-                    q_df, runs_df, live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run],
+        timer.tick(on_tick, [seen, live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run],
+                   [seen, *live_outputs, gen_status, gen_gallery, gen_zip, ev_status, ev_summary, ev_prompts, ev_grids,
+                    q_df, runs_df, run_status, run_settings, run_loss, run_val, run_card, run_files,
+                    live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run],
                    show_progress="hidden", api_visibility="private")
     return demo
 

@@ -105,9 +105,14 @@ def run_files(queue: Queue, run: str, limit: int = 400) -> list[str]:
 
 
 def model_card(queue: Queue, run: str) -> str:
+    """The adapter folder's README.md, less its YAML front matter (the model hub's metadata, not for reading)."""
     card = queue.workspace / "runs" / run / "adapter" / "README.md"
-    return card.read_text(encoding="utf-8") if card.is_file() else "(no model card yet: it is written when the " \
-                                                                     "adapter is saved)"
+    if not card.is_file():
+        return "(no model card yet: it is written when the adapter is saved)"
+    text = card.read_text(encoding="utf-8")
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        text = text[4:].split("\n---\n", 1)[1]
+    return text.lstrip()
 
 
 def gallery(folder: Path) -> list[tuple[str, str]]:
