@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .errors import UserError
-from .prompts import IDENTIFIER, get_subject
-from .prompts import subjects as all_subjects
+from .prompts import IDENTIFIER, get_subject, resolve_subjects
 
 METHODS = ("singlora", "lora", "loraplus", "dora")
 #: The two files of a saved adapter
@@ -29,6 +28,8 @@ WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 #: How SingLoRA's A is initialised (singlora.init_A_): "width" (fan-in = the layer's input width) or "rank".
 INITS = ("width", "rank")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: one precision vocabulary for every command ("no" and "fp32" are the same: full precision)
+PRECISIONS = ("no", "fp32", "fp16", "bf16")
 
 
 def _opt(default, text: str, **extra):
@@ -173,13 +174,18 @@ def add_many_arguments(parser, output_flag: str = "--output_dir") -> None:
     parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of each subject")
     parser.add_argument("--no_resume", action="store_true", dest="overwrite", help="the earlier name of --overwrite")
     add_arguments(parser, GenerateConfig, exclude=("adapter", "prompt", "prompts_file", "subject", "output_dir",
-                                                   "skip_existing", "merge"))
+                                                   "skip_existing", "merge", "events"))
 
 
 def generate_many_parser() -> argparse.ArgumentParser:
     parser = command_parser("generate-many", module_doc("dreambooth_singlora.generate"))
     add_many_arguments(parser)
+    parser.add_argument("--events", default=None, help=field_help(GenerateConfig, "events"))
     return parser
+
+
+def field_help(cls, name: str) -> str:
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
 def many_config(args) -> "GenerateConfig":
@@ -205,9 +211,14 @@ class TrainConfig(SingLoRAConfig):
     """Everything a DreamBooth run needs. Flag names follow diffusers' train_dreambooth_lora.py."""
 
     pretrained_model_name_or_path: Optional[str] = _opt(
-        None, "base model: a hub id (runwayml/stable-diffusion-v1-5) or a local diffusers folder")
+        None, "base model: a hub id (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, "
+        "stabilityai/stable-diffusion-xl-base-1.0) or a local diffusers folder; its family is read from its "
+        "model_index.json")
     revision: Optional[str] = _opt(None, "hub revision of the base model")
     variant: Optional[str] = _opt(None, "weights variant, e.g. fp16")
+    pretrained_vae_model_name_or_path: Optional[str] = _opt(
+        None, "another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16 (SDXL's own VAE is "
+        "otherwise run in fp32 for encoding)")
     subject: Optional[str] = _opt(
         None, "a DreamBooth subject (e.g. dog): fills instance_data_dir, instance_prompt and class_prompt from "
         "--dataset_dir and the subjects table; the adapter goes to --output_dir")
@@ -233,7 +244,12 @@ class TrainConfig(SingLoRAConfig):
     output_dir: str = _opt(
         "outputs/dreambooth-singlora", "where the adapter, checkpoints, logs and samples go", aliases=("--output",))
     seed: int = _opt(0, "seed: same seed, same run (on the same hardware)")
-    resolution: int = _opt(512, "training resolution in pixels (multiple of 8)")
+    resolution: Optional[int] = _opt(
+        None, "training resolution in pixels, a multiple of 8 (default: the base model's: 512 for SD 1.x and 2.x-base, "
+        "768 for SD 2.x 768-v, 1024 for SDXL)")
+    holdout: int = _opt(
+        0, "keep this many of each subject's photos out of training (chosen by --seed, recorded in the adapter's "
+        "config), for scoring against photos the adapter never saw")
     center_crop: bool = _opt(
         False, "center-crop the photos; otherwise random crops (taken from cached latents, 8-pixel steps)")
     random_flip: bool = _opt(False, "random horizontal flips (flipped latents cached too)")
@@ -251,8 +267,8 @@ class TrainConfig(SingLoRAConfig):
     use_8bit_adam: bool = _opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes)")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
     mixed_precision: Optional[str] = _opt(
-        None, "no, fp16 or bf16 (default: accelerate's config); frozen models run in it, the adapter stays fp32",
-        choices=("no", "fp16", "bf16"))
+        None, "no (= fp32), fp16 or bf16 (default: accelerate's config); frozen models run in it, the adapter stays "
+        "fp32", choices=PRECISIONS, aliases=("--dtype",))
     allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+ GPUs")
     enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention (needs the xformers extra)")
     checkpointing_steps: int = _opt(100, "save a resumable checkpoint every N steps")
@@ -284,6 +300,12 @@ class TrainConfig(SingLoRAConfig):
         "every result is written, without the interpreter's and CUDA's teardown (1.3-1.5 s on an H200); never under "
         "a profiler, tracer or debugger")
     log_every: int = _opt(10, "read the loss back from the GPU (progress bar, logs, non-finite check) every N steps")
+    events: Optional[str] = _opt(
+        None, "write every event of the run (started, step, checkpoint, validation, saved, finished / failed / "
+        "stopped) to this file as JSON lines, one flushed line each, for another process to follow")
+    stop_file: Optional[str] = _opt(
+        None, "stop at the next step with a checkpoint when this file appears (as when a file named STOP appears in "
+        "--output_dir, or on SIGINT / SIGTERM); the same command resumes")
 
     def __post_init__(self):
         super().__post_init__()
@@ -293,14 +315,12 @@ class TrainConfig(SingLoRAConfig):
             if given:
                 raise UserError(f"{given[0]} is a single-subject flag: with --subjects each subject's photos, "
                                 "prompts and output folder come from --dataset_dir and --output_dir/<subject>")
-            self.subjects = list(all_subjects() if list(self.subjects) == ["all"] else self.subjects)
-            if not self.subjects or "all" in self.subjects:
+            if not self.subjects:
                 raise UserError("--subjects takes 'all' alone, or a list of subject names")
+            self.subjects = resolve_subjects(self.subjects)
             dups = sorted({n for n in self.subjects if self.subjects.count(n) > 1})
             if dups:
                 raise UserError(f"subject(s) listed twice in --subjects: {', '.join(dups)}")
-            for n in self.subjects:
-                get_subject(n)
             if not self.dataset_dir:
                 raise UserError(f"--subjects needs {NEEDS_DATASET}")
         elif self.subjects_per_batch is not None:
@@ -326,7 +346,11 @@ class TrainConfig(SingLoRAConfig):
                 raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog') or --subject")
             if self.with_prior_preservation and not self.class_data_dir:
                 self.class_data_dir = str(Path(self.output_dir) / "class_images")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.mixed_precision == "fp32":
+            self.mixed_precision = "no"  # accelerate's word for it
+        if self.holdout < 0:
+            raise UserError(f"--holdout must be >= 0, got {self.holdout}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
                      "validation_steps", "num_validation_images", "sample_batch_size", "log_every"):
@@ -389,7 +413,8 @@ class GenerateConfig:
     height: Optional[int] = _opt(None, "image height (default: the model's)")
     width: Optional[int] = _opt(None, "image width (default: the model's)")
     dtype: Optional[str] = _opt(
-        None, "fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)", choices=("fp32", "fp16", "bf16"))
+        None, "fp32 (= no), fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)", choices=PRECISIONS,
+        aliases=("--mixed_precision",))
     output_dir: Optional[str] = _opt(
         None, "where the PNGs, index.json and contact sheet go (default: a new outputs/samples/<date-time>/ per run)",
         aliases=("--output",))
@@ -397,6 +422,8 @@ class GenerateConfig:
         True, "keep images already in output_dir (resume); --no-skip_existing or --overwrite renders them again")
     overwrite: bool = _opt(False, "render every image again, replacing those there")
     enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention")
+    events: Optional[str] = _opt(None, "write the job's events (started, progress, finished / failed) to this file "
+                                 "as JSON lines")
     compile: bool = _opt(
         False, "torch.compile the UNet and the VAE decoder: one to two minutes to compile, then faster sampling (H100: "
         "UNet 1.4x, VAE decode 2.2x); worth it for hundreds of images")
@@ -421,7 +448,7 @@ class GenerateConfig:
         """What decides the images (recorded in each PNG and in index.json), the adapter's weights included
         (a digest of the file: an adapter trained again under the same path renders again)."""
         out = {k: v for k, v in asdict(self).items()
-               if k not in ("prompt", "prompts_file", "output_dir", "skip_existing", "overwrite")}
+               if k not in ("prompt", "prompts_file", "output_dir", "skip_existing", "overwrite", "events")}
         if self.adapter:
             out["adapter_weights"] = _digest(Path(self.adapter))
         return out

@@ -100,9 +100,9 @@ def read_image(path) -> Image.Image | None:
         return None
 
 
-def load_images(folder, what: str = "instance") -> tuple[list[Image.Image], list[Path]]:
-    """All readable images of `folder`; UserError if none is usable."""
-    paths = list_images(folder)
+def load_images(folder, what: str = "instance", exclude=()) -> tuple[list[Image.Image], list[Path]]:
+    """All readable images of `folder` but those named in `exclude` (never opened); UserError if none is usable."""
+    paths = [p for p in list_images(folder) if p.name not in set(exclude)]
     if not paths:
         raise UserError(f"{what} folder {folder} has no image files ({COMMON_SUFFIXES}, ...)")
     good = [(im, p) for p in paths if (im := read_image(p)) is not None]
@@ -114,6 +114,11 @@ def load_images(folder, what: str = "instance") -> tuple[list[Image.Image], list
 def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
     """RGB image -> (3, H, W) in [-1, 1]: short side to `resolution`; center crop if `crop`,
     else the long side is trimmed to a multiple of 8 (random crops are taken later, from latents)."""
+    return prepared(img, resolution, crop)[0]
+
+
+def prepared(img: Image.Image, resolution: int, crop: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`prepare`'s tensor and the (top, left) of its crop in the resized image (SDXL's crop conditioning)."""
     w, h = img.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -122,7 +127,7 @@ def prepare(img: Image.Image, resolution: int, crop: bool) -> torch.Tensor:
     cw, ch = (resolution, resolution) if crop else (w - w % 8, h - h % 8)
     left, top = (w - cw) // 2, (h - ch) // 2
     img = img.crop((left, top, left + cw, top + ch))
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0, (top, left)
 
 
 def image_grid(images: list[Image.Image], cols: int = 4, captions: list[str] | None = None,

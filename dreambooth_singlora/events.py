@@ -90,23 +90,37 @@ class Events:
         self.consumers = []
 
 
+def main_process() -> bool:
+    """Whether this is the run's main process: accelerate's answer once its state exists; before that (bad input
+    found before the accelerator is made), the rank that accelerate's and torch's launchers give each process."""
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:
+        return PartialState().is_main_process
+    return os.environ.get("RANK", "0") == "0"
+
+
 class JsonLines:
     """`--events FILE`: each event one JSON line, appended, written with one write call and flushed (and fsynced
-    when it ends the job), so a reader never sees half a line."""
+    when it ends the job), so a reader never sees half a line. Only the main process writes."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.path, self.file = Path(path), None
 
     def __call__(self, event: dict) -> None:
+        if not main_process():
+            return
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.file.write(json.dumps(event, sort_keys=False) + "\n")
         self.file.flush()
         if event["event"] in ENDS:
             os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class LogLines:
@@ -178,12 +192,12 @@ def one_line(error: BaseException) -> str:
 
 
 @contextmanager
-def job(name: str, events_file=None, consumers=(), enabled: bool = True) -> Iterator[Events]:
-    """The events of one job for the `with` block: `--events FILE` (JSON lines) among the consumers when given
-    (and `enabled`: only the main process writes), `failed` with the error's one line if the block raises,
-    `finished` if it returns without an end event of its own."""
+def job(name: str, events_file=None, consumers=()) -> Iterator[Events]:
+    """The events of one job for the `with` block: `--events FILE` (JSON lines) among the consumers when given,
+    `failed` with the error's one line if the block raises, `finished` if it returns without an end event of its
+    own."""
     events = Events(name, consumers)
-    if events_file and enabled:
+    if events_file:
         events.add(JsonLines(events_file))
     try:
         yield events

@@ -4,7 +4,8 @@
     python -m dreambooth_singlora.generate --adapter runs/dog/adapter --subject dog   # the 25 DreamBooth prompts
     dreambooth-singlora generate-many --adapters runs/all --subjects all --output_dir runs/all/images
 
-The adapter's config names its base model (override with --pretrained_model_name_or_path). One
+The adapter's config names its base model (override with --pretrained_model_name_or_path), of any family the
+trainer knows (SD 1.x, 2.x, XL; an adapter of one family on another's base is refused). One
 adapter is merged into the UNet weights by default, so sampling costs what the base model costs.
 Many subjects' SingLoRA, LoRA or LoRA+ adapters go into one adapter bank and every batch mixes
 subjects (each sample routed through its own adapter); DoRA adapters render one at a time, merged.
@@ -20,7 +21,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -28,66 +29,51 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from .adapter import (WEIGHTS_NAME, add_adapter, adapter_state_dict, get_config, load_adapter, load_adapter_state_dict,
-                      merge_adapter, read_adapter, remove_adapter, singlora_layers)
+from .adapter import (WEIGHTS_NAME, adapter_state, adapter_state_dict, add_adapter, get_config, load_adapter,
+                      load_adapter_state_dict, merge_adapter, read_adapter, remove_adapter, set_strength)
 from .bank import BANKED, add_bank, staging_to_row
-from .config import SCHEDULERS, GenerateConfig, from_args, generate_many_parser, generate_parser, many_config
+from .base import Base, torch_dtype
+from .config import GenerateConfig, from_args, generate_many_parser, generate_parser, many_config
 from .data import image_grid, use_cpu_threads
 from .errors import UserError, cli_entry
-from .fileio import atomic_path, check_base_model, check_writable, write_json_atomic
-from .prompts import get_subject, slugify, subjects
+from .events import Bar, Events, job
+from .fileio import atomic_path, check_writable, write_json_atomic
+from .prompts import get_subject, resolve_subjects, slugify
 
 logger = logging.getLogger("dreambooth_singlora.generate")
 
 
 def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, merge: bool = True,
                   scheduler: str | None = None, adapter_scale: float = 1.0, use_xformers: bool = False):
-    """A StableDiffusionPipeline with the adapter at `adapter` on its UNet (base model: the adapter's by default);
-    UserError for a missing or corrupt adapter, a base model it cannot load, or another architecture's adapter."""
-    import diffusers
+    """The base model's pipeline (its family's: SD 1.x / 2.x or SDXL) with the adapter at `adapter` on its UNet
+    (base model: the adapter's by default); UserError for a missing or corrupt adapter, a base model it cannot load,
+    or an adapter of another family or architecture."""
     from accelerate import PartialState
 
     meta = read_adapter(adapter)[0] if adapter else {}
-    base = base_model or meta.get("base_model")
-    if not base:
+    src = base_model or meta.get("base_model")
+    if not src:
         raise UserError(f"adapter {adapter} records no base model: give --pretrained_model_name_or_path")
-    check_base_model(base)
     device = torch.device(device) if device else PartialState().device
     use_cpu_threads(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif not isinstance(dtype, torch.dtype):
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    try:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
-                                                                 requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load base model {base!r}: {first}") from None
-    if scheduler:
-        if scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    pipe = pipe.to(device)
+    base = Base.load(src, dtype=torch_dtype(dtype, device), device=device)
+    trained_on = meta.get("family", "sd1")  # adapters of 0.1 were SD 1.x's
+    if adapter and trained_on != base.family.name:
+        raise UserError(f"adapter {adapter} was trained on a {trained_on} base ({meta.get('base_model')}), but "
+                        f"{src} is {base.family.name} ({base.family.label}): give a {trained_on} base with "
+                        "--pretrained_model_name_or_path")
+    pipe = base.pipeline(scheduler=scheduler)
     if adapter:
         place_adapter(pipe.unet, adapter, adapter_scale=adapter_scale, merge=merge, use_xformers=use_xformers)
     elif use_xformers:
         pipe.enable_xformers_memory_efficient_attention()
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def place_adapter(unet, adapter, *, adapter_scale: float = 1.0, merge: bool = True, use_xformers: bool = False) -> None:
-    config = load_adapter(unet, adapter, use_xformers=use_xformers)
-    if adapter_scale != 1.0 and config.method == "singlora":  # the update u -> scale * u_trained
-        for _, _, layer in singlora_layers(unet):
-            layer.set_ramp(unet._dbsl_u * adapter_scale)
-    elif adapter_scale != 1.0:  # LoRA / DoRA: PEFT's scaling x scale
-        from peft.tuners.lora import LoraLayer
-
-        for m in unet.modules():
-            if isinstance(m, LoraLayer):
-                m.set_scale("default", adapter_scale)
+    load_adapter(unet, adapter, use_xformers=use_xformers)
+    if adapter_scale != 1.0:
+        set_strength(unet, adapter_scale)
     if merge:
         merge_adapter(unet)
 
@@ -107,9 +93,20 @@ def plan(prompts: list[str], n: int) -> list[tuple[str, str, int]]:
     return out
 
 
+def parameters_text(prompt: str, seed: int, settings: dict, size) -> str:
+    """The A1111-style `parameters` text that ComfyUI, A1111 and image viewers show:
+    '<prompt>\\nSteps: 50, Sampler: ddim, CFG scale: 7.5, Seed: 3, Size: 512x512, Model: ..., Lora: ...'."""
+    fields = {"Steps": settings.get("num_inference_steps"), "Sampler": settings.get("scheduler"),
+              "CFG scale": settings.get("guidance_scale"), "Seed": seed, "Size": f"{size[0]}x{size[1]}",
+              "Model": settings.get("pretrained_model_name_or_path"), "Lora": settings.get("adapter"),
+              "Lora strength": settings.get("adapter_scale") if settings.get("adapter") else None}
+    return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)
+
+
 def write_png(img, path: Path, prompt: str, seed: int, settings: dict) -> None:
     info = PngImagePlugin.PngInfo()
-    for key, text in (("prompt", prompt), ("seed", str(seed)), ("settings", json.dumps(settings))):
+    for key, text in (("prompt", prompt), ("seed", str(seed)), ("settings", json.dumps(settings)),
+                      ("parameters", parameters_text(prompt, seed, settings, img.size))):
         info.add_text(key, text)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", pnginfo=info)
@@ -174,10 +171,10 @@ def batches(jobs: list, size: int, pad: bool = False) -> list[tuple[list, int]]:
 
 
 class Job(NamedTuple):
-    """One image to render: `prompt` with seed cfg.seed + k into `path`, through bank row `row` (None: the
-    pipeline's own UNet), recording `settings`."""
+    """One image to render: `prompt` with `seed` into `path`, through bank row `row` (None: the pipeline's own
+    UNet), recording `settings`."""
     prompt: str
-    k: int
+    seed: int
     path: Path
     settings: dict
     row: Optional[int] = None
@@ -193,9 +190,11 @@ def rendered(job: Job) -> bool:
         return False
 
 
-def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[float]:
-    """The renderer: every job's image (those already `rendered` skipped with cfg.skip_existing), cfg.batch_size a
-    batch, routed per sample through a bank when `routing` is given. Returns each batch's wall seconds."""
+def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None, events=None, desc: str = "generating",
+           show: bool | None = None) -> list[float]:
+    """The one renderer (generate, generate-many, eval render, the trainer's class and validation images): every
+    job's image (those already `rendered` skipped with cfg.skip_existing), cfg.batch_size a batch, routed per sample
+    through a bank when `routing` is given; `progress` events to `events`. Returns each batch's wall seconds."""
     tok = pipe.tokenizer
     for p in dict.fromkeys(j.prompt for j in jobs):  # warn of a prompt over the text encoder's 77 tokens
         ids, limit = tok(p, truncation=False).input_ids, tok.model_max_length
@@ -207,13 +206,21 @@ def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[flo
     # StableDiffusionPipeline.do_classifier_free_guidance: the UNet then sees [uncond, cond]
     doubled = cfg.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
     seconds = []
+    if show is None:  # one bar per run, not per process
+        from accelerate import PartialState
+
+        show = PartialState().is_main_process
+    done, bar = 0, tqdm(total=len(jobs), desc=desc, unit="image", disable=not show)
+    forward = [] if events is None else [lambda e: events.emit("progress", done=e["done"], total=e["total"],
+                                                                unit=e["unit"])]
+    progress = Events(desc, [Bar(bar), *forward])  # the bar and the caller's stream, consumers of one event
     with compiled(pipe, cfg.compile), PngWriter() as writer:
-        for batch, n in tqdm(batches(jobs, cfg.batch_size, pad=cfg.compile), desc="generating", unit="batch"):
+        for batch, n in batches(jobs, cfg.batch_size, pad=cfg.compile):
             t0 = time.perf_counter()
             if routing is not None:
                 index = torch.tensor([j.row for j in batch], device=pipe.unet.device)
                 routing.route(torch.cat([index, index]) if doubled else index)
-            gens = [torch.Generator(pipe.unet.device).manual_seed(cfg.seed + j.k) for j in batch]
+            gens = [torch.Generator(pipe.unet.device).manual_seed(j.seed) for j in batch]
             try:
                 images = pipe([j.prompt for j in batch], generator=gens, num_inference_steps=cfg.num_inference_steps,
                               guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width).images
@@ -221,8 +228,11 @@ def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None) -> list[flo
                 raise UserError(f"out of GPU memory rendering {len(batch)} images per batch: lower --batch_size; "
                                 "the images written so far are kept (run again to go on)") from None
             for j, img in zip(batch[:n], images):
-                writer.write(img, j.path, j.prompt, cfg.seed + j.k, j.settings)
+                writer.write(img, j.path, j.prompt, j.seed, j.settings)
             seconds.append(round(time.perf_counter() - t0, 3))
+            done += n
+            progress.emit("progress", done=done, total=len(jobs), unit="image")
+    bar.close()
     return seconds
 
 
@@ -232,16 +242,18 @@ def index_records(cfg: GenerateConfig, prompts: list[str]) -> list[dict]:
             for p, s, k in plan(prompts, cfg.num_images_per_prompt)]
 
 
-def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None) -> list[dict]:
+def generate_images(pipe, cfg: GenerateConfig, prompts: list[str] | None = None, output_dir=None,
+                    events=None) -> list[dict]:
     """Render `prompts` (default: cfg's) with the pipeline as it is into output_dir/<slug>/<k>.png (text chunks:
     prompt, seed, settings). Returns one record per image."""
     records = index_records(cfg, prompts if prompts is not None else cfg.prompts())
     out, settings = Path(output_dir or cfg.output_dir), cfg.settings()
-    render(pipe, cfg, [Job(r["prompt"], r["k"], out / r["file"], settings) for r in records])
+    render(pipe, cfg, [Job(r["prompt"], r["seed"], out / r["file"], settings) for r in records], events=events)
     return records
 
 
-def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts: dict | None = None) -> dict:
+def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts: dict | None = None,
+                  events=None) -> dict:
     """Render every subject's prompts into output_dir/<subject>/<slug>/<k>.png, subjects mixed in each batch.
 
     pipe: a pipeline without an adapter (`load_pipeline(None, base)`); adapters: {subject: adapter folder};
@@ -265,10 +277,10 @@ def generate_many(pipe, adapters: dict, cfg: GenerateConfig, output_dir, prompts
     seconds = []
     for key, names in groups.items():
         for group in ([names] if key is not None else [[n] for n in names]):
-            jobs = [Job(r["prompt"], r["k"], out / n / r["file"], cfgs[n].settings(), row)
+            jobs = [Job(r["prompt"], r["seed"], out / n / r["file"], cfgs[n].settings(), row)
                     for row, n in enumerate(group) for r in index_records(cfg, prompts[n])]
             with placed(pipe.unet, [adapters[n] for n in group], cfg, bank=key is not None) as routing:
-                seconds += render(pipe, cfg, jobs, routing)
+                seconds += render(pipe, cfg, jobs, routing, events=events)
     for n in adapters:
         write_index(cfgs[n], prompts[n], out / n)
     batched = [n for key, names in groups.items() if key is not None for n in names]
@@ -289,11 +301,13 @@ def placed(unet, paths: list, cfg: GenerateConfig, bank: bool):
         finally:
             remove_adapter(unet)
         return
-    loaded = []  # (config, tensors, u) of each adapter, checked against this UNet by load_adapter
+    loaded = []  # (config, tensors, coef) of each adapter, checked against this UNet by load_adapter
     for path in paths:
         config = load_adapter(unet, path)
         try:
-            loaded.append((config, {k: v.detach().clone() for k, v in adapter_state_dict(unet).items()}, unet._dbsl_u))
+            state = adapter_state(unet)
+            loaded.append((config, {k: v.detach().clone() for k, v in adapter_state_dict(unet).items()},
+                           config.coef(state.step, cfg.adapter_scale)))
         finally:
             remove_adapter(unet)
     add_adapter(unet, loaded[0][0], use_xformers=xformers)
@@ -302,8 +316,7 @@ def placed(unet, paths: list, cfg: GenerateConfig, bank: bool):
         for i, (_, tensors, _) in enumerate(loaded):
             load_adapter_state_dict(unet, tensors)
             staging_to_row(unet, i)
-        routing.set_coef(torch.tensor([c.alpha / c.rank * u * cfg.adapter_scale for c, _, u in loaded],
-                                      device=routing.coef.device))
+        routing.set_coef(torch.tensor([coef for _, _, coef in loaded], device=routing.coef.device))
         yield routing
     finally:
         remove_adapter(unet)
@@ -331,7 +344,7 @@ def write_index(cfg: GenerateConfig, prompts: list[str], output_dir=None) -> Pat
 
 
 def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, max_prompts: int | None = None,
-                    skip_missing: bool = False) -> dict:
+                    skip_missing: bool = False, events=None) -> dict:
     """Every subject's prompts (the first max_prompts of its 25) from <adapters_dir>/<subject>/ into
     output_dir/<subject>/, subjects split over the processes accelerate launched and mixed in each batch.
     A subject without an adapter is an error, or with skip_missing a warning; returns
@@ -344,8 +357,7 @@ def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, m
     if not root.is_dir():
         raise UserError(f"adapters folder {root} does not exist (expected <adapters>/<subject>/{WEIGHTS_NAME})")
     found, problems = {}, []
-    for name in list(subjects()) if not names or list(names) == ["all"] else list(names):
-        get_subject(name)  # unknown subject: one clear error
+    for name in resolve_subjects(names):
         if (root / name / WEIGHTS_NAME).is_file():
             found[name] = root / name
         else:
@@ -364,7 +376,8 @@ def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, m
     with state.split_between_processes(sorted(found)) as mine:
         if mine:
             result = generate_many(pipe, {n: found[n] for n in mine}, cfg, output_dir,
-                                   {n: get_subject(n).eval_prompts(cfg.identifier)[:max_prompts] for n in mine})
+                                   {n: get_subject(n).eval_prompts(cfg.identifier)[:max_prompts] for n in mine},
+                                   events=events)
     state.wait_for_everyone()
     return {"rendered": list(mine), "skipped": problems, "images": result["images"]}
 
@@ -373,20 +386,27 @@ def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, m
 def main_many(argv=None):
     """`dreambooth-singlora generate-many`: many subjects' adapters, subjects mixed in each batch."""
     args = generate_many_parser().parse_args(argv)
-    result = render_subjects(args.adapters, args.output_dir, many_config(args), args.subjects, args.max_prompts)
+    cfg = many_config(args)
+    with job("generate-many", cfg.events) as events:
+        result = render_subjects(args.adapters, args.output_dir, cfg, args.subjects, args.max_prompts, events=events)
+        events.emit("finished", outputs=[str(Path(args.output_dir) / n) for n in result["rendered"]])
     print(f"{result['images']} images for {len(result['rendered'])} subjects in {args.output_dir}")
 
 
 @cli_entry
 def main(argv=None):
     cfg = from_args(GenerateConfig, generate_parser().parse_args(argv))
-    prompts = cfg.prompts()
-    check_writable(cfg.output_dir)
-    pipe = load_pipeline(cfg.adapter, cfg.pretrained_model_name_or_path, dtype=cfg.dtype, merge=cfg.merge,
-                         scheduler=cfg.scheduler, adapter_scale=cfg.adapter_scale,
-                         use_xformers=cfg.enable_xformers_memory_efficient_attention)
-    generate_images(pipe, cfg, prompts)
-    out = write_index(cfg, prompts)
+    with job("generate", cfg.events) as events:
+        prompts = cfg.prompts()
+        check_writable(cfg.output_dir)
+        events.emit("started", config=asdict(cfg))
+        pipe = load_pipeline(cfg.adapter, cfg.pretrained_model_name_or_path, dtype=cfg.dtype, merge=cfg.merge,
+                             scheduler=cfg.scheduler, adapter_scale=cfg.adapter_scale,
+                             use_xformers=cfg.enable_xformers_memory_efficient_attention)
+        records = generate_images(pipe, cfg, prompts, events=events)
+        out = write_index(cfg, prompts)
+        events.emit("finished", outputs=[str(out / r["file"]) for r in records] + [str(out / "index.json"),
+                                                                                  str(out / "contact_sheet.png")])
     print(f"{len(prompts) * cfg.num_images_per_prompt} images in {out} (index.json, contact_sheet.png)")
 
 

@@ -67,6 +67,19 @@ def subjects() -> dict[str, Subject]:
     return _read_subjects(str(prompts_dir()))
 
 
+def resolve_subjects(names=None) -> list[str]:
+    """The subjects a command's --subjects means: all 30 (in the table's order) for none or ['all'], else the
+    names given, each checked (one clear error for an unknown name)."""
+    if not names or list(names) == ["all"]:
+        return list(subjects())
+    names = list(names)
+    if "all" in names:
+        raise UserError("--subjects takes 'all' alone, or a list of subject names")
+    for n in names:
+        get_subject(n)
+    return names
+
+
 def get_subject(name: str) -> Subject:
     table = subjects()
     if name not in table:

@@ -1,10 +1,15 @@
-"""DreamBooth fine-tuning of Stable Diffusion 1.5 with SingLoRA (or a LoRA / LoRA+ / DoRA baseline).
+"""DreamBooth fine-tuning of Stable Diffusion (1.x, 2.x, XL) with SingLoRA (or a LoRA / LoRA+ / DoRA baseline).
 
     accelerate launch -m dreambooth_singlora.train_dreambooth \\
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --subject dog --dataset_dir dreambooth/dataset --output_dir runs/dog/adapter
     ... --subjects dog cat2 backpack (or --subjects all) --output_dir runs/all    # one adapter each
     ... --instance_data_dir my_photos --instance_prompt "a photo of sks cat"     # your own photos
+    ... --events run.jsonl      # every step, checkpoint and the end as JSON lines another process can follow
+
+The base model's family (SD 1.x, SD 2.x, SDXL) is read from its model_index.json; everything that differs
+between families lives in base.py. Ctrl-C, SIGTERM or a file named STOP in --output_dir (or --stop_file) ends
+the run at the next step with a checkpoint: the same command resumes it.
 
 One loop trains a group of 1..N subjects. A group of one is the plain adapter (SingLoRA's processors,
 or PEFT's layers for the baselines) with everything accelerate gives a single run: several GPUs (DDP),
@@ -19,35 +24,37 @@ the same result it would have had.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from . import __version__
 from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, read_adapter, save_adapter, set_step,
                       trainable_parameters)
 from .bank import (BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank,
                    row_to_staging)
+from .base import Base, default_resolution, detect_family
 from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint, read_state,
                          remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
-from .data import image_grid, load_images, prepare, use_cpu_threads
+from .data import image_grid, load_images, prepared, use_cpu_threads
 from .errors import UserError, cli_entry, end_process, observed
-from .fileio import (WriteError, atomic_path, check_base_model, check_writable, write_error, write_json_atomic,
-                     write_text_atomic)
-from .singlora import at_least_fp32, ramp
+from .events import STOP_NAME, Bar, LogLines, StopRequest, Tracker, job
+from .fileio import WriteError, atomic_path, check_writable, write_error, write_json_atomic, write_text_atomic
+from .results import model_card, plot_loss
+from .singlora import at_least_fp32
 
-logger = logging.getLogger("dreambooth_singlora.train")
+logger = get_logger("dreambooth_singlora.train")  # info lines from the main process only
 MAX_SKIPPED_STEPS = 100  # fp16 overflows in a row before the run stops as non-finite
+LATENT_FACTOR = 8  # pixels per latent of SD 1.x, 2.x and XL's VAEs
 
 
 # --------------------------------------------------------------------------- the subjects of a run
@@ -62,6 +69,7 @@ class Member:
     class_data_dir: str | None
     output_dir: Path
     photos: list  # [name, bytes] of each photo read: with the settings, what tells this run from another
+    holdout: list = field(default_factory=list)  # names of the photos kept out of training (--holdout), never read
 
 
 def plan_members(cfg: TrainConfig) -> list[Member]:
@@ -74,7 +82,7 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
         check_writable(Path(cfg.output_dir) / "logs")
     if cfg.with_prior_preservation and cfg.class_data_dir:
         check_writable(cfg.class_data_dir)
-    check_base_model(cfg.pretrained_model_name_or_path)
+    detect_family(cfg.pretrained_model_name_or_path, cfg.revision)  # a base it cannot train: refused here
     if cfg.subjects is None:
         if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
@@ -94,9 +102,25 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
                          str(classes) if cfg.with_prior_preservation else None, Path(cfg.output_dir) / n))
     members = []
     for name, folder, *prompts_and_classes, out in plan:
-        images, paths = load_images(folder, "instance")
-        members.append(Member(name, images, *prompts_and_classes, out, [[p.name, p.stat().st_size] for p in paths]))
+        held = held_out(folder, cfg.holdout, cfg.seed)
+        images, paths = load_images(folder, "instance", exclude=held)
+        members.append(Member(name, images, *prompts_and_classes, out, [[p.name, p.stat().st_size] for p in paths],
+                              held))
     return members
+
+
+def held_out(folder, k: int, seed: int) -> list[str]:
+    """The names of the `k` photos of `folder` that --holdout keeps out of training, chosen by `seed` (sorted);
+    UserError unless at least one photo is left to train on."""
+    if not k:
+        return []
+    from .data import list_images
+
+    names = [p.name for p in list_images(folder)]
+    if k >= len(names):
+        raise UserError(f"--holdout {k} would keep all {len(names)} photos of {folder} out of training: give at "
+                        f"most {len(names) - 1}")
+    return sorted(random.Random(seed).sample(names, k))
 
 
 #: the settings that decide what an adapter learns (not how long, where it is logged or checkpointed)
@@ -105,14 +129,16 @@ RUN_KEYS = ("pretrained_model_name_or_path", "revision", "variant", "seed", "res
             "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_8bit_adam",
             "max_grad_norm", "with_prior_preservation", "prior_loss_weight", "num_class_images", "identifier",
             "method", "rank", "alpha", "ramp_steps", "init", "target_modules", "loraplus_lr_ratio")
+#: settings recorded only where given (so that the runs of earlier versions, which had none, stay the same run)
+RUN_KEYS_IF_SET = ("holdout", "pretrained_vae_model_name_or_path")
 
 
 def run_of(cfg: TrainConfig, member: Member) -> dict:
     """What identifies the run that trains `member`: its subject, prompts, photos and the settings of RUN_KEYS.
     Saved with each adapter and checkpoint; a folder holding another run's is never taken for this one's."""
-    d = cfg.to_dict()
+    d = {**cfg.to_dict(), "holdout": member.holdout}
     return {"subject": member.name, "instance_prompt": member.instance_prompt, "class_prompt": member.class_prompt,
-            "photos": member.photos, **{k: d[k] for k in RUN_KEYS}}
+            "photos": member.photos, **{k: d[k] for k in RUN_KEYS}, **{k: d[k] for k in RUN_KEYS_IF_SET if d[k]}}
 
 
 def run_differs(cfg: TrainConfig, member: Member, recorded: dict | None) -> str | None:
@@ -160,59 +186,6 @@ def check_group_size(cfg: TrainConfig, size: int, accelerator=None) -> None:
             raise UserError(f"a batch of {size} subjects cannot do this: {why}, {one}")
 
 
-# --------------------------------------------------------------------------- models
-
-@dataclass
-class Models:
-    tokenizer: object
-    text_encoder: object
-    vae: object
-    unet: object
-    noise_scheduler: object
-
-
-def load_models(cfg: TrainConfig, device, dtype) -> Models:
-    """The base model's parts, frozen, on `device` in `dtype` (from the hub or a local folder)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    src, kw = cfg.pretrained_model_name_or_path, {"revision": cfg.revision}
-    weights = {"variant": cfg.variant, "torch_dtype": dtype, **kw}  # read straight into the compute dtype
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=cfg.variant, dtype=dtype,
-                                                     **kw)  # transformers names it dtype
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **weights)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
-        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load base model {src!r}: {first} (give a hub id or a local diffusers "
-                        "folder with tokenizer/, text_encoder/, vae/, unet/, scheduler/)") from None
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False).eval().to(device)  # already in `dtype`: no cast (and no diffusers warning)
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
-
-
-@torch.no_grad()
-def encode_prompt(models: Models, prompt: str) -> torch.Tensor:  # -> (1, 77, D)
-    ids = models.tokenizer(prompt, padding="max_length", truncation=True,
-                           max_length=models.tokenizer.model_max_length, return_tensors="pt").input_ids
-    return models.text_encoder(ids.to(models.text_encoder.device))[0]
-
-
-def sampling_pipeline(models: Models, unet):
-    """A StableDiffusionPipeline over the loaded parts with a DPM++ sampler (class images, validation)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                   unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(
-                                       models.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # --------------------------------------------------------------------------- data, cached once
 
 class LatentCache:
@@ -220,35 +193,48 @@ class LatentCache:
 
     Sampling mean + std * noise each step is exactly what re-encoding the image would give.
     Flipped copies are cached when random_flip is on; without center_crop, random crops are
-    taken from the latent of the whole image in 8-pixel (1-latent) steps.
+    taken from the latent of the whole image in 8-pixel (1-latent) steps. Each sample's conditioning
+    that follows its image (SDXL's original size and crop) comes with it.
     """
 
-    def __init__(self, models: Models, images, cfg: TrainConfig, device):
-        self.size = cfg.resolution // 8
-        self.scaling = models.vae.config.scaling_factor
+    def __init__(self, base: Base, images, cfg: TrainConfig, device, show: bool = True):
+        self.base, self.resolution = base, cfg.resolution
+        # crops of resolution / 8 latents: the VAE factor of every supported family (a tiny test VAE with a smaller
+        # factor then trains on crops of its latents, as it always has: runs of earlier versions stay reproducible)
+        self.size = cfg.resolution // LATENT_FACTOR
         self.items = []  # per image: list of (mean, std) for [plain, flipped]
-        for img in tqdm(images, desc="caching latents", leave=False):
-            x = prepare(img, cfg.resolution, cfg.center_crop).to(device, models.vae.dtype)[None]  # (1,3,H,W)
+        self.geometry = []  # per image: (original (h, w), the prepared crop's (top, left))
+        for img in tqdm(images, desc="caching latents", leave=False, disable=not show):
+            x, offset = prepared(img, cfg.resolution, cfg.center_crop)
+            x = x.to(device)[None]  # (1,3,H,W)
             views = [x, x.flip(-1)] if cfg.random_flip else [x]
-            with torch.no_grad():
-                dists = [models.vae.encode(v).latent_dist for v in views]
-            self.items.append([(at_least_fp32(d.mean[0]), at_least_fp32(d.std[0])) for d in dists])  # (4, h, w) each
+            dists = [base.latent_dist(v) for v in views]
+            self.items.append([(at_least_fp32(m[0]), at_least_fp32(s[0])) for m, s in dists])  # (4, h, w) each
+            self.geometry.append(((img.height, img.width), offset))
 
-    def sample(self, rng: random.Random, gen: torch.Generator, n: int) -> torch.Tensor:  # -> (n, 4, s, s)
-        out = []
+    def sample(self, rng: random.Random, gen: torch.Generator, n: int):  # -> (n, 4, s, s), {key: (n, ...)}
+        out, cond = [], []
         for _ in range(n):
-            views = self.items[rng.randrange(len(self.items))]
+            i = rng.randrange(len(self.items))
+            views = self.items[i]
             mean, std = views[rng.randrange(len(views))]
             top, left = rng.randint(0, mean.shape[1] - self.size), rng.randint(0, mean.shape[2] - self.size)
             crop = (slice(None), slice(top, top + self.size), slice(left, left + self.size))
             out.append((mean[crop], std[crop]))
+            original, (y, x) = self.geometry[i]
+            f = LATENT_FACTOR
+            cond.append(self.base.image_conditioning(original, (y + top * f, x + left * f),
+                                                     (self.resolution, self.resolution)))
         mean, std = torch.stack([m for m, _ in out]), torch.stack([s for _, s in out])
-        return (mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)) * self.scaling
+        extra = {k: torch.cat([c[k] for c in cond]).to(mean.device) for k in cond[0]}
+        return self.base.scale_latents(mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)), extra
 
 
-def ensure_class_images(cfg: TrainConfig, member: Member, accelerator, models: Models) -> None:
+def ensure_class_images(cfg: TrainConfig, member: Member, accelerator, base: Base) -> None:
     """Generate the class images prior preservation needs with the base model, once; reuse them after."""
+    from .config import GenerateConfig
     from .data import list_images
+    from .generate import Job, render
 
     folder = Path(member.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,72 +244,95 @@ def ensure_class_images(cfg: TrainConfig, member: Member, accelerator, models: M
     if missing <= 0:
         return
     logger.info("generating %d class images for %r in %s", missing, member.class_prompt, folder)
-    pipe = sampling_pipeline(models, models.unet)
-    indices = list(range(start, start + missing))
-    with accelerator.split_between_processes(indices) as mine:
-        for i in tqdm(range(0, len(mine), cfg.sample_batch_size), desc="class images",
-                      disable=not accelerator.is_local_main_process):
-            batch = mine[i:i + cfg.sample_batch_size]
-            gen = [torch.Generator(accelerator.device).manual_seed(cfg.seed * 100_003 + j) for j in batch]
-            images = pipe([member.class_prompt] * len(batch), generator=gen, height=cfg.resolution,
-                          width=cfg.resolution, num_inference_steps=25).images
-            for j, im in zip(batch, images):
-                with atomic_path(folder / f"class-{j:05d}.png") as tmp:
-                    im.save(tmp, format="PNG")
+    gen_cfg = GenerateConfig(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, seed=0,
+                             num_inference_steps=25, height=cfg.resolution, width=cfg.resolution,
+                             batch_size=cfg.sample_batch_size, skip_existing=False, output_dir=str(folder))
+    with accelerator.split_between_processes(list(range(start, start + missing))) as mine:
+        render(base.pipeline(scheduler="dpm++"), gen_cfg, [Job(member.class_prompt, cfg.seed * 100_003 + j,
+                                              folder / f"class-{j:05d}.png", {}) for j in mine],
+               desc="class images", show=accelerator.is_main_process)
     accelerator.wait_for_everyone()
+
+
+def batch_key(*numbers: int) -> int:
+    """A 47-bit key of a tuple of ints that never changes: CPython's tuple hash (xxHash-based, 64-bit builds),
+    written out, so that a resume on another Python version (or implementation) draws what the interrupted run
+    would have drawn, and runs of earlier versions (which called hash()) are reproduced exactly."""
+    p1, p2, p5, mask, modulus = 11400714785074694791, 14029467366897019727, 2870177450012600261, 2**64 - 1, 2**61 - 1
+    acc = p5
+    for n in numbers:
+        lane = n % modulus if n >= 0 else -((-n) % modulus)  # hash(int) on 64-bit CPython
+        lane = (-2 if lane == -1 else lane) & mask
+        acc = (acc + lane * p2) & mask
+        acc = ((acc << 31) | (acc >> 33)) & mask
+        acc = (acc * p1) & mask
+    acc = (acc + (len(numbers) ^ (p5 ^ 3527539))) & mask
+    return (1546275796 if acc == mask else acc) & 0x7FFF_FFFF_FFFF
 
 
 class TrainData:
     """Everything a step reads of one subject, computed once: latents of its photos (and class images),
-    prompt embeddings."""
+    prompt conditioning."""
 
-    def __init__(self, cfg: TrainConfig, member: Member, accelerator, models: Models):
-        logger.info("%s: %d instance images", member.name, len(member.images))
-        self.instance = LatentCache(models, member.images, cfg, accelerator.device)
-        self.instance_emb = encode_prompt(models, member.instance_prompt)
+    def __init__(self, cfg: TrainConfig, member: Member, accelerator, base: Base):
+        logger.info("%s: %d instance images%s", member.name, len(member.images),
+                    f" ({len(member.holdout)} held out: {', '.join(member.holdout)})" if member.holdout else "")
+        show = accelerator.is_main_process
+        self.instance = LatentCache(base, member.images, cfg, accelerator.device, show)
+        self.instance_cond = base.encode_prompt(member.instance_prompt)
         self.prior = None
         if cfg.with_prior_preservation:
-            ensure_class_images(cfg, member, accelerator, models)
+            ensure_class_images(cfg, member, accelerator, base)
             class_images, _ = load_images(member.class_data_dir, "class")
-            self.prior = LatentCache(models, class_images[: cfg.num_class_images], cfg, accelerator.device)
-            self.class_emb = encode_prompt(models, member.class_prompt)
+            self.prior = LatentCache(base, class_images[: cfg.num_class_images], cfg, accelerator.device, show)
+            self.class_cond = base.encode_prompt(member.class_prompt)
         self.bsz, self.seed, self.rank = cfg.train_batch_size, cfg.seed, accelerator.process_index
         self.gen = torch.Generator(accelerator.device)
 
     def batch(self, step: int, micro: int):
-        """(latents, text embeddings, noise generator) of one micro-batch, a pure function of
+        """(latents, conditioning {key: (B, ...)}, noise generator) of one micro-batch, a pure function of
         (seed, step, micro, process): a resumed run draws exactly what the uninterrupted one did,
         and a subject in a bank draws exactly what its own run does."""
-        key = hash((self.seed, step, micro, self.rank)) & 0x7FFF_FFFF_FFFF
+        key = batch_key(self.seed, step, micro, self.rank)
         rng = random.Random(key)
         self.gen.manual_seed(key)
-        latents = self.instance.sample(rng, self.gen, self.bsz)
-        emb = self.instance_emb.expand(self.bsz, -1, -1)
+        latents, extra = self.instance.sample(rng, self.gen, self.bsz)
+        cond = {**expand(self.instance_cond, self.bsz), **extra}
         if self.prior is not None:
-            latents = torch.cat([latents, self.prior.sample(rng, self.gen, self.bsz)])
-            emb = torch.cat([emb, self.class_emb.expand(self.bsz, -1, -1)])
-        return latents, emb, self.gen
+            prior, prior_extra = self.prior.sample(rng, self.gen, self.bsz)
+            latents = torch.cat([latents, prior])
+            cond = cat_cond([cond, {**expand(self.class_cond, self.bsz), **prior_extra}])
+        return latents, cond, self.gen
 
 
-def group_losses(denoise, noise_scheduler, datas: list[TrainData], step: int, micro: int,
+def expand(cond: dict, n: int) -> dict:
+    """A batch-1 conditioning dict as batch n (views, no copies)."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def cat_cond(conds: list[dict]) -> dict:
+    """Conditioning dicts of several batches as one batch (concatenated in order)."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def group_losses(denoise, base: Base, datas: list[TrainData], step: int, micro: int,
                  prior_loss_weight: float | None, dtype: torch.dtype) -> torch.Tensor:
     """Each subject's diffusion loss (+ prior-preservation loss on its class samples), (S,), in one UNet call.
 
     The batch is subject-major ([subject 0's samples, subject 1's, ...], instance then class samples
     within a subject); subject i's noise and timesteps come from its own generator, as in its own run.
-    `denoise(noisy, t, emb)` is the UNet's prediction (eager or CUDA-graphed)."""
-    lat, emb, noise, ts = [], [], [], []
+    `denoise(noisy, t, *conditioning)` is the UNet's prediction (eager or CUDA-graphed)."""
+    lat, conds, noise, ts = [], [], [], []
     for d in datas:
-        latents, e, gen = d.batch(step, micro)
+        latents, c, gen = d.batch(step, micro)
         noise.append(torch.randn(latents.shape, generator=gen, device=latents.device))
-        ts.append(torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                generator=gen, device=latents.device))
+        ts.append(torch.randint(0, base.num_train_timesteps, (latents.shape[0],), generator=gen,
+                                device=latents.device))
         lat.append(latents)
-        emb.append(e)
-    latents, noise, t, emb = torch.cat(lat), torch.cat(noise), torch.cat(ts), torch.cat(emb)  # (S*m, ...)
-    pred = at_least_fp32(denoise(noise_scheduler.add_noise(latents, noise, t).to(dtype), t, emb))
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-        noise_scheduler.get_velocity(latents, noise, t)
+        conds.append(c)
+    latents, noise, t, cond = torch.cat(lat), torch.cat(noise), torch.cat(ts), cat_cond(conds)  # (S*m, ...)
+    pred = at_least_fp32(denoise(base.add_noise(latents, noise, t).to(dtype), t, *cond.values()))
+    target = base.target(latents, noise, t)
     parts = 1 if prior_loss_weight is None else 2
     err = (pred - target).square().reshape(len(datas), parts, -1).mean(-1)  # (S, 1 | 2): instance, class
     return err[:, 0] if prior_loss_weight is None else err[:, 0] + prior_loss_weight * err[:, 1]
@@ -331,16 +340,19 @@ def group_losses(denoise, noise_scheduler, datas: list[TrainData], step: int, mi
 
 class Denoise(torch.nn.Module):
     """The UNet's noise prediction (what gets CUDA-graphed): in the UNet's own dtype, as loaded, or under
-    torch.autocast in `dtype` (`autocast`), which runs the norms and other fp32-listed ops in fp32."""
+    torch.autocast in `dtype` (`autocast`), which runs the norms and other fp32-listed ops in fp32. The
+    conditioning comes as tensors in the order of `keys` (graphs take tensors), the base turns it into the
+    UNet's keyword arguments."""
 
-    def __init__(self, unet, dtype, autocast: bool = False):
+    def __init__(self, unet, dtype, keys, autocast: bool = False):
         super().__init__()
-        self.unet, self.dtype = unet, dtype
+        self.unet, self.dtype, self.keys = unet, dtype, tuple(keys)
         self.autocast = autocast and dtype in (torch.float16, torch.bfloat16)
 
-    def forward(self, noisy, t, emb):  # (B,4,h,w), (B,), (B,77,D) -> (B,4,h,w)
+    def forward(self, noisy, t, *cond):  # (B,4,h,w), (B,), (B,77,D) [, ...] -> (B,4,h,w)
+        kwargs = Base.unet_kwargs(dict(zip(self.keys, cond)))
         with torch.autocast(noisy.device.type, dtype=self.dtype, enabled=self.autocast, cache_enabled=False):
-            return self.unet(noisy, t, emb, return_dict=False)[0]
+            return self.unet(noisy, t, return_dict=False, **kwargs)[0]
 
 
 def graph_unet(unet, batch, dtype, autocast: bool = False):
@@ -349,10 +361,11 @@ def graph_unet(unet, batch, dtype, autocast: bool = False):
     At batch 1 an eager step is bound by kernel launches, not by the GPU; replaying a graph
     launches the whole forward (or backward) at once: the same kernels. Not used with gradient
     accumulation (the graphed backward's gradient buffers would alias across micro-batches)."""
-    latents, emb, _ = batch
-    sample = (latents.to(dtype), torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device), emb.clone())
+    latents, cond, _ = batch
+    sample = (latents.to(dtype), torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device),
+              *(v.clone() for v in cond.values()))
     logger.info("capturing the UNet forward/backward as CUDA graphs (--no-cuda_graphs to turn off)")
-    return torch.cuda.make_graphed_callables(Denoise(unet, dtype, autocast), sample)
+    return torch.cuda.make_graphed_callables(Denoise(unet, dtype, cond, autocast), sample)
 
 
 # --------------------------------------------------------------------------- a group's adapters
@@ -361,21 +374,21 @@ class OneAdapter:
     """A group of one subject: the plain adapter on the UNet (PEFT's layers for the baselines), DDP and
     CUDA graphs as accelerate and the GPU allow; its checkpoint holds the adapter itself."""
 
-    def __init__(self, cfg, accelerator, unet, base, params, data: TrainData, dtype):
+    def __init__(self, cfg, accelerator, unet, bare, params, data: TrainData, dtype, family: str):
         for p in params:
             p.requires_grad_(True)  # a bank of an earlier group froze them
-        self.cfg, self.accelerator, self.base, self.params = cfg, accelerator, base, params
+        self.cfg, self.accelerator, self.bare, self.params, self.family = cfg, accelerator, bare, params, family
         self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
             and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
         if self.graphed:
             if cfg.channels_last:  # measured faster here, slower in a bank (docs/BENCHMARKS.md)
-                base.to(memory_format=torch.channels_last)
-            self.denoise = graph_unet(base, data.batch(0, 0), dtype, cfg.autocast)
+                bare.to(memory_format=torch.channels_last)
+            self.denoise = graph_unet(bare, data.batch(0, 0), dtype, cfg.autocast)
         else:
-            self.denoise = Denoise(unet, dtype, cfg.autocast)
+            self.denoise = Denoise(unet, dtype, data.batch(0, 0)[1], cfg.autocast)
 
     def set_step(self, step: int) -> float:
-        return set_step(self.base, step)
+        return set_step(self.bare, step)
 
     def clip(self, optimizer) -> None:
         # unscale this group's optimizer only (accelerator.clip_grad_norm_ would unscale every optimizer it
@@ -387,10 +400,10 @@ class OneAdapter:
         return [bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())]
 
     def save_weights(self, folder: Path) -> None:
-        save_adapter(self.base, folder, base_model=self.cfg.pretrained_model_name_or_path)
+        save_adapter(self.bare, folder, base_model=self.cfg.pretrained_model_name_or_path, extra={"family": self.family})
 
     def load_weights(self, folder: Path) -> None:
-        load_adapter_state_dict(self.base, read_adapter(folder)[1])
+        load_adapter_state_dict(self.bare, read_adapter(folder)[1])
 
     def stage(self, i: int) -> None:  # the adapter on the UNet is the subject's own
         pass
@@ -405,18 +418,18 @@ class AdapterBank:
 
     graphed = False
 
-    def __init__(self, cfg, unet, base, size: int, per: int, dtype):
-        self.cfg, self.base = cfg, base
-        self.routing = add_bank(base, size)
-        self.params = bank_parameters(base)
+    def __init__(self, cfg, unet, bare, size: int, per: int, dtype, data: TrainData):
+        self.cfg, self.bare = cfg, bare
+        self.routing = add_bank(bare, size)
+        self.params = bank_parameters(bare)
         self.routing.route(torch.arange(size, device=self.params[0].device).repeat_interleave(per))
-        self.denoise = Denoise(unet, dtype, cfg.autocast)
+        self.denoise = Denoise(unet, dtype, data.batch(0, 0)[1], cfg.autocast)
         self.u = None
 
     def set_step(self, step: int) -> float:
-        u = ramp(step, self.cfg.ramp_steps) if self.cfg.method == "singlora" else 1.0
+        u = self.cfg.u(step)
         if u != self.u:  # past the ramp: no kernel per step
-            self.routing.set_coef(self.cfg.alpha / self.cfg.rank * u)
+            self.routing.set_coef(self.cfg.coef(step))
             self.u = u
         return u
 
@@ -430,12 +443,12 @@ class AdapterBank:
         from safetensors.torch import save_file
 
         with atomic_path(folder / BANK_NAME) as part:
-            save_file({k: v.detach().cpu().contiguous() for k, v in bank_state_dict(self.base).items()}, str(part))
+            save_file({k: v.detach().cpu().contiguous() for k, v in bank_state_dict(self.bare).items()}, str(part))
 
     def load_weights(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        bank, own = load_file(str(folder / BANK_NAME)), bank_state_dict(self.base)
+        bank, own = load_file(str(folder / BANK_NAME)), bank_state_dict(self.bare)
         if set(bank) != set(own) or any(tuple(bank[k].shape) != tuple(own[k].shape) for k in own):
             raise UserError(f"checkpoint {folder} does not fit this UNet's adapter bank (another base model?)")
         with torch.no_grad():
@@ -443,18 +456,36 @@ class AdapterBank:
                 own[k].copy_(v)
 
     def stage(self, i: int) -> None:
-        row_to_staging(self.base, i)  # the staging adapter then holds subject i's tensors: saved as one
+        row_to_staging(self.bare, i)  # the staging adapter then holds subject i's tensors: saved as one
 
     def close(self) -> None:
         self.routing.route(None)
-        remove_bank(self.base)
+        remove_bank(self.bare)
 
 
 # --------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig) -> Path:
-    """Run DreamBooth training as `cfg` says; returns cfg.output_dir (the adapter, or one folder per subject)."""
+class Stopped(Exception):
+    """A stop request ended the run at a step boundary, with a checkpoint (not an error: exit status 0)."""
+
+
+def train(cfg: TrainConfig, events=None) -> Path:
+    """Run DreamBooth training as `cfg` says; returns cfg.output_dir (the adapter, or one folder per subject).
+    `events`: an events.Events to report to (default: cfg.events as JSON lines, if given)."""
+    with job("train", cfg.events) as own:
+        events = events or own
+        stop = StopRequest([cfg.stop_file, Path(cfg.output_dir) / STOP_NAME])
+        try:
+            with stop.watching():
+                return _train(cfg, events, stop)
+        except Stopped:
+            return Path(cfg.output_dir)
+
+
+def _train(cfg: TrainConfig, events, stop: StopRequest) -> Path:
     members = plan_members(cfg)  # every input checked before any model loads
+    if cfg.resolution is None:
+        cfg.resolution = default_resolution(cfg.pretrained_model_name_or_path, cfg.revision)
     if cfg.resume_from_checkpoint not in (None, "latest") and len(members) > 1 and \
             read_state(Path(cfg.resume_from_checkpoint)).get("subjects") is None:
         raise UserError(f"{cfg.resume_from_checkpoint} is a 0.1 checkpoint of one unnamed subject: resume it in a "
@@ -463,6 +494,8 @@ def train(cfg: TrainConfig) -> Path:
     check_group_size(cfg, size)
     accelerator, dtype = make_accelerator(cfg)
     check_group_size(cfg, size, accelerator)
+    if accelerator.is_main_process:
+        stop.clear_files()  # a stop file of an earlier stop: this run goes on
     if cfg.overwrite and accelerator.is_main_process:  # --overwrite: start over, once every input checked
         shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -470,37 +503,43 @@ def train(cfg: TrainConfig) -> Path:
     for m in members:
         if m not in todo:
             logger.info("%s: finished adapter in %s, skipped", m.name, m.output_dir)
+    phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
+    base = Base.load(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant, dtype=dtype,
+                     device=accelerator.device, vae=cfg.pretrained_vae_model_name_or_path) if todo else None
+    events.emit("started", config=cfg.to_dict(), family=base.family.name if base else None,
+                subjects=[m.name for m in todo], skipped=[m.name for m in members if m not in todo])
     if not todo:
         return Path(cfg.output_dir)
-    phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
-    models = load_models(cfg, accelerator.device, dtype)
     phases["models_loaded"] = since_start()
-    datas = {m.name: TrainData(cfg, m, accelerator, models) for m in todo}
+    datas = {m.name: TrainData(cfg, m, accelerator, base) for m in todo}
     phases["latents_cached"] = since_start()
-    if cfg.validation_prompt is None:  # nothing needs the VAE or the text encoder again
-        models.vae = models.text_encoder = None
-        if accelerator.device.type == "cuda":
-            torch.cuda.empty_cache()
-    add_adapter(models.unet, cfg.adapter_config(), use_xformers=cfg.enable_xformers_memory_efficient_attention)
+    if cfg.validation_prompt is None:  # nothing needs the VAE or the text encoders again
+        base.free_encoders()
+    add_adapter(base.unet, cfg.adapter_config(), use_xformers=cfg.enable_xformers_memory_efficient_attention)
     if cfg.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-    params = trainable_parameters(models.unet)
-    init = {k: v.detach().clone() for k, v in adapter_state_dict(models.unet).items()}  # every subject's start
-    unet = prepare_unet(accelerator, models.unet)
+        base.unet.enable_gradient_checkpointing()
+    params = trainable_parameters(base.unet)
+    init = {k: v.detach().clone() for k, v in adapter_state_dict(base.unet).items()}  # every subject's start
+    unet = prepare_unet(accelerator, base.unet)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-singlora", config={k: str(v) for k, v in cfg.to_dict().items()})
+        events.add(Tracker(accelerator))
+        events.add(LogLines(logger))
     stats, t0 = [], time.time()
-    for i in range(0, len(todo), size):
-        group = todo[i:i + size]
-        try:
-            stats.append(train_group(cfg, accelerator, models, unet, params, init, group,
-                                     [datas[m.name] for m in group], dtype, phases))
+    try:
+        for i in range(0, len(todo), size):
+            group = todo[i:i + size]
+            stats.append(train_group(cfg, accelerator, base, unet, params, init, group,
+                                     [datas[m.name] for m in group], dtype, phases, events, stop))
             if len(todo) > size and accelerator.is_main_process:  # written: the next group reuses the step names
                 remove_checkpoints(cfg.output_dir, [m.name for m in group])
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of GPU memory training {len(group)} subject(s) in one batch: lower "
-                            "--subjects_per_batch or add --gradient_checkpointing; finished subjects are saved, "
-                            "run again with --resume_from_checkpoint latest to go on") from None
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory training {len(group)} subject(s) in one batch: lower "
+                        "--subjects_per_batch or add --gradient_checkpointing; finished subjects are saved, "
+                        "run again with --resume_from_checkpoint latest to go on") from None
+    except Stopped:
+        accelerator.end_training()
+        raise
     if cfg.subjects is not None and accelerator.is_main_process:
         write_json_atomic(Path(cfg.output_dir) / "train_stats.json", {
             "subjects": [m.name for m in members], "trained": [m.name for m in todo], "subjects_per_batch": size,
@@ -508,25 +547,27 @@ def train(cfg: TrainConfig) -> Path:
             "loop_seconds": round(sum(s["loop_seconds"] for s in stats), 3), "wall_seconds": round(time.time() - t0, 3),
             **device_stats(), "mixed_precision": accelerator.mixed_precision})
     accelerator.end_training()
+    events.emit("finished", outputs=[str(m.output_dir) for m in todo])
     return Path(cfg.output_dir)
 
 
-def train_group(cfg, accelerator, models, unet, params, init, group: list[Member], datas: list[TrainData], dtype,
-                phases: dict):
+def train_group(cfg, accelerator, base: Base, unet, params, init, group: list[Member], datas: list[TrainData], dtype,
+                phases: dict, events, stop: StopRequest):
     """Train one group of subjects, all stepping together, and write each one's folder; returns its stats."""
     # 1. the group's adapters (every subject starts from the seed's initial adapter) and their optimizer
-    base, names, root = accelerator.unwrap_model(unet), [m.name for m in group], Path(cfg.output_dir)
-    load_adapter_state_dict(base, init)
-    per = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)  # samples per subject per UNet call
-    adapters = OneAdapter(cfg, accelerator, unet, base, params, datas[0], dtype) if len(group) == 1 \
-        else AdapterBank(cfg, unet, base, len(group), per, dtype)
-    optimizer, lr_scheduler = make_optimizer_and_schedule(cfg, accelerator, base)
+    bare, names, root = accelerator.unwrap_model(unet), [m.name for m in group], Path(cfg.output_dir)
+    load_adapter_state_dict(bare, init)
+    per = per_subject(cfg)
+    adapters = OneAdapter(cfg, accelerator, unet, bare, params, datas[0], dtype, base.family.name) if len(group) == 1 \
+        else AdapterBank(cfg, unet, bare, len(group), per, dtype, datas[0])
+    optimizer, lr_scheduler = make_optimizer_and_schedule(cfg, accelerator, bare)
 
     # 2. resume: adapters, optimizer, schedule, step; the data of step t is a function of t
     step, histories = resume(cfg, group, adapters, optimizer, lr_scheduler, accelerator.num_processes)
     u, prior_w = adapters.set_step(step), cfg.prior_loss_weight if cfg.with_prior_preservation else None
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {names[0]}" if len(group) == 1
-               else f"training {len(group)} subjects", disable=not accelerator.is_local_main_process)
+    bar = Bar(tqdm(total=cfg.max_train_steps, initial=step, desc=f"training {', '.join(names)}"[:40],
+                   disable=not accelerator.is_main_process))
+    events.add(bar)
     loss_sum, n_sum = torch.zeros(len(group), device=accelerator.device), 0
     phases["adapters_ready"] = since_start()  # (CUDA graphs captured)
 
@@ -537,7 +578,7 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
         step_loss = 0.0
         for micro in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(unet):
-                losses = group_losses(adapters.denoise, models.noise_scheduler, datas, step, micro, prior_w, dtype)
+                losses = group_losses(adapters.denoise, base, datas, step, micro, prior_w, dtype)
                 accelerator.backward(losses.sum())
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     adapters.clip(optimizer)
@@ -549,33 +590,28 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
             skipped += 1
             check_finite(names, [skipped < MAX_SKIPPED_STEPS] * len(names), step, root)
             continue
-        skipped = 0
-        loss_sum += step_loss
-        step, n_sum = step + 1, n_sum + 1
+        skipped, loss_sum, step, n_sum = 0, loss_sum + step_loss, step + 1, n_sum + 1
         u = adapters.set_step(step)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+        logged = step % cfg.log_every == 0 or step == cfg.max_train_steps
+        if logged:
             means = (accelerator.reduce(loss_sum, reduction="mean") / n_sum).tolist()  # the host sync
             loss_sum.zero_()
             n_sum = 0
             check_finite(names, [math.isfinite(m) for m in means], step, root)
             for n, m in zip(names, means):
                 histories[n].append([step, m])
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{sum(means) / len(means):.4f}", lr=f"{lr:.2e}", u=f"{u:.2f}")
-            accelerator.log({"loss": sum(means) / len(means), "lr": lr, "u": u}, step=step)
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            check_finite(names, adapters.finite(), step, root)
-            if accelerator.is_main_process:
-                with reported(f"checkpoint-{step}", root, names):
-                    save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
-                        "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
-                        "runs": {m.name: run_of(cfg, m) for m in group}, "config": cfg.shared_dict()},
-                        cfg.checkpoints_total_limit)
+            report_step(events, cfg, step, first_step, loop_start, dict(zip(names, means)),
+                        lr_scheduler.get_last_lr()[0], u, accelerator.device)
+        stopping = stop_requested(stop, accelerator, logged)
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or stopping:
+            checkpoint(cfg, accelerator, group, adapters, optimizer, lr_scheduler, histories, step, events)
+        if stopping:
+            end_stopped(cfg, accelerator, group, adapters, bar, stop, step, events)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            validate(cfg, accelerator, models, base, step, bar)
+            events.emit("validation", step=step, paths=validate(cfg, accelerator, base, bare, step))
             unet.train()
     bar.close()
+    events.consumers.remove(bar)
     loop_seconds = sync_time(accelerator.device) - loop_start
 
     # 4. the result: each subject's adapter, model card, loss curve and stats (main process only)
@@ -587,9 +623,56 @@ def train_group(cfg, accelerator, models, unet, params, init, group: list[Member
                                     * accelerator.num_processes / loop_seconds, 2) if loop_seconds > 0 else None}
     if accelerator.is_main_process:
         with reported(f"the results of {', '.join(names)}", root, names):
-            write_results(cfg, accelerator, group, adapters, histories, step, init, {**stats, "phases": phases}, per)
+            write_results(cfg, base, accelerator, group, adapters, histories, step, init, {**stats, "phases": phases},
+                          events)
     adapters.close()
     return stats
+
+
+def checkpoint(cfg, accelerator, group: list[Member], adapters, optimizer, lr_scheduler, histories, step: int,
+               events) -> None:
+    """A resumable checkpoint of the group at `step` (the main process writes it) and its event."""
+    names, root = [m.name for m in group], Path(cfg.output_dir)
+    check_finite(names, adapters.finite(), step, root)
+    if accelerator.is_main_process:
+        with reported(f"checkpoint-{step}", root, names):
+            saved = save_checkpoint(root, step, adapters.save_weights, optimizer, lr_scheduler, {
+                "subjects": names, "histories": histories, "adapter": cfg.adapter_config().to_dict(),
+                "runs": {m.name: run_of(cfg, m) for m in group}, "config": cfg.shared_dict()},
+                cfg.checkpoints_total_limit)
+        events.emit("checkpoint", step=step, path=saved, subjects=names)
+
+
+def end_stopped(cfg, accelerator, group: list[Member], adapters, bar, stop: StopRequest, step: int, events) -> None:
+    """End a run that a stop request stopped at `step`, its checkpoint written: the event, and Stopped."""
+    accelerator.wait_for_everyone()
+    found = list_checkpoints(checkpoint_root(cfg.output_dir), [m.name for m in group])
+    events.emit("stopped", step=step, checkpoint=str(found[-1]) if found else None, reason=stop.reason(),
+                resume="run the same command again to resume from this checkpoint")
+    bar.close()
+    adapters.close()
+    raise Stopped
+
+
+def report_step(events, cfg, step: int, first_step: int, loop_start: float, losses: dict, lr: float, u: float,
+                device) -> None:
+    """The `step` event: each subject's mean loss over the log window, lr, u, speed and time left."""
+    elapsed = sync_time(device) - loop_start
+    rate = (step - first_step) / elapsed if elapsed > 0 else None
+    events.emit("step", step=step, total=cfg.max_train_steps, loss=losses, lr=lr, u=u,
+                it_per_s=round(rate, 3) if rate else None,
+                eta_s=round((cfg.max_train_steps - step) / rate, 1) if rate else None)
+
+
+def stop_requested(stop: StopRequest, accelerator, logged: bool) -> bool:
+    """Whether to stop after this step. One process asks its own signals and files at every step; several agree
+    at the logged steps (one all-reduce there), so that every process stops at the same step."""
+    if accelerator.num_processes == 1:
+        return stop.requested()
+    if not logged:
+        return False
+    flag = torch.tensor([1.0 if stop.requested() else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_scheduler, processes: int):
@@ -613,24 +696,33 @@ def resume(cfg: TrainConfig, group: list[Member], adapters, optimizer, lr_schedu
     return step, {n: histories.get(n, []) for n in names}
 
 
-def write_results(cfg, accelerator, group: list[Member], adapters, histories, step, init, stats, per) -> None:
+def write_results(cfg, base: Base, accelerator, group: list[Member], adapters, histories, step, init, stats,
+                  events) -> None:
     """Each subject's folder: adapter, loss curve, model card, train_stats.json (each file atomically)."""
     n_params, phases = sum(t.numel() for t in init.values()), stats.pop("phases")
     for i, m in enumerate(group):
         adapters.stage(i)
-        set_step(adapters.base, step)
-        save_adapter(adapters.base, m.output_dir, base_model=cfg.pretrained_model_name_or_path,
-                     extra={"run": run_of(cfg, m)})
+        set_step(adapters.bare, step)
+        save_adapter(adapters.bare, m.output_dir, base_model=cfg.pretrained_model_name_or_path,
+                     extra={"run": run_of(cfg, m), "family": base.family.name, "holdout": m.holdout})
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
-        write_text_atomic(m.output_dir / "README.md", model_card(cfg, m, step, n_params, stats["loop_seconds"]))
+        write_text_atomic(m.output_dir / "README.md", model_card(cfg, base.family, m, step, n_params,
+                                                                 stats["loop_seconds"]))
         write_json_atomic(m.output_dir / "train_stats.json", {
             **stats, **device_stats(), "cuda_graphs": adapters.graphed, "mixed_precision": accelerator.mixed_precision,
             "channels_last": adapters.graphed and cfg.channels_last,
             "autocast": cfg.autocast and accelerator.mixed_precision != "no", "trainable_parameters": n_params,
-            "num_processes": accelerator.num_processes, "samples_per_unet_call": len(group) * per,
+            "num_processes": accelerator.num_processes, "samples_per_unet_call": len(group) * per_subject(cfg),
             "phases_seconds_from_process_start": {**phases, "results_written": since_start()},
             "loss_history": histories[m.name]})
+        events.emit("saved", subject=m.name, path=m.output_dir)
     logger.info("adapter(s) of %s saved", ", ".join(m.name for m in group))
+
+
+def per_subject(cfg: TrainConfig) -> int:
+    """Samples of one subject in one UNet call: its instance images, and as many class images with prior
+    preservation."""
+    return cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -756,57 +848,33 @@ def device_stats() -> dict:
 # --------------------------------------------------------------------------- what a person sees
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, accelerator, models: Models, unet, step: int, bar=None) -> None:
-    """Render --validation_prompt with the current adapter: a grid PNG and tensorboard images."""
+def validate(cfg: TrainConfig, accelerator, base: Base, unet, step: int) -> list[str]:
+    """Render --validation_prompt with the current adapter through the renderer (image k with seed + k) into
+    validation/step-<step>/, a grid beside it, and tensorboard images; returns the written paths."""
     import numpy as np
+    from PIL import Image
 
-    if bar is not None:
-        bar.set_description(f"validating at step {step}")
-    pipe = sampling_pipeline(models, unet)
-    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed)
+    from .config import GenerateConfig
+    from .generate import Job, render
+
+    folder = Path(cfg.output_dir) / "validation"
+    gen_cfg = GenerateConfig(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, seed=cfg.seed,
+                             num_inference_steps=25, height=cfg.resolution, width=cfg.resolution,
+                             batch_size=cfg.num_validation_images, skip_existing=False, output_dir=str(folder))
+    jobs = [Job(cfg.validation_prompt, cfg.seed + k, folder / f"step-{step:05d}" / f"{k}.png", {})
+            for k in range(cfg.num_validation_images)]
     unet.eval()
     with accelerator.autocast():
-        images = pipe([cfg.validation_prompt] * cfg.num_validation_images, generator=gen, height=cfg.resolution,
-                      width=cfg.resolution, num_inference_steps=25).images
-    grid = image_grid(images, cols=4, captions=[f"image {i}" for i in range(len(images))],
-                      title=f"step {step}, seed {cfg.seed}: {cfg.validation_prompt}")
-    with atomic_path(Path(cfg.output_dir) / "validation" / f"step-{step:05d}.png") as tmp:
+        render(base.pipeline(unet, scheduler="dpm++"), gen_cfg, jobs, show=False)
+    images = [Image.open(j.path).convert("RGB") for j in jobs]
+    grid = image_grid(images, cols=4, captions=[f"seed {j.seed}" for j in jobs],
+                      title=f"step {step}: {cfg.validation_prompt}")
+    with atomic_path(folder / f"step-{step:05d}.png") as tmp:
         grid.save(tmp, format="PNG")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-    if bar is not None:
-        bar.set_description("training")
-
-
-def plot_loss(history: list, path: Path, name: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if history:
-        ax.plot([h[0] for h in history], [h[1] for h in history])
-    ax.set(xlabel="optimizer step", ylabel="loss (mean over log window)",
-           title=f"training loss: {name}" if name else "training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def model_card(cfg: TrainConfig, member: Member, step: int, n_params: int, seconds: float) -> str:
-    """The adapter folder's README.md, from the package's model_card.md template."""
-    import importlib.resources
-
-    template = importlib.resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
-    return template.format_map({
-        **cfg.to_dict(), "prompt": member.instance_prompt, "class_prompt": member.class_prompt or "-", "step": step,
-        "base_model": cfg.pretrained_model_name_or_path, "version": __version__, "n_params": n_params,
-        "targets": ", ".join(cfg.target_modules), "seconds": seconds, "out": member.output_dir,
-        "out_name": member.output_dir.name})
+    return [str(folder / f"step-{step:05d}.png"), *(str(j.path) for j in jobs)]
 
 
 # --------------------------------------------------------------------------- CLI

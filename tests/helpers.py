@@ -55,3 +55,16 @@ def killed_run(argv: list[str], kill_at_step: int, cwd) -> int:
     r = subprocess.run([sys.executable, "-c", driver, *argv], cwd=cwd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})  # the same thread count as the tests' own runs
     return r.returncode
+
+
+def noise_schedule(scheduler):
+    """What the loss reads of a Base (base.py), from a diffusers noise scheduler alone: for unit tests of the loss
+    that need no model."""
+    from types import SimpleNamespace
+
+    def target(latents, noise, t):
+        v = scheduler.config.prediction_type == "v_prediction"
+        return scheduler.get_velocity(latents, noise, t) if v else noise
+
+    return SimpleNamespace(num_train_timesteps=scheduler.config.num_train_timesteps, add_noise=scheduler.add_noise,
+                           target=target)

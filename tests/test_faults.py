@@ -189,7 +189,7 @@ def test_environment_faults_found_before_any_model_loads(argv, message, made, da
     (tmp_path / "file").write_text("x")
     (tmp_path / "tb").mkdir()
     (tmp_path / "tb" / "logs").write_text("a file where tensorboard's folder goes")
-    monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("a model loaded before the check"))
+    monkeypatch.setattr(T.Base, "load", lambda *a: pytest.fail("a model loaded before the check"))
     before = (made / "out" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(SystemExit) as e:
         main([a.format(made=made, data=dataset_dir, tmp=tmp_path) for a in argv])
@@ -218,7 +218,7 @@ def test_export_of_a_folder_mixing_two_base_models_is_refused(made, tmp_path, ca
 # --------------------------------------------------------------------------- SIGKILL between phases
 
 KILL_POINTS = {  # row: (command, the function whose call kills the process, how often it must run first)
-    "latent caching": ("train", "dreambooth_singlora.train_dreambooth:prepare", 1),  # the second photo
+    "latent caching": ("train", "dreambooth_singlora.train_dreambooth:prepared", 1),  # the second photo
     "mid-checkpoint": ("train", "dreambooth_singlora.checkpoint:save_optimizer_state", 1),  # checkpoint-4
     "mid-adapter-save": ("train", "dreambooth_singlora.adapter:save_file", 2),  # after 2 checkpoints' adapters
     "mid-render": ("generate", "dreambooth_singlora.generate:write_png", 1),  # the second image

@@ -31,7 +31,7 @@ from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.config import SingLoRAConfig, TrainConfig
 from dreambooth_singlora.generate import generate_many
 from dreambooth_singlora.train_dreambooth import train
-from helpers import killed_run
+from helpers import killed_run, noise_schedule
 
 STEPS = 6
 SUBJECTS = ("dog", "cat")
@@ -174,7 +174,7 @@ class FakeData:
     def batch(self, step, micro):
         self.gen.manual_seed(self.seed * 1000 + step * 10 + micro)
         emb = torch.randn(1, 5, 48, generator=self.gen).expand(self.m, -1, -1)
-        return torch.randn(self.m, 4, 8, 8, generator=self.gen), emb, self.gen
+        return torch.randn(self.m, 4, 8, 8, generator=self.gen), {"encoder_hidden_states": emb}, self.gen
 
 
 @pytest.mark.parametrize("method", ["singlora", "lora"])
@@ -186,13 +186,13 @@ def test_group_loss_gives_each_subject_its_single_run_gradient(method, prior_w, 
 
     with float64():
         tiny_unet.double()
-        sched = DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler")
+        sched = noise_schedule(DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler"))
         m = 2 if prior_w else 1  # per subject: instance (and class) samples
         datas = [FakeData(s, m) for s in range(3)]
         add_adapter(tiny_unet, SingLoRAConfig(method=method, rank=4, ramp_steps=0))
         g = torch.Generator().manual_seed(0)
         rows = [[torch.randn(p.shape, generator=g) * 0.2 for p in trainable_parameters(tiny_unet)] for _ in range(3)]
-        denoise = T.Denoise(tiny_unet, torch.float64)
+        denoise = T.Denoise(tiny_unet, torch.float64, ["encoder_hidden_states"])
         single_losses, single_grads = [], []
         for s in range(3):
             params = trainable_parameters(tiny_unet)
@@ -336,7 +336,7 @@ def test_dora_trains_one_subject_at_a_time(tiny_pipeline, dataset_dir, tmp_path,
 ], ids=["single-flag", "unknown", "twice", "no-dataset", "8bit", "no-photos", "per-batch-alone"])
 def test_cli_bad_input_is_one_line_before_any_model_loads(argv, match, tiny_pipeline, dataset_dir, tmp_path, capsys,
                                                           monkeypatch):
-    monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("a model loaded before the input was checked"))
+    monkeypatch.setattr(T.Base, "load", lambda *a: pytest.fail("a model loaded before the input was checked"))
     argv = [a.replace("{data}", dataset_dir).replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as e:
         T.main([*argv, "--pretrained_model_name_or_path", str(tiny_pipeline), "--output_dir", str(tmp_path / "o")])

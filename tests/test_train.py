@@ -21,7 +21,7 @@ from dreambooth_singlora.config import TrainConfig
 from dreambooth_singlora.data import load_images, to_rgb
 from dreambooth_singlora.checkpoint import list_checkpoints
 from dreambooth_singlora.train_dreambooth import main, train
-from helpers import fresh_accelerate_state, killed_run
+from helpers import fresh_accelerate_state, killed_run, noise_schedule
 
 STEPS = 12
 
@@ -430,7 +430,7 @@ def test_another_runs_folder_is_never_taken_for_this_one(reference_run, tiny_pip
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
     argv = cli_args(cfg_for(tiny_pipeline, dataset_dir, out))
-    monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("a finished run loaded the model"))
+    monkeypatch.setattr(T.Base, "load", lambda *a: pytest.fail("a finished run loaded the model"))
     main(argv)  # the same run: finished, skipped without loading a model
     monkeypatch.undo()
     for change, differs in ((["--subject", "cat"], "subject"), (["--learning_rate", "3e-4"], "learning_rate")):
@@ -462,12 +462,12 @@ def test_loss_of_a_channels_last_prediction_is_the_same():
 
         def batch(self, step, micro):
             self.gen.manual_seed(step)
-            return self.latents, torch.zeros(2, 3, 5, dtype=torch.float64), self.gen
+            return self.latents, {"encoder_hidden_states": torch.zeros(2, 3, 5, dtype=torch.float64)}, self.gen
 
-    scheduler = DDPMScheduler()
+    base = noise_schedule(DDPMScheduler())  # what group_losses reads of a Base
     losses = [T.group_losses(lambda x, t, emb, cl=cl: (x * 0.5).contiguous(memory_format=torch.channels_last if cl
                                                                            else torch.contiguous_format),
-                             scheduler, [Data(0), Data(7)], 3, 0, None, torch.float64) for cl in (False, True)]
+                             base, [Data(0), Data(7)], 3, 0, None, torch.float64) for cl in (False, True)]
     assert losses[0].shape == (2,)
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)  # the same numbers, only another layout
 
@@ -511,7 +511,7 @@ def test_autocast_flag_reaches_the_unet_in_a_run(autocast, subjects, tiny_pipeli
     numbers cannot tell: a hook on the UNet's first layer reads autocast's state.)"""
     import dreambooth_singlora.train_dreambooth as T
 
-    seen, load = [], T.load_models
+    seen, load = [], T.Base.load
 
     def load_and_watch(*args, **kwargs):
         models = load(*args, **kwargs)
@@ -519,7 +519,7 @@ def test_autocast_flag_reaches_the_unet_in_a_run(autocast, subjects, tiny_pipeli
             lambda module, inputs: seen.append(torch.is_autocast_enabled(inputs[0].device.type)))
         return models
 
-    monkeypatch.setattr(T, "load_models", load_and_watch)
+    monkeypatch.setattr(T.Base, "load", load_and_watch)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the same on a machine with a GPU
     one = subjects is None
     validation = VALIDATE_AT_2 if one else {}

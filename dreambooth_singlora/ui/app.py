@@ -155,9 +155,11 @@ class UI:
 
     def _drop_uploads(self, photos) -> None:
         """Gradio's copies of the uploads (inside the workspace's .gradio folder): deleted once read."""
+        from .forms import upload_path
+
         upload_root = self.workspace / ".gradio"
         for f in photos or []:
-            p = Path(getattr(f, "name", f)).resolve()
+            p = upload_path(f).resolve()
             if upload_root in p.parents:
                 p.unlink(missing_ok=True)
 
@@ -339,7 +341,11 @@ class UI:
             grids.append((str(sheet), f"{sheet.parent.name}: one row per prompt"))
         if (out / "report.png").is_file():
             grids.append((str(out / "report.png"), "report plot"))
-        return dict(status=status_line(job), summary=table("report.csv"), per_prompt=table("per_prompt.csv"),
+        summary = table("report.csv")
+        if summary and "n_images" in summary[0]:  # the groups with no images (e.g. 'object' for a dog) left out
+            n = summary[0].index("n_images")
+            summary = [summary[0], *(r for r in summary[1:] if r[n] not in ("", "0"))]
+        return dict(status=status_line(job), summary=summary, per_prompt=table("per_prompt.csv"),
                     grids=grids if job.status == "finished" else [])
 
 
@@ -424,7 +430,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
 
             # 2. Live run
             with gr.Tab("Live run", id="live", elem_id="tab-live"):
-                live_job = gr.Dropdown(ui.job_choices("train"), label="Training job", elem_id="live-job", allow_custom_value=True)
+                live_job = gr.Dropdown(ui.job_choices("train"), label="Training job", elem_id="live-job",
+                                       allow_custom_value=True)
                 live_status = gr.Markdown(elem_id="live-status")
                 with gr.Row():
                     loss_plot = gr.LinePlot(frame([], ["step", "loss", "subject"]), x="step", y="loss",
@@ -459,9 +466,11 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row():
                     with gr.Column():
-                        gen_run = gr.Dropdown(ui.run_names(), label="Adapter (run)", elem_id="gen-run", allow_custom_value=True)
+                        gen_run = gr.Dropdown(ui.run_names(), label="Adapter (run)", elem_id="gen-run",
+                                              allow_custom_value=True)
                         gen_prompts = gr.Textbox(label="Prompts (one a line)", lines=3, elem_id="gen-prompts")
-                        gen_eval = gr.Checkbox(False, label="the subject's 25 evaluation prompts instead")
+                        gen_eval = gr.Checkbox(False, label="the subject's 25 evaluation prompts instead",
+                                               elem_id="gen-eval")
                         with gr.Row():
                             gen_seed = gr.Number(0, label="Seed", precision=0)
                             gen_n = gr.Number(4, label="Images per prompt", precision=0, elem_id="gen-n")
@@ -473,7 +482,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                             gen_size = gr.Number(0, label="Size (0 = the model's)", precision=0, elem_id="gen-size")
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
                     with gr.Column():
-                        gen_job = gr.Dropdown(ui.job_choices("generate"), label="Generation job", allow_custom_value=True)
+                        gen_job = gr.Dropdown(ui.job_choices("generate"), label="Generation job",
+                                              allow_custom_value=True)
                         gen_status = gr.Markdown(elem_id="gen-status")
                         gen_gallery = gr.Gallery(label="Images (prompt - seed)", columns=4, height=360,
                                                  elem_id="gen-gallery")
@@ -493,13 +503,14 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
                 with gr.Row():
                     ev_run = gr.Dropdown(ui.run_names(), label="Run (a DreamBooth subject)", allow_custom_value=True)
-                    ev_set = gr.Dropdown([], label="Image set (Generate with the 25 evaluation prompts)", allow_custom_value=True)
+                    ev_set = gr.Dropdown([], label="Image set (Generate with the 25 evaluation prompts)",
+                                         allow_custom_value=True, elem_id="ev-set")
                 with gr.Row():
-                    ev_clip = gr.Textbox(label="CLIP ViT-B/32 checkpoint (file or open_clip folder)")
-                    ev_dino = gr.Textbox(label="DINO ViT-S/16 checkpoint (file or timm folder)")
-                ev_btn = gr.Button("Score", variant="primary")
+                    ev_clip = gr.Textbox(label="CLIP ViT-B/32 checkpoint (file or open_clip folder)", elem_id="ev-clip")
+                    ev_dino = gr.Textbox(label="DINO ViT-S/16 checkpoint (file or timm folder)", elem_id="ev-dino")
+                ev_btn = gr.Button("Score", variant="primary", elem_id="ev-start")
                 ev_job = gr.Dropdown(ui.job_choices("eval"), label="Scoring job", allow_custom_value=True)
-                ev_status = gr.Markdown()
+                ev_status = gr.Markdown(elem_id="ev-status")
                 ev_summary = gr.Dataframe(label="Report", interactive=False)
                 ev_prompts = gr.Dataframe(label="Per prompt", interactive=False)
                 ev_grids = gr.Gallery(label="Per-prompt grids", columns=2, height=360)
@@ -589,7 +600,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
         timer = gr.Timer(1.5)
         seen = gr.State({})
 
-        def on_tick(seen, live_id, gen_id, ev_id, q_id, run_name, gen_r, exp_r, ev_r):
+        def on_tick(seen, live_id, gen_id, ev_id, q_id, run_name, gen_r, exp_r, ev_r, ev_s):
             seen, out = dict(seen or {}), []
 
             def part(key, signature, make, n=1):
@@ -618,12 +629,14 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                                           ("r-runs", names, run_name), ("r-gen", names, gen_r),
                                           ("r-exp", names, exp_r), ("r-ev", names, ev_r)):
                 part(key, choices, lambda c=choices, v=current: dd(c, v))
+            sets = ui.image_sets(ev_r) if ev_r else []
+            part("sets", (ev_r, sets), lambda: dd(sets, ev_s))
             return [seen, *out]
 
-        timer.tick(on_tick, [seen, live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run],
+        timer.tick(on_tick, [seen, live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run, ev_set],
                    [seen, *live_outputs, gen_status, gen_gallery, gen_zip, ev_status, ev_summary, ev_prompts, ev_grids,
                     q_df, runs_df, run_status, run_settings, run_loss, run_val, run_card, run_files,
-                    live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run],
+                    live_job, gen_job, ev_job, q_job, run_pick, gen_run, exp_run, ev_run, ev_set],
                    show_progress="hidden", api_visibility="private")
     return demo
 

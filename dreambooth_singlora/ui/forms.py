@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import time
 import uuid
@@ -90,13 +91,18 @@ def base_model(workspace, text: str) -> str:
 
 
 # ---------------------------------------------------------------- photos
+def upload_path(f) -> Path:
+    """The path of an uploaded file: a path as it is, or the `.name` of a file object some Gradio versions hand."""
+    return Path(f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f))
+
+
 def ingest_photos(files, dest: Path, staging_root: Path) -> list[Path]:
     """Decode and check each uploaded file as an image (dreambooth_singlora.data's reader), then write them as PNG
     into `dest` (a new folder). Refused: fewer than 3 or more than 20, a file over 25 MiB, one that is not an image,
     one smaller than 64 px. Nothing half-written is kept: the PNGs go to a staging folder, renamed into place whole."""
     from ..data import open_rgb
 
-    files = [Path(getattr(f, "name", f)) for f in (files or [])]
+    files = [upload_path(f) for f in (files or [])]
     if not MIN_PHOTOS <= len(files) <= MAX_PHOTOS:
         raise UserError(f"{len(files)} photos given: upload {MIN_PHOTOS} to {MAX_PHOTOS} photos of the subject")
     images = []

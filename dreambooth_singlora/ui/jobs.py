@@ -145,7 +145,7 @@ class Queue:
         return Job.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def jobs(self, run: str | None = None, kind: str | None = None) -> list[Job]:
-        """Every job, oldest first (ids sort by creation), optionally of one run and kind."""
+        """Every job, oldest first, optionally of one run and kind."""
         out = []
         for d in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
             if (d / "job.json").is_file():
@@ -153,7 +153,7 @@ class Queue:
                     job = self.load(d.name)
                     if (run is None or job.run == run) and (kind is None or job.kind == kind):
                         out.append(job)
-        return out
+        return sorted(out, key=lambda j: (j.created, j.id))
 
     # ---- what the UI asks
     def submit(self, kind: str, argv: list, run: str = "", title: str = "", outputs: dict | None = None,

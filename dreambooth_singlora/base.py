@@ -1,0 +1,280 @@
+"""The base model: the one module that knows a model family.
+
+    family = detect_family("stabilityai/stable-diffusion-xl-base-1.0")    # reads model_index.json only
+    base = Base.load(src, dtype=torch.bfloat16, device="cuda")            # the frozen parts
+    cond = base.encode_prompt("a photo of sks dog")    # {"encoder_hidden_states": (1, 77, D), ...} batch-first
+    mean, std = base.latent_dist(images)                # the VAE's latent distribution, (B, 4, h, w) each
+    latents = base.scale_latents(mean + std * noise)
+    pred = unet(noisy, t, **base.unet_kwargs(cond))     # a family with extra conditioning adds keys, not call sites
+    loss = mse(pred, base.target(latents, noise, t))    # epsilon or v, from the scheduler
+    pipe = base.pipeline(unet, scheduler="dpm++")        # class images, validation and `generate`
+
+The trainer, the bank, validation, class images and `generate` receive a `Base` and import no diffusers or
+transformers model or pipeline class. A new family is one `Family` here and a tiny pipeline for the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import SCHEDULERS
+from .errors import UserError
+from .fileio import check_base_model
+
+logger = logging.getLogger(__name__)
+
+#: the UNet call's conditioning keys that go into `added_cond_kwargs` (SDXL's micro-conditioning)
+ADDED_COND = ("text_embeds", "time_ids")
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families: the pipeline class, the text encoders (subfolders), the export's
+    base-model name for kohya metadata (`ss_base_model_version`)."""
+    name: str
+    label: str
+    pipeline: str
+    text_encoders: tuple
+    kohya_version: str
+    pooled: bool = False  # the last text encoder's pooled projection conditions the UNet (text_embeds)
+    penultimate: bool = False  # the UNet reads the text encoders' penultimate hidden states
+    upcast_vae: bool = False  # the VAE overflows in fp16: encode in fp32
+
+
+FAMILIES = {
+    "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", ("text_encoder",), "sd_v1"),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", ("text_encoder",), "sd_v2"),
+    "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"),
+                   "sdxl_base_v1-0", pooled=True, penultimate=True, upcast_vae=True),
+}
+SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x and 2.x",
+             "StableDiffusionXLPipeline": "Stable Diffusion XL"}
+
+
+def supported_line() -> str:
+    return "; ".join(f"{cls} ({what})" for cls, what in SUPPORTED.items())
+
+
+def _read_json(src: str, name: str, revision: str | None) -> dict:
+    """`name` (e.g. model_index.json, unet/config.json) of a local folder or a hub snapshot, without weights."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"cannot load base model {src!r}: it has no {name} (give a diffusers pipeline folder with "
+                            "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id)")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(src, name, revision=revision))
+        except Exception as e:  # noqa: BLE001 - the hub client raises many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load base model {src!r}: {name}: {first}") from None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}); the model folder is corrupt") from None
+
+
+def detect_family(src: str, revision: str | None = None) -> Family:
+    """The family of the pipeline at `src` (a local folder or hub id), from its model_index.json `_class_name` and
+    its UNet's config, before any weights load. UserError for an unsupported class, naming it and the supported."""
+    check_base_model(src)
+    index = _read_json(src, "model_index.json", revision)
+    cls = index.get("_class_name")
+    if cls not in SUPPORTED:
+        raise UserError(f"{src} is a {cls or 'pipeline of unknown class'}, which this tool cannot train; supported: "
+                        f"{supported_line()}")
+    if cls == "StableDiffusionXLPipeline":
+        missing = [k for k in ("text_encoder_2", "tokenizer_2") if not (index.get(k) or [None, None])[1]]
+        if missing:
+            raise UserError(f"{src} is an SDXL pipeline without its second text encoder ({', '.join(missing)} "
+                            "missing in model_index.json): give the full SDXL folder")
+        return FAMILIES["sdxl"]
+    # SD 2.x's UNet projects attention with linear layers (SD 1.x with 1x1 convolutions)
+    unet = _read_json(src, "unet/config.json", revision)
+    return FAMILIES["sd2" if unet.get("use_linear_projection") else "sd1"]
+
+
+def resolution_of(unet_config: dict, vae_config: dict) -> int:
+    """The resolution a model was trained at: its UNet's sample size x its VAE's factor (SD1.5 and SD2-base 512,
+    SD2 768-v 768, SDXL 1024)."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def default_resolution(src: str, revision: str | None = None) -> int:
+    """`resolution_of` the model at `src`, read from its configs (no weights)."""
+    return resolution_of(_read_json(src, "unet/config.json", revision), _read_json(src, "vae/config.json", revision))
+
+
+def torch_dtype(word: str | torch.dtype | None, device=None) -> torch.dtype:
+    """One precision vocabulary for every command: no / fp32, fp16, bf16 (None: fp16 on a GPU, else fp32)."""
+    if isinstance(word, torch.dtype):
+        return word
+    if word is None:
+        return torch.float16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    table = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if word not in table:
+        raise UserError(f"unknown precision {word!r}; valid: {', '.join(table)}")
+    return table[word]
+
+
+class Base:
+    """The frozen parts of one base model, loaded once: tokenizers, text encoders, VAE, UNet, the training noise
+    schedule, and the rules of its family (conditioning, latents, loss target, pipeline, defaults)."""
+
+    def __init__(self, family: Family, src: str, tokenizers, text_encoders, vae, unet, scheduler_config: dict):
+        from diffusers import DDPMScheduler
+
+        self.family, self.src = family, src
+        self.tokenizers, self.text_encoders, self.vae, self.unet = list(tokenizers), list(text_encoders), vae, unet
+        self.scheduler_config = scheduler_config
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.vae_config = dict(vae.config)  # kept when the VAE is freed
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, src: str, *, revision: str | None = None, variant: str | None = None, dtype=None, device=None,
+             vae: str | None = None) -> "Base":
+        """The base model at `src` (hub id or local diffusers folder), frozen, on `device` in `dtype`; `vae` a
+        replacement VAE (hub id or folder, e.g. an fp16-safe SDXL VAE)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        family = detect_family(src, revision)
+        device, dtype = torch.device(device or "cpu"), torch_dtype(dtype, device)
+        kw = {"revision": revision}
+        weights = {"variant": variant, "torch_dtype": dtype, **kw}  # read straight into the compute dtype
+        encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+        try:
+            tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder=sub.replace("text_encoder", "tokenizer"), **kw)
+                          for sub in family.text_encoders]
+            text_encoders = [encoders[sub].from_pretrained(src, subfolder=sub, variant=variant, dtype=dtype, **kw)
+                             for sub in family.text_encoders]  # transformers names it dtype
+            vae_model = AutoencoderKL.from_pretrained(vae, **weights) if vae else \
+                AutoencoderKL.from_pretrained(src, subfolder="vae", **weights)
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
+            scheduler_config = dict(DDPMScheduler.load_config(src, subfolder="scheduler", **kw))
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load base model {src!r}: {first} (give a hub id or a local diffusers folder "
+                            f"with {', '.join(('unet', 'vae', 'scheduler') + family.text_encoders)}/ and "
+                            "their tokenizers)") from None
+        for m in (*text_encoders, vae_model, unet):
+            m.requires_grad_(False).eval().to(device)  # already in `dtype`: no cast (and no diffusers warning)
+        return cls(family, src, tokenizers, text_encoders, vae_model, unet, scheduler_config)
+
+    def free_encoders(self) -> None:
+        """Drop the text encoders and the VAE (once latents and prompt embeddings are cached)."""
+        self.text_encoders, self.vae = [], None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ the family's defaults
+    @property
+    def default_resolution(self) -> int:
+        return resolution_of(self.unet.config, self.vae_config)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning of `prompt`, batch-first tensors of batch 1: encoder_hidden_states (1, 77, D)
+        and, for SDXL, text_embeds (1, 1280) (time_ids come from each image: `image_conditioning`)."""
+        hidden, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            ids = tok(prompt, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids.to(enc.device)
+            if self.family.penultimate:
+                out = enc(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]  # CLIPTextModelWithProjection: text_embeds, the pooled projection
+            else:
+                hidden.append(enc(ids)[0])
+        cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1)}
+        if self.family.pooled:
+            cond["text_embeds"] = pooled
+        return cond
+
+    def image_conditioning(self, original_size, crop_top_left, target_size) -> dict[str, torch.Tensor]:
+        """Conditioning that follows a training image (SDXL's time ids: original size, crop top-left, target size,
+        as (1, 6)); {} for families without it."""
+        if not self.family.pooled:
+            return {}
+        return {"time_ids": torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)}
+
+    @staticmethod
+    def unet_kwargs(cond: dict[str, torch.Tensor]) -> dict:
+        """The UNet call's keyword arguments from a flat conditioning dict."""
+        added = {k: cond[k] for k in ADDED_COND if k in cond}
+        out = {k: v for k, v in cond.items() if k not in ADDED_COND}
+        if added:
+            out["added_cond_kwargs"] = added
+        return out
+
+    # ------------------------------------------------------------------ latents and the loss
+    @torch.no_grad()
+    def latent_dist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE's latent distribution of `images` (B, 3, H, W) in [-1, 1]."""
+        vae, dtype = self.vae, self.vae.dtype
+        upcast = self.family.upcast_vae and dtype == torch.float16  # SDXL's VAE overflows in fp16: encode in fp32
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            d = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        finally:
+            if upcast:
+                vae.to(dtype)  # the pipeline upcasts for decoding by itself (force_upcast)
+        return d.mean, d.std
+
+    def scale_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.vae_scaling
+        return (sample if shift is None else sample - shift) * scale
+
+    def add_noise(self, latents, noise, t):
+        return self.noise_scheduler.add_noise(latents, noise, t)
+
+    def target(self, latents, noise, t) -> torch.Tensor:
+        """What the UNet learns to predict: the noise (epsilon) or the velocity (v), as the scheduler says."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        raise UserError(f"prediction_type {self.prediction_type!r} of {self.src} is not supported (epsilon or "
+                        "v_prediction)")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.noise_scheduler.config.num_train_timesteps
+
+    # ------------------------------------------------------------------ sampling
+    def pipeline(self, unet=None, scheduler: str | None = None):
+        """The family's diffusers pipeline over the loaded parts (UNet: `unet`, default the base's), with the
+        sampler `scheduler` (a SCHEDULERS name; None: the folder's own), progress bar off."""
+        import diffusers
+
+        if scheduler and scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        name = SCHEDULERS[scheduler] if scheduler else self.scheduler_config.get("_class_name", "DDIMScheduler")
+        if self.vae is None:
+            raise UserError("the VAE and text encoders were freed after caching: sampling needs them")
+        parts = {"vae": self.vae, "unet": unet if unet is not None else self.unet,
+                 "scheduler": getattr(diffusers, name).from_config(self.scheduler_config)}
+        for i, (tok, enc) in enumerate(zip(self.tokenizers, self.text_encoders)):
+            suffix = "" if i == 0 else f"_{i + 1}"
+            parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tok, enc
+        if self.family.pipeline == "StableDiffusionPipeline":
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = getattr(diffusers, self.family.pipeline)(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
