@@ -97,7 +97,23 @@ def screenshot(driver, folder: Path, name: str):
     driver.set_window_size(1280, 1000)
 
 
-def test_a_run_from_the_browser(browser, tmp_path, tiny_pipeline, dataset_dir):
+def pick(driver, elem_id, text):
+    """Choose `text` in a Gradio dropdown: type it into the box and press Enter."""
+    from selenium.webdriver.common.keys import Keys
+
+    from selenium.webdriver.common.by import By
+
+    el = field(driver, elem_id)
+    el.click()
+    el.send_keys(Keys.CONTROL, "a")
+    el.send_keys(text)
+    option = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"li[role=option][aria-label='{text}']"), 10,
+                      f"option {text}")
+    option[0].click()
+    time.sleep(0.3)
+
+
+def test_a_run_from_the_browser(browser, tmp_path, tiny_pipeline, dataset_dir, request):
     from selenium.webdriver.common.by import By
 
     ws = tmp_path / "ws"
@@ -113,8 +129,9 @@ def test_a_run_from_the_browser(browser, tmp_path, tiny_pipeline, dataset_dir):
         type_into(browser, "train-base", tiny_pipeline)
         type_into(browser, "train-steps", 60 if shots else 2)  # the README's screenshots show a curve
         type_into(browser, "train-resolution", 32)
-        if shots:
+        if shots:  # the uploads as the DreamBooth subject dog, so that Evaluate can score the run
             type_into(browser, "train-validation", "a sks dog")
+            pick(browser, "train-subject", "dog")
         wait_for(lambda: "sd1" in browser.find_element(By.CSS_SELECTOR, "#train-family").text, 60, "the family")
         if shots:
             screenshot(browser, Path(shots), "train")
@@ -129,10 +146,10 @@ def test_a_run_from_the_browser(browser, tmp_path, tiny_pipeline, dataset_dir):
                  "the loss curve drawn")
         assert (ws / "runs" / "browser-dog" / "adapter" / "adapter_model.safetensors").is_file()
         if shots:
-            take_screenshots(browser, Path(shots))
+            take_screenshots(browser, ws, Path(shots), request.getfixturevalue("tiny_eval_checkpoints"))
 
 
-def take_screenshots(browser, shots: Path):
+def take_screenshots(browser, ws: Path, shots: Path, encoders: dict):
     """The other tabs with something in them: a generation of 4 images, an export."""
     from selenium.webdriver.common.by import By
 
@@ -153,6 +170,21 @@ def take_screenshots(browser, shots: Path):
     browser.find_element(By.CSS_SELECTOR, "#exp-start").click()
     wait_for(lambda: "Exported" in browser.find_element(By.CSS_SELECTOR, "#exp-msg").text, 120, "the export")
     screenshot(browser, shots, "export")
-    for tab in ("Evaluate", "Queue"):
-        open_tab(browser, tab)
-        screenshot(browser, shots, tab.lower())
+    open_tab(browser, "Generate")  # the 25 evaluation prompts, one image each, for Evaluate
+    browser.find_element(By.CSS_SELECTOR, "#gen-eval input").click()
+    type_into(browser, "gen-n", 1)
+    browser.find_element(By.CSS_SELECTOR, "#gen-start").click()
+    time.sleep(2)
+    wait_for(lambda: ": finished" in browser.find_element(By.CSS_SELECTOR, "#gen-status").text, 180, "the 25")
+    open_tab(browser, "Evaluate")
+    type_into(browser, "ev-clip", encoders["clip_dir"])
+    type_into(browser, "ev-dino", encoders["dino_dir"])
+    newest = sorted(p.name for p in (ws / "runs" / "browser-dog" / "images").iterdir())[-1]
+    time.sleep(2)  # the image set list follows the new set
+    pick(browser, "ev-set", newest)
+    browser.find_element(By.CSS_SELECTOR, "#ev-start").click()
+    wait_for(lambda: ": finished" in browser.find_element(By.CSS_SELECTOR, "#ev-status").text, 180, "the scores")
+    time.sleep(2)
+    screenshot(browser, shots, "evaluate")
+    open_tab(browser, "Queue")
+    screenshot(browser, shots, "queue")

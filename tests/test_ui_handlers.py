@@ -300,3 +300,41 @@ def test_stop_then_resume_continues_the_run(trained, tiny_pipeline, dataset_dir)
              if '"step"' in x and '"event": "step"' in x]
     assert first and first[0]["step"] > stopped["step"]  # it went on from the checkpoint, not from step 0
     assert first[-1]["step"] == 100
+
+
+def test_a_dreambooth_subject_from_the_dataset_folder(tmp_path, tiny_pipeline, dataset_dir):
+    ws = tmp_path / "ws"
+    with pytest.raises(UserError, match="dataset folder .* does not exist"):
+        forms.new_train(ws, train_form(ws, tiny_pipeline, [], subject="cat", noun="",
+                                       dataset_dir=str(tmp_path / "no-dataset")))
+    argv, settings = forms.new_train(ws, train_form(ws, tiny_pipeline, [], subject="cat", noun="",
+                                                    dataset_dir=dataset_dir, preset="12 GB"))
+    photos = ws / "runs" / "r" / "photos" / "cat"
+    assert len(list(photos.iterdir())) == len(list(Path(dataset_dir, "cat").glob("*.jpg")))
+    assert settings["prompt"] == "a photo of sks cat" and settings["label"] == "cat"
+    assert argv[argv.index("--instance_data_dir") + 1] == str(photos)
+    assert argv[argv.index("--class_prompt") + 1] == "a photo of cat"
+    assert "--gradient_checkpointing" in argv and argv[argv.index("--train_batch_size") + 1] == "1"
+    assert "--no-use_8bit_adam" in argv
+    from dreambooth_singlora.config import train_parser
+
+    train_parser().parse_args(argv[4:])  # the trainer's own parser takes the command the form built
+
+
+def test_one_job_on_each_gpu_slot(tmp_path):
+    code = "import os, time; print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True); time.sleep(60)"
+    q = Queue(tmp_path / "ws", slots=["0", "1"])
+    jobs = [q.submit("generate", [sys.executable, "-c", code]) for _ in range(3)]
+    q.tick()
+    assert [q.load(j.id).status for j in jobs] == ["running", "running", "queued"]
+    assert [q.load(j.id).gpu for j in jobs[:2]] == ["0", "1"]
+    for j in jobs[:2]:
+        assert q.stop(j.id).stop_requested
+    for j in jobs[:2]:
+        assert q.wait(j.id, 20).status == "stopped"
+    log = q.log_path(jobs[0]).read_text()
+    assert "gpu 0" in log
+    q.tick()
+    assert q.load(jobs[2].id).status == "running" and q.load(jobs[2].id).gpu in ("0", "1")
+    q.stop(jobs[2].id)
+    assert q.wait(jobs[2].id, 20).status == "stopped"
