@@ -203,7 +203,7 @@ def render(pipe, cfg: GenerateConfig, jobs: list[Job], routing=None, events=None
                            len(ids), limit, tok.decode(ids[1:limit - 1])[-40:], tok.decode(ids[limit - 1:-1]))
     if cfg.skip_existing:
         jobs = [j for j in jobs if not rendered(j)]
-    # StableDiffusionPipeline.do_classifier_free_guidance: the UNet then sees [uncond, cond]
+    # the pipeline's do_classifier_free_guidance: the UNet then sees [uncond, cond]
     doubled = cfg.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
     seconds = []
     if show is None:  # one bar per run, not per process
