@@ -208,25 +208,49 @@ def test_events_are_read_into_the_live_view(tmp_path):
 # ---------------------------------------------------------------- one run through every tab's handlers
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_pipeline, dataset_dir):
-    """A 2-step run on the tiny pipeline from uploaded photos, through the queue and the real trainer."""
+    """A 100-step run on the tiny pipeline from uploaded photos, through the queue and the real trainer: stopped
+    from the UI once its first loss is in, then resumed to its end. (ui, the stopped job, the resumed job)."""
     ws = tmp_path_factory.mktemp("ui") / "ws"
     ui = app.UI(ws)
     msg, job_id = ui.start_train("dog1", "dog", "", photos_in(ws, dataset_dir), "", "sks", tiny_pipeline,
-                                 "singlora", 4, 2, 1e-4, False, 32, "a sks dog", "none", "none")
+                                 "singlora", 4, 100, 1e-4, False, 32, "a sks dog", "none", "none")
     assert job_id, msg
-    job = ui.queue.wait(job_id, 180)
-    return ui, job
+    end = time.monotonic() + 180
+    while ui.queue.load(job_id).status in ("queued", "running") and not ui.live(job_id)["loss"]:
+        assert time.monotonic() < end
+        ui.queue.tick()
+        time.sleep(0.05)
+    assert ui.stop(job_id).startswith("Stop requested")
+    stopped = ui.queue.wait(job_id, 120)
+    msg, again = ui.resume(job_id)
+    assert again, msg
+    return ui, stopped, ui.queue.wait(again, 180)
+
+
+def events_of(ui, job):
+    return [json.loads(x) for x in (ui.workspace / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
+
+
+def test_stop_then_resume_continues_the_run(trained):
+    ui, stopped, resumed = trained
+    assert stopped.status == "stopped", ui.live(stopped.id)["log"]
+    last = events_of(ui, stopped)[-1]
+    assert last["event"] == "stopped" and last["step"] < 100 and last["checkpoint"]
+    assert resumed.status == "finished", ui.live(resumed.id)["log"]
+    steps = [e["step"] for e in events_of(ui, resumed) if e["event"] == "step"]
+    assert steps[0] > last["step"] and steps[-1] == 100  # it went on from the checkpoint, not from step 0
+    assert resumed.argv == stopped.argv  # the same command
 
 
 def test_training_through_the_queue(trained):
-    ui, job = trained
-    assert job.status == "finished", ui.live(job.id)["log"]
+    ui, _, job = trained
     view = ui.live(job.id)
-    assert "finished" in view["status"]
+    assert "finished; step 100/100" in view["status"]
+    events = [e["event"] for e in events_of(ui, job)]
+    assert events[0] == "started" and events[-1] == "finished" and "step" in events and "validation" in events
+    assert view["loss"] and all(r["loss"] > 0 and r["subject"] == "dog1" for r in view["loss"])
+    assert view["validation"] and all(Path(p).is_file() for p, _ in view["validation"])
     ws = ui.workspace
-    events = [json.loads(line)["event"] for line in (ws / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
-    assert events[0] == "started" and events[-1] == "finished" and "step" in events
-    assert view["loss"] and all(r["loss"] > 0 for r in view["loss"])
     settings = json.loads((ws / "runs" / "dog1" / "run.json").read_text())
     assert settings["prompt"] == "a photo of sks dog" and settings["subject"] == "dog"
     assert sorted(p.name for p in (ws / "runs" / "dog1" / "photos" / "dog").iterdir()) == ["00.png", "01.png",
@@ -239,7 +263,7 @@ def test_training_through_the_queue(trained):
 
 
 def test_generate_export_and_evaluate(trained, tiny_eval_checkpoints):
-    ui, job = trained
+    ui = trained[0]
     msg, gen = ui.generate("dog1", "", 5, 1, 0.5, 1, 7.5, "ddim", True, 32)
     assert gen, msg
     g = ui.queue.wait(gen, 180)
@@ -275,31 +299,6 @@ def test_generate_export_and_evaluate(trained, tiny_eval_checkpoints):
     assert {"dino", "clip_i", "clip_t"} <= metrics
     assert len(report["per_prompt"]) == 26  # header + 25 prompts
     assert any(Path(p).name == "contact_sheet.png" for p, _ in report["grids"])
-
-
-def test_stop_then_resume_continues_the_run(trained, tiny_pipeline, dataset_dir):
-    ui, _ = trained
-    msg, job_id = ui.start_train("long", "dog", "", photos_in(ui.workspace, dataset_dir), "", "sks", tiny_pipeline,
-                                 "singlora", 4, 100, 1e-4, False, 32, "", "none", "none")
-    assert job_id, msg
-    end = time.monotonic() + 120
-    while ui.live(job_id)["job"].status in ("queued", "running") and not ui.live(job_id)["loss"]:
-        assert time.monotonic() < end
-        ui.queue.tick()
-        time.sleep(0.05)
-    assert ui.stop(job_id).startswith("Stop requested")
-    job = ui.queue.wait(job_id, 120)
-    assert job.status == "stopped", ui.live(job_id)["log"]
-    stopped = [json.loads(x) for x in (ui.workspace / "jobs" / job_id / "events.jsonl").read_text().splitlines()][-1]
-    assert stopped["event"] == "stopped" and stopped["step"] < 100
-    msg, again = ui.resume(job_id)
-    assert again, msg
-    job2 = ui.queue.wait(again, 180)
-    assert job2.status == "finished", ui.live(again)["log"]
-    first = [json.loads(x) for x in (ui.workspace / "jobs" / again / "events.jsonl").read_text().splitlines()
-             if '"step"' in x and '"event": "step"' in x]
-    assert first and first[0]["step"] > stopped["step"]  # it went on from the checkpoint, not from step 0
-    assert first[-1]["step"] == 100
 
 
 def test_a_dreambooth_subject_from_the_dataset_folder(tmp_path, tiny_pipeline, dataset_dir):
