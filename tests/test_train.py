@@ -153,6 +153,7 @@ def test_two_processes_data_parallel_in_bf16(tiny_pipeline, dataset_dir, tmp_pat
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
         raise
     assert proc.returncode == 0, err[-3000:]
+    assert err.count("instance images") == 1 and err.count("adapter(s) of dog saved") == 1  # once, not per process
     assert (tmp_path / "ddp" / "validation" / "step-00004.png").stat().st_size > 0  # rendered on the main process
     stats = json.loads((tmp_path / "ddp" / "train_stats.json").read_text())
     assert stats["num_processes"] == 2 and stats["steps_run"] == 4 and len(stats["loss_history"]) == 2
