@@ -107,6 +107,7 @@ def main(argv=None):
     x = torch.randn(n, 4, size, size, device=dev, dtype=dt)
     ts = torch.randint(0, 1000, (n,), device=dev)
     emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
+    cond = {"encoder_hidden_states": emb}  # the conditioning as the trainer passes it (base.Base.encode_prompt)
     out: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
                  "subjects": n, "path": "bank, eager" if n > 1 else "one adapter, CUDA graphs", "variants": {}}
     graphs, one, one_opt = n == 1 and dev == "cuda", None, None
@@ -129,11 +130,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         with attention:
             if "compile" in parts:
-                denoise = torch.compile(Denoise(model, dt, autocast))
+                denoise = torch.compile(Denoise(model, dt, cond, autocast))
             elif graphs:
-                denoise = graph_unet(model, (x, emb, None), dt, autocast)
+                denoise = graph_unet(model, (x, cond, None), dt, autocast)
             else:
-                denoise = Denoise(model, dt, autocast)
+                denoise = Denoise(model, dt, cond, autocast)
 
             def step():
                 denoise(x, ts, emb).float().square().mean().backward()

@@ -33,23 +33,22 @@ ADDED_COND = ("text_embeds", "time_ids")
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between model families: the pipeline class, the text encoders (subfolders), the export's
-    base-model name for kohya metadata (`ss_base_model_version`)."""
+    """What differs between model families: the pipeline class, the text encoders (subfolders) and how the UNet
+    reads them. (The export's key layout per family: export.export_layout.)"""
     name: str
     label: str
     pipeline: str
     text_encoders: tuple
-    kohya_version: str
     pooled: bool = False  # the last text encoder's pooled projection conditions the UNet (text_embeds)
     penultimate: bool = False  # the UNet reads the text encoders' penultimate hidden states
     upcast_vae: bool = False  # the VAE overflows in fp16: encode in fp32
 
 
 FAMILIES = {
-    "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", ("text_encoder",), "sd_v1"),
-    "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", ("text_encoder",), "sd_v2"),
+    "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", ("text_encoder",)),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", ("text_encoder",)),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"),
-                   "sdxl_base_v1-0", pooled=True, penultimate=True, upcast_vae=True),
+                   pooled=True, penultimate=True, upcast_vae=True),
 }
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x and 2.x",
              "StableDiffusionXLPipeline": "Stable Diffusion XL"}

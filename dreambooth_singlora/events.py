@@ -157,8 +157,6 @@ class Bar:
                                          u=f"{event['u']:.2f}", refresh=False)
         elif kind == "progress":
             self.bar.update(event["done"] - self.bar.n)
-        elif kind == "validation":
-            self.bar.set_description("training")
         elif kind in ENDS:
             self.bar.close()
 

@@ -704,7 +704,8 @@ def write_results(cfg, base: Base, accelerator, group: list[Member], adapters, h
         adapters.stage(i)
         set_step(adapters.bare, step)
         save_adapter(adapters.bare, m.output_dir, base_model=cfg.pretrained_model_name_or_path,
-                     extra={"run": run_of(cfg, m), "family": base.family.name, "holdout": m.holdout})
+                     extra={"run": run_of(cfg, m), "family": base.family.name, "prediction_type": base.prediction_type,
+                            "holdout": m.holdout})
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
         write_text_atomic(m.output_dir / "README.md", model_card(cfg, base.family, m, step, n_params,
                                                                  stats["loop_seconds"]))
