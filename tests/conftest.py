@@ -2,6 +2,8 @@
 
 The expensive ones are session-scoped (built once per test run, shared by every test file):
     tiny_pipeline           folder of a tiny SD-1.5-shaped pipeline (diffusers layout)
+    tiny_sd2_pipeline       folder of a tiny SD-2.1-shaped pipeline (v-prediction)
+    tiny_sdxl_pipeline      folder of a tiny SDXL-shaped pipeline (two text encoders)
     tiny_eval_checkpoints   tiny random CLIP and DINO, saved as folders and as .safetensors files
     dataset_dir             the DreamBooth photos: $DREAMBOOTH_DATASET, else the excerpt in tests/data
 """
@@ -35,6 +37,24 @@ def tiny_pipeline(tmp_path_factory):
     from dreambooth_singlora.testing import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_pipeline(tmp_path_factory):
+    """Folder of a tiny SD-2.1-shaped pipeline (linear projections, v-prediction; built once per test session).
+    Read-only for tests: copy before changing one."""
+    from dreambooth_singlora.testing import build_tiny_sd2_pipeline
+
+    return build_tiny_sd2_pipeline(tmp_path_factory.mktemp("tiny-sd2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory):
+    """Folder of a tiny SDXL-shaped pipeline (two text encoders, text_time conditioning; built once per test
+    session). Read-only for tests: copy before changing one."""
+    from dreambooth_singlora.testing import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture

@@ -14,20 +14,9 @@ from dreambooth_singlora import SingLoRAConfig, add_adapter, merge_adapter, save
 from dreambooth_singlora.adapter import attention_modules
 from dreambooth_singlora.errors import UserError
 from dreambooth_singlora.export import export_layout, export_lora, layers_per_block
-from dreambooth_singlora.testing import (SD21_UNET_CONFIG, SDXL_TEXT2_CONFIG, SDXL_TEXT_CONFIG, SDXL_UNET_CONFIG,
-                                         build_tiny_sd2_pipeline, build_tiny_sdxl_pipeline)
+from dreambooth_singlora.testing import SD21_UNET_CONFIG, SDXL_TEXT2_CONFIG, SDXL_TEXT_CONFIG, SDXL_UNET_CONFIG
 
 ALL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd2(tmp_path_factory):
-    return build_tiny_sd2_pipeline(tmp_path_factory.mktemp("tiny-sd2"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 def cross_attention_keys(unet) -> set:
@@ -35,10 +24,10 @@ def cross_attention_keys(unet) -> set:
     return {tuple(attn.to_k.weight.shape) for name, attn in attention_modules(unet) if name.endswith("attn2")}
 
 
-def test_tiny_sd2_is_sd2_shaped_and_samples(tiny_sd2):
+def test_tiny_sd2_is_sd2_shaped_and_samples(tiny_sd2_pipeline):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd2, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd2_pipeline, safety_checker=None)
     assert pipe.unet.config.use_linear_projection and list(pipe.unet.config.attention_head_dim) == [2, 4]
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.text_encoder.config.hidden_act == "gelu"
@@ -49,10 +38,10 @@ def test_tiny_sd2_is_sd2_shaped_and_samples(tiny_sd2):
     assert image.size == (32, 32)
 
 
-def test_tiny_sdxl_is_sdxl_shaped_and_samples(tiny_sdxl):
+def test_tiny_sdxl_is_sdxl_shaped_and_samples(tiny_sdxl_pipeline):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline)
     unet, te1, te2 = pipe.unet.config, pipe.text_encoder.config, pipe.text_encoder_2.config
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert unet.addition_embed_type == "text_time" and unet.cross_attention_dim == te1.hidden_size + te2.hidden_size
@@ -141,12 +130,13 @@ def saved_adapter(unet, folder, family, extra=None):
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
-def test_kohya_export_fused_by_diffusers_equals_our_merge(family, tiny_sd2, tiny_sdxl, tmp_path):
+def test_kohya_export_fused_by_diffusers_equals_our_merge(family, tiny_sd2_pipeline, tiny_sdxl_pipeline, tmp_path):
     """The kohya file, loaded by diffusers' load_lora_weights and fused, changes exactly the adapted projections,
     each to the project's merged weight; no key is dropped or unexpected."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    cls, src = (StableDiffusionPipeline, tiny_sd2) if family == "sd2" else (StableDiffusionXLPipeline, tiny_sdxl)
+    cls, src = (StableDiffusionPipeline, tiny_sd2_pipeline) if family == "sd2" else (
+        StableDiffusionXLPipeline, tiny_sdxl_pipeline)
     kw = {"safety_checker": None} if family == "sd2" else {}
     prediction = json.loads((src / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
     ours = saved_adapter(UNet2DConditionModel.from_pretrained(src, subfolder="unet"), tmp_path / "a", family,
