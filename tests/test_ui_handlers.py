@@ -240,6 +240,8 @@ def test_stop_then_resume_continues_the_run(trained):
     steps = [e["step"] for e in events_of(ui, resumed) if e["event"] == "step"]
     assert steps[0] > last["step"] and steps[-1] == 100  # it went on from the checkpoint, not from step 0
     assert resumed.argv == stopped.argv  # the same command
+    assert ui.resume(resumed.id)[0] == (f"Refused: job {resumed.id} is finished: only a stopped, failed or "
+                                        "cancelled job can be resumed")
 
 
 def test_training_through_the_queue(trained):
@@ -327,12 +329,14 @@ def test_one_job_on_each_gpu_slot(tmp_path):
     q.tick()
     assert [q.load(j.id).status for j in jobs] == ["running", "running", "queued"]
     assert [q.load(j.id).gpu for j in jobs[:2]] == ["0", "1"]
+    end = time.monotonic() + 30
+    while not all(f"gpu {g}" in q.log_path(j).read_text() for g, j in zip("01", jobs)):  # each saw its own GPU
+        assert time.monotonic() < end
+        time.sleep(0.05)
     for j in jobs[:2]:
         assert q.stop(j.id).stop_requested
     for j in jobs[:2]:
         assert q.wait(j.id, 20).status == "stopped"
-    log = q.log_path(jobs[0]).read_text()
-    assert "gpu 0" in log
     q.tick()
     assert q.load(jobs[2].id).status == "running" and q.load(jobs[2].id).gpu in ("0", "1")
     q.stop(jobs[2].id)

@@ -164,8 +164,10 @@ class UI:
                 p.unlink(missing_ok=True)
 
     # -- jobs
-    def job_choices(self, kind: str | None = None) -> list[tuple[str, str]]:
-        return [(f"{j.title} - {j.status} [{j.id}]", j.id) for j in reversed(self.queue.jobs(kind=kind))]
+    def job_choices(self, kind: str | None = None, jobs: list | None = None) -> list[tuple[str, str]]:
+        """(label, id) of the jobs (of one kind), newest first; `jobs`: a list already read."""
+        jobs = self.queue.jobs() if jobs is None else jobs
+        return [(f"{j.title} - {j.status} [{j.id}]", j.id) for j in reversed(jobs) if kind in (None, j.kind)]
 
     def _job(self, job_id) -> Job:
         if not job_id:
@@ -622,10 +624,11 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
             part("queue", q_rows, lambda: frame(q_rows, q_cols))
             part("runs", r_rows, lambda: frame(r_rows, runs_cols))
             part("run", (run_name, [r for r in r_rows if r[0] == run_name]), lambda: on_run(run_name), 6)
-            names = ui.run_names()
-            for key, choices, current in (("j-train", ui.job_choices("train"), live_id),
-                                          ("j-gen", ui.job_choices("generate"), gen_id),
-                                          ("j-eval", ui.job_choices("eval"), ev_id), ("j-all", ui.job_choices(), q_id),
+            names, jobs = ui.run_names(), ui.queue.jobs()
+            for key, choices, current in (("j-train", ui.job_choices("train", jobs), live_id),
+                                          ("j-gen", ui.job_choices("generate", jobs), gen_id),
+                                          ("j-eval", ui.job_choices("eval", jobs), ev_id),
+                                          ("j-all", ui.job_choices(None, jobs), q_id),
                                           ("r-runs", names, run_name), ("r-gen", names, gen_r),
                                           ("r-exp", names, exp_r), ("r-ev", names, ev_r)):
                 part(key, choices, lambda c=choices, v=current: dd(c, v))

@@ -200,8 +200,8 @@ class Queue:
     def resume(self, job_id: str) -> Job:
         """Queue the same command again (the trainer resumes from its last checkpoint)."""
         job = self.load(job_id)
-        if job.status in ACTIVE:
-            raise UserError(f"job {job_id} is {job.status}: resume a stopped or failed job")
+        if job.status in (*ACTIVE, "finished"):
+            raise UserError(f"job {job_id} is {job.status}: only a stopped, failed or cancelled job can be resumed")
         return self.submit(job.kind, job.argv, job.run, job.title, job.outputs, job.needs_gpu)
 
     # ---- the runner
