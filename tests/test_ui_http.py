@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gradio_client import Client, handle_file  # the [test] extra installs it: missing, the module fails
+from gradio_client.exceptions import AuthenticationError
 
 from dreambooth_singlora.ui.testing import running_app
 
@@ -142,11 +143,17 @@ def test_other_hosts_are_refused_without_a_login(tmp_path):
 
 def test_a_restarted_ui_lists_the_same_run(served):
     """Runs last in the module: ends the shared UI. A second UI on a served workspace is refused; once the first
-    ends, a new one lists the run the first trained."""
+    ends, a new one (behind a login this time: refused without it and with a wrong password) lists the run the
+    first trained."""
     with pytest.raises(RuntimeError, match="another web UI .* serves the workspace"):
         with running_app(served.ws):
             pass
     served.close()
-    with running_app(served.ws) as url:
-        rows = Client(url, verbose=False).predict(api_name="/runs")["data"]
+    logins = served.ws.parent / "logins.txt"
+    logins.write_text("ann:correct horse\n")
+    with running_app(served.ws, "--auth_file", str(logins)) as url:  # restarted, now behind a login
+        assert http_status(url + "config") == 401
+        with pytest.raises(AuthenticationError, match="Invalid credentials"):
+            Client(url, verbose=False, auth=("ann", "wrong"))
+        rows = Client(url, verbose=False, auth=("ann", "correct horse")).predict(api_name="/runs")["data"]
     assert [r[:2] for r in rows] == [["dog-http", "finished"]]

@@ -7,8 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -34,10 +35,15 @@ def running_app(workspace, *flags, timeout: float = 90.0, env=None):
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the UI exited with status {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            with suppress(OSError):
+            try:
                 with urllib.request.urlopen(url + "gradio_api/info", timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):  # up, behind its login
+                    break
+            except OSError:
+                pass
             if time.monotonic() > end:
                 raise TimeoutError(f"the UI did not answer within {timeout} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.3)
