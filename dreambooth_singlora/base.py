@@ -11,6 +11,11 @@
 
 The trainer, the bank, validation, class images and `generate` receive a `Base` and import no diffusers or
 transformers model or pipeline class. A new family is one `Family` here and a tiny pipeline for the tests.
+
+A base model is a diffusers folder, a hub id, or one original-layout .safetensors file (how most SD 2.x and SDXL
+fine-tunes are shared) with `base_config`, a diffusers folder (or hub id) of the same family: the family, the
+default resolution, the tokenizers and the scheduler come from it, the weights from the file (diffusers'
+from_single_file converts them).
 """
 
 from __future__ import annotations
@@ -80,10 +85,38 @@ def _read_json(src: str, name: str, revision: str | None) -> dict:
         raise UserError(f"{file} is not valid JSON ({e}); the model folder is corrupt") from None
 
 
-def detect_family(src: str, revision: str | None = None) -> Family:
-    """The family of the pipeline at `src` (a local folder or hub id), from its model_index.json `_class_name` and
-    its UNet's config, before any weights load. UserError for an unsupported class, naming it and the supported."""
+def single_file(src: str) -> bool:
+    """Whether `src` is one checkpoint file (not a diffusers folder or a hub id)."""
+    return Path(src).expanduser().is_file()
+
+
+def config_source(src: str, base_config: str | None = None) -> str:
+    """Where the configs of the base model at `src` are read: `src` itself, or for a single file `base_config`.
+    UserError for a single file without `base_config`, one that is not .safetensors, or `base_config` beside a
+    folder or hub id (it would be ignored)."""
+    if not single_file(src):
+        if base_config:
+            raise UserError(f"--base_config is for a single-file checkpoint, but {src} is a diffusers folder or hub "
+                            "id (it has its own configs): leave --base_config out")
+        return src
+    if Path(src).suffix != ".safetensors":
+        raise UserError(f"{src} is not a .safetensors file: only safetensors single files are read (never pickled "
+                        ".ckpt files); give a .safetensors checkpoint or a diffusers folder")
+    if not base_config:
+        raise UserError(f"{src} is a single-file checkpoint: give --base_config DIR, a diffusers folder (or hub id) of "
+                        "the same family for its configs, tokenizers and scheduler (e.g. stabilityai/stable-diffusion-"
+                        "xl-base-1.0 for an SDXL fine-tune)")
+    return base_config
+
+
+def detect_family(src: str, revision: str | None = None, base_config: str | None = None) -> Family:
+    """The family of the pipeline at `src` (a local folder or hub id; a single file: of `base_config`), from its
+    model_index.json `_class_name` and its UNet's config, before any weights load. UserError for an unsupported
+    class, naming it and the supported."""
     check_base_model(src)
+    if (configs := config_source(src, base_config)) != src:
+        check_base_model(configs)
+        src = configs
     index = _read_json(src, "model_index.json", revision)
     cls = index.get("_class_name")
     if cls not in SUPPORTED:
@@ -106,8 +139,9 @@ def resolution_of(unet_config: dict, vae_config: dict) -> int:
     return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def default_resolution(src: str, revision: str | None = None) -> int:
-    """`resolution_of` the model at `src`, read from its configs (no weights)."""
+def default_resolution(src: str, revision: str | None = None, base_config: str | None = None) -> int:
+    """`resolution_of` the model at `src` (a single file: of `base_config`), read from its configs (no weights)."""
+    src = config_source(src, base_config)
     return resolution_of(_read_json(src, "unet/config.json", revision), _read_json(src, "vae/config.json", revision))
 
 
@@ -141,14 +175,17 @@ class Base:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, src: str, *, revision: str | None = None, variant: str | None = None, dtype=None, device=None,
-             vae: str | None = None) -> "Base":
-        """The base model at `src` (hub id or local diffusers folder), frozen, on `device` in `dtype`; `vae` a
-        replacement VAE (hub id or folder, e.g. an fp16-safe SDXL VAE)."""
+             vae: str | None = None, base_config: str | None = None) -> "Base":
+        """The base model at `src` (hub id, local diffusers folder, or a single .safetensors file with
+        `base_config`), frozen, on `device` in `dtype`; `vae` a replacement VAE (hub id or folder, e.g. an
+        fp16-safe SDXL VAE)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        family = detect_family(src, revision)
+        family = detect_family(src, revision, base_config)
         device, dtype = torch.device(device or "cpu"), torch_dtype(dtype, device)
+        if single_file(src):
+            return cls._load_single_file(family, src, base_config, dtype, device, vae)
         kw = {"revision": revision}
         weights = {"variant": variant, "torch_dtype": dtype, **kw}  # read straight into the compute dtype
         encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
@@ -169,6 +206,33 @@ class Base:
         for m in (*text_encoders, vae_model, unet):
             m.requires_grad_(False).eval().to(device)  # already in `dtype`: no cast (and no diffusers warning)
         return cls(family, src, tokenizers, text_encoders, vae_model, unet, scheduler_config)
+
+    @classmethod
+    def _load_single_file(cls, family: Family, src: str, base_config: str, dtype, device, vae: str | None) -> "Base":
+        """The parts of the family's pipeline loaded by diffusers' from_single_file from the original-layout file
+        `src`, with the configs, tokenizers and scheduler of the diffusers folder (or hub id) `base_config`."""
+        import diffusers
+        from diffusers import AutoencoderKL, DDPMScheduler
+
+        extra = {"safety_checker": None, "feature_extractor": None} if family.pipeline == "StableDiffusionPipeline" \
+            else {}
+        try:
+            if vae:
+                extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+            pipe = getattr(diffusers, family.pipeline).from_single_file(
+                src, config=base_config, local_files_only=Path(base_config).expanduser().is_dir(), torch_dtype=dtype,
+                **extra)
+            scheduler_config = dict(DDPMScheduler.load_config(base_config, subfolder="scheduler"))
+        except Exception as e:  # noqa: BLE001 - diffusers' conversion raises many types for a file of another model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load the single-file checkpoint {src} as {family.label} (configs of "
+                            f"{base_config}): {first} (is --base_config a diffusers folder of the file's family?)"
+                            ) from None
+        tokenizers = [getattr(pipe, sub.replace("text_encoder", "tokenizer")) for sub in family.text_encoders]
+        text_encoders = [getattr(pipe, sub) for sub in family.text_encoders]
+        for m in (*text_encoders, pipe.vae, pipe.unet):
+            m.requires_grad_(False).eval().to(device)
+        return cls(family, src, tokenizers, text_encoders, pipe.vae, pipe.unet, scheduler_config)
 
     def free_encoders(self) -> None:
         """Drop the text encoders and the VAE (once latents and prompt embeddings are cached)."""

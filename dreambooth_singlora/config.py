@@ -202,6 +202,8 @@ def from_args(cls, ns: argparse.Namespace):
 
 # --------------------------------------------------------------------------- training
 
+BASE_CONFIG_HELP = ("with a single-file checkpoint as the base model: a diffusers folder (or hub id) of the same "
+                    "family, whose configs, tokenizers and scheduler go with the file's weights")
 NEEDS_DATASET = "--dataset_dir (the DreamBooth dataset folder, <dataset_dir>/<subject>/*.jpg)"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -213,7 +215,8 @@ class TrainConfig(SingLoRAConfig):
     pretrained_model_name_or_path: Optional[str] = _opt(
         None, "base model: a hub id (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, "
         "stabilityai/stable-diffusion-xl-base-1.0) or a local diffusers folder; its family is read from its "
-        "model_index.json")
+        "model_index.json. Or one original-layout .safetensors file, with --base_config")
+    base_config: Optional[str] = _opt(None, BASE_CONFIG_HELP)
     revision: Optional[str] = _opt(None, "hub revision of the base model")
     variant: Optional[str] = _opt(None, "weights variant, e.g. fp16")
     pretrained_vae_model_name_or_path: Optional[str] = _opt(
@@ -397,6 +400,7 @@ class GenerateConfig:
         None, "adapter folder (adapter_model.safetensors + adapter_config.json); none = the base model alone")
     pretrained_model_name_or_path: Optional[str] = _opt(
         None, "base model (default: the one named in the adapter's config)")
+    base_config: Optional[str] = _opt(None, BASE_CONFIG_HELP + " (default: the adapter's, for its own base)")
     prompt: List[str] = field(default_factory=list, metadata={"help": "a prompt (repeat the flag for more)",
                                                               "action": "append"})
     prompts_file: Optional[str] = _opt(None, "a text file, one prompt per line")
@@ -449,6 +453,8 @@ class GenerateConfig:
         (a digest of the file: an adapter trained again under the same path renders again)."""
         out = {k: v for k, v in asdict(self).items()
                if k not in ("prompt", "prompts_file", "output_dir", "skip_existing", "overwrite", "events")}
+        if not self.base_config:
+            out.pop("base_config")  # the settings of images rendered before the flag existed stay the same
         if self.adapter:
             out["adapter_weights"] = _digest(Path(self.adapter))
         return out

@@ -44,19 +44,22 @@ logger = logging.getLogger("dreambooth_singlora.generate")
 
 
 def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, merge: bool = True,
-                  scheduler: str | None = None, adapter_scale: float = 1.0, use_xformers: bool = False):
+                  scheduler: str | None = None, adapter_scale: float = 1.0, use_xformers: bool = False,
+                  base_config: str | None = None):
     """The base model's pipeline (its family's: SD 1.x / 2.x or SDXL) with the adapter at `adapter` on its UNet
-    (base model: the adapter's by default); UserError for a missing or corrupt adapter, a base model it cannot load,
-    or an adapter of another family or architecture."""
+    (base model: the adapter's by default, with its --base_config if it was a single file; `base_config` for a
+    single-file `base_model`); UserError for a missing or corrupt adapter, a base model it cannot load, or an
+    adapter of another family or architecture."""
     from accelerate import PartialState
 
     meta = read_adapter(adapter)[0] if adapter else {}
     src = base_model or meta.get("base_model")
+    base_config = base_config or (None if base_model else (meta.get("run") or {}).get("base_config"))
     if not src:
         raise UserError(f"adapter {adapter} records no base model: give --pretrained_model_name_or_path")
     device = torch.device(device) if device else PartialState().device
     use_cpu_threads(device)
-    base = Base.load(src, dtype=torch_dtype(dtype, device), device=device)
+    base = Base.load(src, dtype=torch_dtype(dtype, device), device=device, base_config=base_config)
     trained_on = meta.get("family", "sd1")  # adapters of 0.1 were SD 1.x's
     if adapter and trained_on != base.family.name:
         raise UserError(f"adapter {adapter} was trained on a {trained_on} base ({meta.get('base_model')}), but "
@@ -371,7 +374,7 @@ def render_subjects(adapters_dir, output_dir, cfg: GenerateConfig, names=None, m
     state = PartialState()
     base = cfg.pretrained_model_name_or_path or read_adapter(next(iter(found.values())))[0].get("base_model")
     pipe = load_pipeline(None, base, device=state.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
-                         use_xformers=cfg.enable_xformers_memory_efficient_attention)
+                         use_xformers=cfg.enable_xformers_memory_efficient_attention, base_config=cfg.base_config)
     result = {"images": 0}
     with state.split_between_processes(sorted(found)) as mine:
         if mine:
@@ -402,7 +405,7 @@ def main(argv=None):
         events.emit("started", config=asdict(cfg))
         pipe = load_pipeline(cfg.adapter, cfg.pretrained_model_name_or_path, dtype=cfg.dtype, merge=cfg.merge,
                              scheduler=cfg.scheduler, adapter_scale=cfg.adapter_scale,
-                             use_xformers=cfg.enable_xformers_memory_efficient_attention)
+                             use_xformers=cfg.enable_xformers_memory_efficient_attention, base_config=cfg.base_config)
         records = generate_images(pipe, cfg, prompts, events=events)
         out = write_index(cfg, prompts)
         events.emit("finished", outputs=[str(out / r["file"]) for r in records] + [str(out / "index.json"),

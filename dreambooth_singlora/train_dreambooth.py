@@ -82,7 +82,7 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
         check_writable(Path(cfg.output_dir) / "logs")
     if cfg.with_prior_preservation and cfg.class_data_dir:
         check_writable(cfg.class_data_dir)
-    detect_family(cfg.pretrained_model_name_or_path, cfg.revision)  # a base it cannot train: refused here
+    detect_family(cfg.pretrained_model_name_or_path, cfg.revision, cfg.base_config)  # a base it cannot train: refused
     if cfg.subjects is None:
         if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
@@ -130,7 +130,7 @@ RUN_KEYS = ("pretrained_model_name_or_path", "revision", "variant", "seed", "res
             "max_grad_norm", "with_prior_preservation", "prior_loss_weight", "num_class_images", "identifier",
             "method", "rank", "alpha", "ramp_steps", "init", "target_modules", "loraplus_lr_ratio")
 #: settings recorded only where given (so that the runs of earlier versions, which had none, stay the same run)
-RUN_KEYS_IF_SET = ("holdout", "pretrained_vae_model_name_or_path")
+RUN_KEYS_IF_SET = ("holdout", "pretrained_vae_model_name_or_path", "base_config")
 
 
 def run_of(cfg: TrainConfig, member: Member) -> dict:
@@ -485,7 +485,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
 def _train(cfg: TrainConfig, events, stop: StopRequest) -> Path:
     members = plan_members(cfg)  # every input checked before any model loads
     if cfg.resolution is None:
-        cfg.resolution = default_resolution(cfg.pretrained_model_name_or_path, cfg.revision)
+        cfg.resolution = default_resolution(cfg.pretrained_model_name_or_path, cfg.revision, cfg.base_config)
     if cfg.resume_from_checkpoint not in (None, "latest") and len(members) > 1 and \
             read_state(Path(cfg.resume_from_checkpoint)).get("subjects") is None:
         raise UserError(f"{cfg.resume_from_checkpoint} is a 0.1 checkpoint of one unnamed subject: resume it in a "
@@ -505,7 +505,8 @@ def _train(cfg: TrainConfig, events, stop: StopRequest) -> Path:
             logger.info("%s: finished adapter in %s, skipped", m.name, m.output_dir)
     phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
     base = Base.load(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant, dtype=dtype,
-                     device=accelerator.device, vae=cfg.pretrained_vae_model_name_or_path) if todo else None
+                     device=accelerator.device, vae=cfg.pretrained_vae_model_name_or_path,
+                     base_config=cfg.base_config) if todo else None
     events.emit("started", config=cfg.to_dict(), family=base.family.name if base else None,
                 subjects=[m.name for m in todo], skipped=[m.name for m in members if m not in todo])
     if not todo:
