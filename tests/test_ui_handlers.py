@@ -341,3 +341,15 @@ def test_one_job_on_each_gpu_slot(tmp_path):
     assert q.load(jobs[2].id).status == "running" and q.load(jobs[2].id).gpu in ("0", "1")
     q.stop(jobs[2].id)
     assert q.wait(jobs[2].id, 20).status == "stopped"
+
+
+def test_train_form_previews(tmp_path, tiny_pipeline):
+    ui = app.UI(tmp_path / "ws")
+    assert ui.family(tiny_pipeline) == "Model family: **sd1**"
+    missing = ui.family(str(tmp_path / "no-model"))
+    assert missing.startswith("Model family: **unknown (") and "no-model" in missing
+    assert ui.family("") == "Model family: **unknown (no base model given)**"
+    assert ui.prompt_preview("", "teddy bear", "zwx").startswith("Instance prompt: **a photo of zwx teddy bear**")
+    assert ui.prompt_preview("cat2", "", "sks").startswith("Instance prompt: **a photo of sks cat**")
+    assert ui.class_noun("backpack") == "backpack" and ui.class_noun("") == ""
+    assert "8-bit Adam" in ui.preset_note("8 GB") and ui.preset_note("2 GB").startswith("unknown memory preset")

@@ -118,6 +118,12 @@ class UI:
         except UserError as e:
             return f"Instance prompt: - ({e})"
 
+    def class_noun(self, subject) -> str:
+        """The class noun of a DreamBooth subject ('' for none)."""
+        from ..prompts import get_subject
+
+        return get_subject(subject).class_name if subject else ""
+
     def family(self, model) -> str:
         from .forms import family_of
 
@@ -424,10 +430,10 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                 train_msg = gr.Markdown(elem_id="train-msg")
                 for comp in (subject, noun, token):
                     comp.change(ui.prompt_preview, [subject, noun, token], prompt_md, api_visibility="private")
-                subject.change(lambda s: __import__("dreambooth_singlora.prompts", fromlist=["x"]).get_subject(s)
-                               .class_name if s else gr.skip(), subject, noun,
-                               api_visibility="private")
-                base.change(ui.family, base, family_md, api_name="family")
+                subject.change(lambda s: ui.class_noun(s) or gr.skip(), subject, noun, api_visibility="private")
+                # on leaving the box (not each keystroke: a hub id may be looked up)
+                base.blur(ui.family, base, family_md, api_name="family")
+                base.submit(ui.family, base, family_md, api_visibility="private")
                 preset.change(ui.preset_note, preset, preset_md, api_visibility="private")
 
             # 2. Live run
