@@ -133,15 +133,25 @@ def saved_adapter(unet, folder, family, extra=None):
 def test_kohya_export_fused_by_diffusers_equals_our_merge(family, tiny_sd2_pipeline, tiny_sdxl_pipeline, tmp_path):
     """The kohya file, loaded by diffusers' load_lora_weights and fused, changes exactly the adapted projections,
     each to the project's merged weight; no key is dropped or unexpected."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    cls, src = (StableDiffusionPipeline, tiny_sd2_pipeline) if family == "sd2" else (
-        StableDiffusionXLPipeline, tiny_sdxl_pipeline)
-    kw = {"safety_checker": None} if family == "sd2" else {}
+    src = tiny_sd2_pipeline if family == "sd2" else tiny_sdxl_pipeline
     prediction = json.loads((src / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
     ours = saved_adapter(UNet2DConditionModel.from_pretrained(src, subfolder="unet"), tmp_path / "a", family,
                          {"prediction_type": prediction})
     path = export_lora(tmp_path / "a", "kohya", tmp_path / "k.safetensors")
+    check_kohya_file_fused_by_diffusers(family, src, path, ours)
+
+
+def check_kohya_file_fused_by_diffusers(family: str, src, path, ours) -> None:
+    """The kohya file at `path` (of an adapter on every projection in ALL_TARGETS), loaded into a fresh pipeline
+    of `src` by diffusers' load_lora_weights and fused, changes exactly the adapted projections, each to the
+    weight the file describes and to `ours`' (the UNet with the project's merge); its metadata name the family;
+    no key is dropped or unexpected. Shared with the end-to-end test of a trained adapter (test_families_e2e)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionPipeline if family == "sd2" else StableDiffusionXLPipeline
+    kw = {"safety_checker": None} if family == "sd2" else {}
     lora = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         assert (f.metadata()["ss_v2"], f.metadata()["ss_base_model_version"]) == (
@@ -166,11 +176,12 @@ def test_kohya_export_fused_by_diffusers_equals_our_merge(family, tiny_sd2_pipel
     for path_, name in names.items():
         key = f"{path_}.weight"
         down, up = lora[f"{name}.lora_down.weight"].double(), lora[f"{name}.lora_up.weight"].double()
-        w0 = base[key].double()
-        want = w0 + 6.0 / 4 * up @ down  # float64: the update the file describes
-        # each fp32 result: a length-4 dot product, a scale and an add, each rounding by at most eps32 relative to
+        w0, rank = base[key].double(), down.shape[0]
+        scale = lora[f"{name}.alpha"].item() / rank
+        want = w0 + scale * up @ down  # float64: the update the file describes
+        # each fp32 result: a length-r dot product, a scale and an add, each rounding by at most eps32 relative to
         # the magnitudes involved: (r + 2) eps32 (|W0| + (alpha/r) |up| |down|) bounds the error elementwise
-        bound = 6 * torch.finfo(torch.float32).eps * (w0.abs() + 6.0 / 4 * up.abs() @ down.abs())
+        bound = (rank + 2) * torch.finfo(torch.float32).eps * (w0.abs() + scale * up.abs() @ down.abs())
         assert ((theirs[key].double() - want).abs() <= bound).all(), name
         assert ((merged[key].double() - want).abs() <= bound).all(), name
         assert ((theirs[key].double() - w0).abs() > bound).any(), name  # this key was applied
