@@ -261,6 +261,8 @@ def test_training_through_the_queue(trained):
     assert detail["status"] == "dog1: finished" and "argv" not in detail["settings"]
     assert not detail["card"].startswith("---") and "a photo of sks dog" in detail["card"]  # front matter off
     assert any(f.endswith("adapter_model.safetensors") for f in detail["files"])
+    assert (ws / "runs" / "dog1" / "adapter" / "checkpoints").is_dir()
+    assert not [f for f in detail["files"] if "/checkpoints/" in f]  # the run's own files, not its checkpoints
     assert [r[:2] for r in ui.runs()] == [["dog1", "finished"]]
 
 

@@ -385,7 +385,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
         return gr.Dropdown(choices=choices, value=value if value in values else (values[0] if values else None))
 
     subject_names = [""] + list(subjects())
-    with gr.Blocks(title="DreamBooth SingLoRA", analytics_enabled=False) as demo:
+    # Gradio's copies of what it served (in <workspace>/.gradio) older than a day are deleted, checked hourly
+    with gr.Blocks(title="DreamBooth SingLoRA", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## DreamBooth SingLoRA\nWorkspace: `{ui.workspace}` - every job is a `dreambooth-singlora` "
                     "command; its files stay in the workspace.")
         with gr.Tabs() as tabs:

@@ -97,10 +97,13 @@ def runs_table(queue: Queue) -> list[list]:
     return rows
 
 
-def run_files(queue: Queue, run: str, limit: int = 400) -> list[str]:
-    """The run folder's files (photos, adapter, images, exports, eval), as paths inside the workspace."""
+def run_files(queue: Queue, run: str, limit: int = 200) -> list[str]:
+    """The run's own files as paths inside the workspace: settings, photos, the adapter and its model card,
+    validation grids, exports, downloads, eval reports. Not the checkpoints, nor the generated images one by one
+    (the Generate tab shows those, and its zip holds them)."""
     root = queue.workspace / "runs" / run
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and "checkpoints" not in p.parts]
+    skip = {"checkpoints", "images", "logs"}
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and not skip & set(p.relative_to(root).parts)]
     return [str(p) for p in files[:limit]]
 
 
