@@ -355,3 +355,18 @@ def test_train_form_previews(tmp_path, tiny_pipeline):
     assert ui.prompt_preview("cat2", "", "sks").startswith("Instance prompt: **a photo of sks cat**")
     assert ui.class_noun("backpack") == "backpack" and ui.class_noun("") == ""
     assert "8-bit Adam" in ui.preset_note("8 GB") and ui.preset_note("2 GB").startswith("unknown memory preset")
+
+
+def test_a_second_stop_of_a_trainer_sends_sigterm(tmp_path):
+    q = Queue(tmp_path / "ws")
+    job = q.submit("train", SLEEP)
+    job.stop_file = True  # as the trainer's: the first Stop writes the stop file (which this sleeper ignores)
+    q.save(job)
+    q.tick()
+    q.stop(job.id)
+    assert (q.job_dir(job.id) / "STOP").is_file()
+    time.sleep(0.3)
+    q.tick()
+    assert q.load(job.id).status == "running"
+    q.stop(job.id)  # asked again: SIGTERM
+    assert q.wait(job.id, 20).status == "stopped"

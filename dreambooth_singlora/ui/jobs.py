@@ -181,16 +181,17 @@ class Queue:
 
     def stop(self, job_id: str) -> Job:
         """Ask a running job to stop: the trainer's stop file (it ends at its next step with a checkpoint), any
-        other command SIGTERM to its process group. A queued job is cancelled."""
+        other command, or a trainer asked a second time (e.g. still loading its model), SIGTERM to its process
+        group (the trainer takes that as a stop request too). A queued job is cancelled."""
         with self.lock:
             job = self.load(job_id)
             if job.status == "queued":
                 return self.cancel(job_id)
             if job.status != "running":
                 raise UserError(f"job {job_id} is {job.status}: only a queued or running job can be stopped")
-            job.stop_requested = True
+            again, job.stop_requested = job.stop_requested, True
             self.save(job)
-            if job.stop_file:
+            if job.stop_file and not again:
                 (self.job_dir(job.id) / "STOP").write_text("stop requested from the web UI\n")
             elif job.pid and self._alive(job):
                 with suppress(ProcessLookupError, PermissionError):
