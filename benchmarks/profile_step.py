@@ -108,12 +108,16 @@ def main(argv=None):
     ts = torch.randint(0, 1000, (n,), device=dev)
     emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
     cond = {"encoder_hidden_states": emb}  # the conditioning as the trainer passes it (base.Base.encode_prompt)
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and the time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        cond["text_embeds"] = torch.randn(n, pooled, device=dev, dtype=dt)
+        cond["time_ids"] = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * n, device=dev, dtype=dt)
     out: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
                  "subjects": n, "path": "bank, eager" if n > 1 else "one adapter, CUDA graphs", "variants": {}}
     graphs, one, one_opt = n == 1 and dev == "cuda", None, None
     for variant in args.variants:
         parts = set(variant.split("+")) - {"default"}
-        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile", "one_adapter")
+        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile", "one_adapter", "checkpointing")
                    and not x.startswith("sdpa_")}
         if unknown:
             p.error(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
@@ -127,6 +131,9 @@ def main(argv=None):
             one_opt = torch.optim.AdamW(trainable_parameters(one), lr=1e-4, fused=dev == "cuda")
         model, optimizer = (one, one_opt) if "one_adapter" in parts else (unet, opt)
         model.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)
+        if "checkpointing" in parts:  # --gradient_checkpointing (no CUDA graphs then, as in the trainer)
+            model.enable_gradient_checkpointing()
+            graphs = False
         t0 = time.perf_counter()
         with attention:
             if "compile" in parts:
@@ -137,7 +144,7 @@ def main(argv=None):
                 denoise = Denoise(model, dt, cond, autocast)
 
             def step():
-                denoise(x, ts, emb).float().square().mean().backward()
+                denoise(x, ts, *cond.values()).float().square().mean().backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 

@@ -85,13 +85,15 @@ T.main(sys.argv[3:])
 """
 
 
-@pytest.mark.parametrize("where", ["stop_file", "output_dir"])
-def test_a_stop_file_stops_at_the_next_step_and_the_same_command_resumes_exactly(where, uninterrupted, tiny_pipeline,
+def same_adapter(a, b) -> bool:
+    ours, ref = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    return ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_a_stop_file_stops_at_the_next_step_and_the_same_command_resumes_exactly(uninterrupted, tiny_pipeline,
                                                                                dataset_dir, tmp_path):
-    out = tmp_path / "run"
-    stop = tmp_path / "please-stop" if where == "stop_file" else out / "STOP"
-    cmd = argv(cfg_for(tiny_pipeline, dataset_dir, out), events=tmp_path / "events.jsonl",
-               **({"stop_file": stop} if where == "stop_file" else {}))
+    out, stop = tmp_path / "run", tmp_path / "please-stop"
+    cmd = argv(cfg_for(tiny_pipeline, dataset_dir, out), events=tmp_path / "events.jsonl", stop_file=stop)
     first = subprocess.run([sys.executable, "-c", STOP_DRIVER, "2", str(stop), *cmd], capture_output=True, text=True,
                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stderr[-2000:]
@@ -103,12 +105,29 @@ def test_a_stop_file_stops_at_the_next_step_and_the_same_command_resumes_exactly
     second = subprocess.run([sys.executable, "-m", "dreambooth_singlora.train_dreambooth", *cmd], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert second.returncode == 0, second.stderr[-2000:]
-    assert not stop.exists()  # consumed: it does not stop the next run
-    ours, ref = load_file(str(out / "adapter_model.safetensors")), load_file(str(uninterrupted /
-                                                                                 "adapter_model.safetensors"))
-    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert not stop.exists() and same_adapter(out, uninterrupted)  # the stop file consumed; the adapter exact
     runs = read_events(tmp_path / "events.jsonl")
     assert [e["event"] for e in runs].count("started") == 2 and runs[-1]["event"] == "finished"
+
+
+def test_a_stop_file_in_the_output_folder_stops_an_in_process_run(uninterrupted, tiny_pipeline, dataset_dir, tmp_path,
+                                                                  monkeypatch):
+    """From the Python API too: train() returns at the stop, and calling it again finishes the same run."""
+    import dreambooth_singlora.train_dreambooth as T
+
+    out, real = tmp_path / "run", T.group_losses
+
+    def losses(denoise, base, datas, step, *a):
+        if step == 5:
+            (out / "STOP").touch()
+        return real(denoise, base, datas, step, *a)
+
+    monkeypatch.setattr(T, "group_losses", losses)
+    cfg = cfg_for(tiny_pipeline, dataset_dir, out, events=str(tmp_path / "e.jsonl"))
+    assert train(cfg) == out and read_events(tmp_path / "e.jsonl")[-1]["step"] == 6
+    monkeypatch.undo()
+    train(cfg_for(tiny_pipeline, dataset_dir, out))
+    assert same_adapter(out, uninterrupted) and not (out / "STOP").exists()
 
 
 def test_sigterm_from_outside_stops_with_a_checkpoint_and_exit_0(tiny_pipeline, dataset_dir, tmp_path):
