@@ -216,6 +216,12 @@ class Base:
 
         extra = {"safety_checker": None, "feature_extractor": None} if family.pipeline == "StableDiffusionPipeline" \
             else {}
+        # from_single_file casts each model with .to(dtype), on which diffusers warns of an empty list of modules
+        # to keep in fp32 ("should be kept in float32: []"): noise, left out
+        quiet = logging.Filter()
+        quiet.filter = lambda record: "should be kept in float32: []" not in record.getMessage()
+        noisy = logging.getLogger("diffusers.models.modeling_utils")
+        noisy.addFilter(quiet)
         try:
             if vae:
                 extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
@@ -228,6 +234,8 @@ class Base:
             raise UserError(f"cannot load the single-file checkpoint {src} as {family.label} (configs of "
                             f"{base_config}): {first} (is --base_config a diffusers folder of the file's family?)"
                             ) from None
+        finally:
+            noisy.removeFilter(quiet)
         tokenizers = [getattr(pipe, sub.replace("text_encoder", "tokenizer")) for sub in family.text_encoders]
         text_encoders = [getattr(pipe, sub) for sub in family.text_encoders]
         for m in (*text_encoders, pipe.vae, pipe.unet):

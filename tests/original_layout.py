@@ -1,9 +1,11 @@
-"""A diffusers SD 1.x pipeline folder written as one original-layout (CompVis / A1111) .safetensors file: what most
-fine-tunes are shared as, made here from the tiny random-weight pipeline (diffusers has no writer for it).
+"""A diffusers SD 1.x or SDXL pipeline folder written as one original-layout (CompVis / A1111 / ComfyUI)
+.safetensors file, what most fine-tunes are shared as, made here from the tiny random-weight pipelines (diffusers
+has no writer for it).
 
 The key names are the inverse of diffusers' own single-file conversion (diffusers.loaders.single_file_utils:
-convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint), for any number of levels
-and layers per block; the test that uses it checks that diffusers reads every tensor back to the folder's value.
+convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint)
+for any number of levels and layers per block; the tests that use it check that diffusers reads every tensor back
+to the folder's value.
 """
 
 import re
@@ -69,11 +71,43 @@ def vae_key(key: str, levels: int) -> tuple[str, bool]:
     return f"{part}.{rest}" if rest else part, attention
 
 
-def write_sd1_single_file(folder, path) -> Path:
-    """The SD 1.x pipeline at `folder` (diffusers layout, safetensors) as one original-layout file at `path`."""
+OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def clip_keys(state: dict, prefix: str) -> dict:
+    """A transformers CLIP text model's tensors under `prefix` (SD 1.x: cond_stage_model.transformer., SDXL's first
+    encoder: conditioner.embedders.0.transformer.), keys as the original file has them (text_model. included, which
+    transformers 5 leaves out of CLIPTextModel's own files)."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def open_clip_keys(state: dict, prefix: str) -> dict:
+    """A transformers CLIPTextModelWithProjection's tensors in OpenCLIP's layout under `prefix` (SDXL's second
+    encoder: conditioner.embedders.1.model.): q, k, v concatenated into in_proj, the projection transposed."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "text_projection": state.pop("text_projection.weight").T}
+    for k in [k for k in state if k.startswith("final_layer_norm.")]:
+        out[prefix + "ln_final." + k.split(".")[-1]] = state.pop(k)
+    for k in [k for k in state if ".self_attn.q_proj." in k]:
+        layer, kind = re.match(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", k).groups()
+        qkv = [state.pop(k.replace("q_proj", x)) for x in ("q_proj", "k_proj", "v_proj")]
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(qkv)
+    for k, v in state.items():
+        m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
+        out[f"{prefix}transformer.resblocks.{m[1]}.{OPEN_CLIP_LAYER[m[2]]}.{m[3]}"] = v
+    return out
+
+
+def write_single_file(folder, path) -> Path:
+    """The SD 1.x or SDXL pipeline at `folder` (diffusers layout, safetensors) as one original-layout file at
+    `path`."""
     import json
 
     folder = Path(folder)
+    sdxl = json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
     up_attention = {i for i, t in enumerate(unet_cfg["up_block_types"]) if "CrossAttn" in t}
@@ -83,9 +117,11 @@ def write_sd1_single_file(folder, path) -> Path:
     for k, v in load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")).items():
         name, attention = vae_key(k, len(vae_cfg["up_block_types"]))
         out["first_stage_model." + name] = v[:, :, None, None] if attention and v.dim() == 2 else v
-    for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items():
-        # transformers 5 saves CLIPTextModel's tensors without the text_model. prefix the original file has
-        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    out.update(clip_keys(text, "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."))
+    if sdxl:
+        out.update(open_clip_keys(load_file(str(folder / "text_encoder_2" / "model.safetensors")),
+                                  "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     return Path(path)
 

@@ -1,0 +1,309 @@
+"""SD 2.x (v-prediction) and SDXL end to end on the tiny pipelines: every command (train, a SIGKILL and resume,
+several subjects in one batch, generate, export and diffusers' own loader, eval score), what follows each family
+(SDXL's time ids, SD2's v target, the adapter's and model card's family, an adapter refused on the other family's
+base, the default resolution), and single-file checkpoints with --base_config.
+
+Tolerances. The trained runs are float64 (torch's default dtype during the fixture; the trainer's "no" precision
+runs in it): several subjects in one batch equal one at a time, and a run from a single file its folder's run, to
+FP64_TOL of the largest weight, derived in tests/test_multi.py (the same sums in another order, a few float64 ulps
+carried by Adam over a few steps). A resumed run equals the uninterrupted one exactly: the same code on the same
+numbers.
+"""
+
+import json
+import random
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dreambooth_singlora.train_dreambooth as T
+from dreambooth_singlora import load_adapter, merge_adapter
+from dreambooth_singlora.base import FAMILIES, Base, default_resolution, detect_family
+from dreambooth_singlora.errors import UserError
+from dreambooth_singlora.prompts import get_subject
+from helpers import killed_run
+from original_layout import same_weights, write_single_file
+from test_base import copy_configs
+from test_families import ALL_TARGETS, check_kohya_file_fused_by_diffusers
+from test_multi import FP64_TOL, float64, rel_diff, weights
+
+STEPS = 4
+SUBJECTS = ("dog", "cat")
+PIPELINE = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def flags(src, dataset_dir, **extra) -> list[str]:
+    """The trainer's flags of every run here: small, lr high enough that 4 steps move the adapter well past
+    rounding, u = 1 from step 2 (ramp_steps 2), every projection adapted (what the kohya check covers)."""
+    kw = dict(pretrained_model_name_or_path=src, dataset_dir=dataset_dir, resolution=32, max_train_steps=STEPS,
+              rank=4, report_to="none", mixed_precision="no", checkpointing_steps=2, log_every=2, ramp_steps=2,
+              learning_rate=1e-2, **extra)
+    out = [a for k, v in kw.items() for a in (f"--{k}", str(v))]
+    return out + ["--random_flip", "--target_modules", *ALL_TARGETS]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_sd2_pipeline, tiny_sdxl_pipeline):
+    return {"sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline}
+
+
+@pytest.fixture(scope="module")
+def runs(pipelines, dataset_dir, tmp_path_factory):
+    """runs(family): in float64, one run per subject (dog with a validation image) and one run of both subjects in
+    one batch, same flags and seed; the loss targets the trainer asked the base for are recorded. Each family is
+    trained once per module, when a test first asks for it."""
+    done = {}
+
+    def get(family: str) -> SimpleNamespace:
+        if family in done:
+            return done[family]
+        root, src = tmp_path_factory.mktemp(f"runs-{family}"), str(pipelines[family])
+        targets, real = [], Base.target
+
+        def spy(self, latents, noise, t):  # what group_losses asked for, checked against the scheduler's own
+            out = real(self, latents, noise, t)
+            targets.append((self.prediction_type, torch.equal(out, self.noise_scheduler.get_velocity(latents, noise, t)),
+                            torch.equal(out, noise)))
+            return out
+
+        with float64(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Base, "target", spy)
+            T.main([*flags(src, dataset_dir), "--subject", "dog", "--output_dir", str(root / "single" / "dog"),
+                    "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1",
+                    "--validation_steps", str(STEPS)])
+            T.main([*flags(src, dataset_dir), "--subject", "cat", "--output_dir", str(root / "single" / "cat")])
+            T.main([*flags(src, dataset_dir), "--subjects", *SUBJECTS, "--output_dir", str(root / "multi")])
+        done[family] = SimpleNamespace(family=family, src=src, root=root, dog=root / "single" / "dog",
+                                       targets=targets)
+        return done[family]
+
+    return get
+
+
+# --------------------------------------------------------------------------- train
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_train_names_the_family_in_adapter_and_card(family, runs):
+    r = runs(family)
+    meta = json.loads((r.dog / "adapter_config.json").read_text())
+    prediction = "v_prediction" if family == "sd2" else "epsilon"
+    assert (meta["family"], meta["prediction_type"], meta["step"], meta["rank"]) == (family, prediction, STEPS, 4)
+    assert FAMILIES[family].label in (r.dog / "README.md").read_text()  # "Stable Diffusion 2.x" / "... XL"
+    assert (r.dog / "validation" / f"step-{STEPS:05d}" / "0.png").is_file()  # the family's pipeline, mid-run
+    stats = json.loads((r.dog / "train_stats.json").read_text())
+    assert [h[0] for h in stats["loss_history"]] == [2, 4]
+
+
+def test_sd2_trains_on_the_v_target_and_sdxl_on_epsilon(runs):
+    """Every loss of the SD 2.x runs compared the UNet with v = alpha_t eps - sigma_t x0 (the scheduler's
+    get_velocity), not with the noise; SDXL's with the noise."""
+    v, eps = runs("sd2").targets, runs("sdxl").targets
+    assert len(v) >= 3 * STEPS and all(t == ("v_prediction", True, False) for t in v)
+    assert len(eps) >= 3 * STEPS and all(t == ("epsilon", False, True) for t in eps)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_several_subjects_in_one_batch_equal_one_at_a_time(family, runs):
+    r = runs(family)
+    for s in SUBJECTS:
+        a, b = weights(r.root / "single" / s), weights(r.root / "multi" / s)
+        assert next(iter(a.values())).dtype == torch.float64 and rel_diff(a, b) < FP64_TOL
+        first = weights(r.root / "single" / s / "checkpoints" / "checkpoint-2")
+        assert rel_diff(a, first) > 1e6 * FP64_TOL  # it trained on: the comparison is not of two unmoved adapters
+        assert json.loads((r.root / "multi" / s / "adapter_config.json").read_text())["family"] == family
+    assert rel_diff(weights(r.root / "multi" / "dog"), weights(r.root / "multi" / "cat")) > 1e-4
+
+
+def test_sdxl_run_killed_mid_step_resumes_to_the_uninterrupted_adapter(pipelines, dataset_dir, tmp_path):
+    """SIGKILL in the middle of step 3 (after the forward, before the update) and the same command with
+    --resume_from_checkpoint latest: exactly the adapter of the uninterrupted run (float32, as the killed child)."""
+    argv = lambda out: [*flags(str(pipelines["sdxl"]), dataset_dir), "--subject", "dog", "--output_dir", str(out)]
+    assert killed_run(argv(tmp_path / "killed"), 3, tmp_path) == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    T.main([*argv(tmp_path / "killed"), "--resume_from_checkpoint", "latest"])
+    assert json.loads((tmp_path / "killed" / "train_stats.json").read_text())["steps_run"] == STEPS - 2
+    T.main(argv(tmp_path / "ref"))
+    a, b = weights(tmp_path / "killed"), weights(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sdxl_time_ids_follow_the_crop(pipelines):
+    """LatentCache.sample's conditioning of a non-square photo (h 48, w 80): original size (48, 80), crop top-left
+    = the prepared crop's offset (resized to 32 x 53, cut to 32 x 48 at left 2) + the latent crop's x 8, target
+    (32, 32); SD 2.x has no such conditioning."""
+    photo = Image.fromarray(torch.randint(0, 256, (48, 80, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    cfg = SimpleNamespace(resolution=32, center_crop=False, random_flip=False)
+    base = Base.load(str(pipelines["sdxl"]), dtype="fp32")
+    cache = T.LatentCache(base, [photo], cfg, torch.device("cpu"), show=False)
+    mean = cache.items[0][0][0]
+    assert cache.geometry == [((48, 80), (0, 2))]
+    latents, cond = cache.sample(random.Random(7), torch.Generator().manual_seed(0), 5)
+    assert latents.shape == (5, 4, 4, 4) and set(cond) == {"time_ids"} and cond["time_ids"].shape == (5, 6)
+    rng = random.Random(7)  # the draws sample() made: image, view, crop top, crop left
+    for row in cond["time_ids"].tolist():
+        rng.randrange(1), rng.randrange(1)
+        top, left = rng.randint(0, mean.shape[1] - 4), rng.randint(0, mean.shape[2] - 4)
+        assert row == [48, 80, 0 + 8 * top, 2 + 8 * left, 32, 32]
+    assert len({tuple(r) for r in cond["time_ids"].tolist()}) > 1  # the crops differ, so do the time ids
+    sd2 = Base.load(str(pipelines["sd2"]), dtype="fp32")
+    assert T.LatentCache(sd2, [photo], cfg, torch.device("cpu"), show=False).sample(
+        random.Random(7), torch.Generator(), 2)[1] == {}
+
+
+# --------------------------------------------------------------------------- generate, export, evaluate
+
+@pytest.fixture(scope="module")
+def rendered(runs, tmp_path_factory):
+    """rendered(family): the dog adapter's first two evaluation prompts through `generate` (the CLI), one image
+    each, into <images>/dog/ as `eval score` reads them."""
+    from dreambooth_singlora.generate import main
+
+    done = {}
+
+    def get(family):
+        if family not in done:
+            images = tmp_path_factory.mktemp(f"images-{family}")
+            prompts = [a for p in get_subject("dog").eval_prompts("sks")[:2] for a in ("--prompt", p)]
+            main(["--adapter", str(runs(family).dog), *prompts, "--num_images_per_prompt", "1",
+                  "--num_inference_steps", "2", "--height", "32", "--width", "32", "--output_dir", str(images / "dog")])
+            done[family] = images
+        return done[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_generate_scores_and_uses_the_familys_pipeline(family, runs, rendered, dataset_dir, tiny_eval_checkpoints,
+                                                       tmp_path):
+    from dreambooth_singlora.eval.cli import main as eval_main
+    from dreambooth_singlora.generate import load_pipeline
+
+    pipe = load_pipeline(str(runs(family).dog), device="cpu", dtype="fp32", scheduler="ddim")
+    assert type(pipe).__name__ == PIPELINE[family]
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    images = rendered(family)
+    pngs = sorted((images / "dog").glob("*/0.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (32, 32) for p in pngs)
+    ck = tiny_eval_checkpoints
+    assert eval_main(["score", "--images", str(images), "--dataset_dir", dataset_dir, "--output", str(tmp_path / "e"),
+                      "--subjects", "dog", "--max_prompts", "2", "--clip_checkpoint", str(ck["clip_dir"]),
+                      "--dino_checkpoint", str(ck["dino_dir"]), "--device", "cpu", "--no_progress"]) == 0
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert scores["scored"] == dict(images=2, subjects=1, prompts=2)
+    assert {p["kind"] for p in scores["skipped"]} == {"image_count"}  # 1 image a prompt where the protocol has 4
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_trained_adapter_exported_for_kohya_loads_in_diffusers(family, runs, pipelines, tmp_path):
+    """`export --format kohya` of the trained adapter, read by diffusers' load_lora_weights into a fresh pipeline
+    and fused: each projection is the project's own merge (test_families' check, on a trained adapter)."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_singlora.export import main as export_main
+
+    path = tmp_path / "dog.safetensors"
+    export_main(["--adapter", str(runs(family).dog), "--format", "kohya", "--output", str(path)])
+    ours = UNet2DConditionModel.from_pretrained(pipelines[family], subfolder="unet")
+    load_adapter(ours, runs(family).dog)
+    merge_adapter(ours)
+    check_kohya_file_fused_by_diffusers(family, pipelines[family], path, ours)
+
+
+@pytest.mark.parametrize("trained, other", [("sd2", "sdxl"), ("sdxl", "sd2")])
+def test_an_adapter_on_the_other_familys_base_is_refused_in_one_line(trained, other, runs, pipelines, tmp_path,
+                                                                     capsys):
+    from dreambooth_singlora.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--adapter", str(runs(trained).dog), "--pretrained_model_name_or_path", str(pipelines[other]),
+              "--prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "out")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"trained on a {trained} base" in line and f"is {other} (" in line
+    assert FAMILIES[other].label in line and not list((tmp_path / "out").rglob("*.png"))
+
+
+# --------------------------------------------------------------------------- the default resolution
+
+@pytest.mark.parametrize("family, sample_size, want", [("sd2", 96, 768), ("sd2", 64, 512), ("sdxl", 128, 1024)])
+def test_default_resolution_is_the_unets_sample_size_times_the_vaes_factor(family, sample_size, want, pipelines,
+                                                                           tmp_path):
+    """Config-only folders shaped as SD 2.x 768-v (UNet sample size 96), 2.x-base (64) and SDXL (128), each with the
+    real 4-level VAE (factor 8): the default --resolution, also for a single file through --base_config."""
+    configs = copy_configs(pipelines[family], tmp_path / "m")
+    for name, key, value in (("unet", "sample_size", sample_size), ("vae", "block_out_channels", [128, 256, 512, 512])):
+        file = configs / name / "config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), key: value}))
+    assert detect_family(str(configs)).name == family and default_resolution(str(configs)) == want
+    (tmp_path / "model.safetensors").write_bytes(b"")  # read for its configs only
+    assert default_resolution(str(tmp_path / "model.safetensors"), base_config=str(configs)) == want
+
+
+# --------------------------------------------------------------------------- single-file checkpoints
+
+@pytest.fixture(scope="module")
+def single_file(tiny_pipeline, tmp_path_factory):
+    """The tiny SD 1.x pipeline as one original-layout .safetensors file."""
+    return write_single_file(tiny_pipeline, tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_single_file_loads_the_folders_weights(family, tiny_pipeline, tiny_sdxl_pipeline, tmp_path):
+    """Every tensor of the UNet, the VAE and each text encoder (SDXL's second in OpenCLIP's layout in the file) as
+    the folder has it; the scheduler and tokenizers are --base_config's."""
+    src = str(tiny_pipeline if family == "sd1" else tiny_sdxl_pipeline)
+    path = str(write_single_file(src, tmp_path / "model.safetensors"))
+    one, folder = Base.load(path, base_config=src), Base.load(src)
+    assert one.family.name == folder.family.name == family and one.default_resolution == folder.default_resolution
+    assert len(one.text_encoders) == (2 if family == "sdxl" else 1)
+    for a, b in ((one.unet, folder.unet), (one.vae, folder.vae), *zip(one.text_encoders, folder.text_encoders)):
+        assert same_weights(a, b)
+    assert one.scheduler_config == folder.scheduler_config
+    assert [t("a dog").input_ids for t in one.tokenizers] == [t("a dog").input_ids for t in folder.tokenizers]
+
+
+def test_a_single_file_trains_as_its_folder_and_generates_from_the_adapter_alone(single_file, tiny_pipeline,
+                                                                                 dataset_dir, tmp_path):
+    """The same weights (test above) train the same adapter: to FP64_TOL, not exactly, since diffusers reads the
+    file's tensors into memory at other addresses than the folder's, and the CPU's matrix kernels sum in another
+    order at another alignment (seen: 4e-7 in one float32 UNet call, 5e-4 of the weights after 4 Adam steps).
+    Then `generate` renders from the adapter alone: it recorded the file and its --base_config."""
+    from dreambooth_singlora.generate import main
+
+    with float64():
+        T.main([*flags(str(single_file), dataset_dir, base_config=str(tiny_pipeline)), "--subject", "dog",
+                "--output_dir", str(tmp_path / "file")])
+        T.main([*flags(str(tiny_pipeline), dataset_dir), "--subject", "dog", "--output_dir", str(tmp_path / "folder")])
+    a, b = weights(tmp_path / "file"), weights(tmp_path / "folder")
+    assert next(iter(a.values())).dtype == torch.float64 and rel_diff(a, b) < FP64_TOL
+    assert rel_diff(a, weights(tmp_path / "file" / "checkpoints" / "checkpoint-2")) > 1e6 * FP64_TOL  # it trained
+    meta = json.loads((tmp_path / "file" / "adapter_config.json").read_text())
+    assert (meta["base_model"], meta["run"]["base_config"]) == (str(single_file), str(tiny_pipeline))
+    main(["--adapter", str(tmp_path / "file"), "--prompt", "a photo of sks dog", "--num_images_per_prompt", "1",
+          "--num_inference_steps", "2", "--height", "32", "--width", "32", "--output_dir", str(tmp_path / "img")])
+    assert len(list((tmp_path / "img").glob("*/0.png"))) == 1  # the adapter's file and --base_config, recorded
+
+
+def test_a_single_file_without_base_config_is_refused_at_once(single_file, dataset_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(["--pretrained_model_name_or_path", str(single_file), "--subject", "dog", "--dataset_dir", dataset_dir,
+                "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "single-file checkpoint" in line and "--base_config" in line
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_single_file_errors_are_one_line(single_file, tiny_pipeline, tiny_sdxl_pipeline, tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    with pytest.raises(UserError, match="not a .safetensors file.*never pickled"):
+        detect_family(str(tmp_path / "model.ckpt"), base_config=str(tiny_pipeline))
+    with pytest.raises(UserError, match="--base_config is for a single-file checkpoint.*leave --base_config out"):
+        detect_family(str(tiny_pipeline), base_config=str(tiny_pipeline))
+    with pytest.raises(UserError) as e:  # an SD 1.x file with an SDXL folder's configs
+        Base.load(str(single_file), base_config=str(tiny_sdxl_pipeline))
+    assert "\n" not in str(e.value) and "Stable Diffusion XL" in str(e.value) and str(single_file) in str(e.value)
