@@ -3,6 +3,7 @@ rest on Python's hash(), plotting leaves the caller's matplotlib backend alone, 
 what other tools read."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -80,3 +81,27 @@ def test_generated_pngs_carry_a1111_parameters(trained, tmp_path):
     fields = dict(part.split(": ", 1) for part in rest.split(", "))
     assert fields["Steps"] == "2" and fields["Seed"] == "7" and fields["Sampler"] == "ddim"
     assert fields["CFG scale"] == "7.5" and fields["Size"] == "32x32" and fields["Lora"] == str(trained)
+
+
+def test_held_out_photos_are_never_read_by_training(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
+    """--holdout K: K photos chosen by the seed are recorded in the adapter's config and never opened (every
+    PIL.Image.open of the run is watched); the same seed holds out the same photos."""
+    from PIL import Image
+
+    from dreambooth_singlora.config import TrainConfig
+    from dreambooth_singlora.train_dreambooth import held_out, train
+
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    out = tmp_path / "run"
+    train(TrainConfig(pretrained_model_name_or_path=str(tiny_pipeline), subject="dog", dataset_dir=dataset_dir,
+                      output_dir=str(out), resolution=32, max_train_steps=2, report_to="none", mixed_precision="no",
+                      holdout=2, seed=3))
+    meta = json.loads((out / "adapter_config.json").read_text())
+    held = meta["holdout"]
+    assert len(held) == 2 and held == held_out(f"{dataset_dir}/dog", 2, 3) == meta["run"]["holdout"]
+    photos = [name for name, _ in meta["run"]["photos"]]
+    assert not set(held) & set(photos) and len(photos) + 2 == len(os.listdir(f"{dataset_dir}/dog"))
+    read = {p.rsplit("/", 1)[-1] for p in opened if "/dog/" in p}
+    assert read == set(photos) and not read & set(held)
+    assert held_out(f"{dataset_dir}/dog", 2, 4) != held or held_out(f"{dataset_dir}/dog", 2, 5) != held
