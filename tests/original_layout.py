@@ -1,4 +1,4 @@
-"""A diffusers SD 1.x or SDXL pipeline folder written as one original-layout (CompVis / A1111 / ComfyUI)
+"""A diffusers SD 1.x, 2.x or SDXL pipeline folder written as one original-layout (CompVis / A1111 / ComfyUI)
 .safetensors file, what most fine-tunes are shared as, made here from the tiny random-weight pipelines (diffusers
 has no writer for it).
 
@@ -83,12 +83,14 @@ def clip_keys(state: dict, prefix: str) -> dict:
 
 
 def open_clip_keys(state: dict, prefix: str) -> dict:
-    """A transformers CLIPTextModelWithProjection's tensors in OpenCLIP's layout under `prefix` (SDXL's second
-    encoder: conditioner.embedders.1.model.): q, k, v concatenated into in_proj, the projection transposed."""
+    """A transformers CLIP text model's tensors in OpenCLIP's layout under `prefix` (SD 2.x: cond_stage_model.model.,
+    SDXL's second encoder: conditioner.embedders.1.model.): q, k, v concatenated into in_proj, a projection
+    transposed."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out = {prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
-           prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-           prefix + "text_projection": state.pop("text_projection.weight").T}
+           prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight")}
+    if "text_projection.weight" in state:  # SDXL's second encoder (SD 2.x's has none in diffusers)
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T
     for k in [k for k in state if k.startswith("final_layer_norm.")]:
         out[prefix + "ln_final." + k.split(".")[-1]] = state.pop(k)
     for k in [k for k in state if ".self_attn.q_proj." in k]:
@@ -102,7 +104,7 @@ def open_clip_keys(state: dict, prefix: str) -> dict:
 
 
 def write_single_file(folder, path) -> Path:
-    """The SD 1.x or SDXL pipeline at `folder` (diffusers layout, safetensors) as one original-layout file at
+    """The SD 1.x, 2.x or SDXL pipeline at `folder` (diffusers layout, safetensors) as one original-layout file at
     `path`."""
     import json
 
@@ -118,7 +120,12 @@ def write_single_file(folder, path) -> Path:
         name, attention = vae_key(k, len(vae_cfg["up_block_types"]))
         out["first_stage_model." + name] = v[:, :, None, None] if attention and v.dim() == 2 else v
     text = load_file(str(folder / "text_encoder" / "model.safetensors"))
-    out.update(clip_keys(text, "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."))
+    if sdxl:
+        out.update(clip_keys(text, "conditioner.embedders.0.transformer."))
+    elif unet_cfg.get("use_linear_projection"):  # SD 2.x: OpenCLIP ViT-H's text tower
+        out.update(open_clip_keys(text, "cond_stage_model.model."))
+    else:
+        out.update(clip_keys(text, "cond_stage_model.transformer."))
     if sdxl:
         out.update(open_clip_keys(load_file(str(folder / "text_encoder_2" / "model.safetensors")),
                                   "conditioner.embedders.1.model."))

@@ -252,18 +252,18 @@ def single_file(tiny_pipeline, tmp_path_factory):
     return write_single_file(tiny_pipeline, tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors")
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_a_single_file_loads_the_folders_weights(family, tiny_pipeline, tiny_sdxl_pipeline, tmp_path):
-    """Every tensor of the UNet, the VAE and each text encoder (SDXL's second in OpenCLIP's layout in the file) as
-    the folder has it; the scheduler and tokenizers are --base_config's."""
-    src = str(tiny_pipeline if family == "sd1" else tiny_sdxl_pipeline)
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_a_single_file_loads_the_folders_weights(family, tiny_pipeline, pipelines, tmp_path):
+    """Every tensor of the UNet, the VAE and each text encoder (SD2's and SDXL's second in OpenCLIP's layout in the
+    file) as the folder has it; the scheduler (SD2: v-prediction) and tokenizers are --base_config's."""
+    src = str({"sd1": tiny_pipeline, **pipelines}[family])
     path = str(write_single_file(src, tmp_path / "model.safetensors"))
     one, folder = Base.load(path, base_config=src), Base.load(src)
     assert one.family.name == folder.family.name == family and one.default_resolution == folder.default_resolution
     assert len(one.text_encoders) == (2 if family == "sdxl" else 1)
     for a, b in ((one.unet, folder.unet), (one.vae, folder.vae), *zip(one.text_encoders, folder.text_encoders)):
         assert same_weights(a, b)
-    assert one.scheduler_config == folder.scheduler_config
+    assert one.scheduler_config == folder.scheduler_config and one.prediction_type == folder.prediction_type
     assert [t("a dog").input_ids for t in one.tokenizers] == [t("a dog").input_ids for t in folder.tokenizers]
 
 
