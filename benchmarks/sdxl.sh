@@ -2,6 +2,7 @@
 # SDXL at 1024 px on one GPU: full-size SDXL-base architecture with random weights (testing.build_sdxl_pipeline),
 # batch 1, bf16, rank 8 on to_q/to_k, beside diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py.
 #   PART=vs    this tool (400 steps, its defaults) and diffusers' script restricted to to_q/to_k (400 steps)
+#   PART=all   vs, then more without diffusers' default targets
 #   PART=more  this tool with --gradient_checkpointing (the 12 GB fit), diffusers' script on its default targets,
 #              the UNet's FLOPs per sample (torch.utils.flop_counter), a dense bf16 matmul's rate, and several
 #              subjects in one batch (1, 4, 8, 16: the training step alone, benchmarks/profile_step.py)
@@ -39,14 +40,7 @@ theirs() {  # NAME SCRIPT STEPS
   [ -n "$bar" ] || tail -20 /tmp/log_$1
   cp /tmp/log_$1 $OUT/$1.log
 }
-case ${PART:-vs} in
-vs)
-  ours sdxl_ours_warmup --max_train_steps 5 > /dev/null
-  ours sdxl_ours --max_train_steps 400
-  theirs sdxl_diffusers_qk train_dreambooth_lora_sdxl_qk.py 400 ;;
-more)
-  ours sdxl_ours_gc --max_train_steps 100 --gradient_checkpointing
-  theirs sdxl_diffusers_default train_dreambooth_lora_sdxl.py 100
+flops() {
   python3 - <<'PY'
 import json, os, time, torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,8 +68,25 @@ d = {"unet_forward_tflop_per_sample": fwd / 1e12, "unet_forward_backward_to_inpu
      "dense_bf16_matmul_tflops": rate / 1e12, "gpu": torch.cuda.get_device_name()}
 print(json.dumps(d)); json.dump(d, open(os.environ["OUT"] + "/sdxl_flops.json", "w"), indent=1)
 PY
+}
+bank() {
   for n in 1 4 8 16; do
     python3 benchmarks/profile_step.py --model $M --subjects $n --steps 5 --variants checkpointing \
       --output $OUT/sdxl_bank_$n.json 2>&1 | grep -E "^(checkpointing|Error|Traceback|torch.OutOfMemory)" | sed "s/^/$n subjects: /"
-  done ;;
+  done
+}
+vs() {
+  ours sdxl_ours_warmup --max_train_steps 5 > /dev/null
+  ours sdxl_ours --max_train_steps 400
+  theirs sdxl_diffusers_qk train_dreambooth_lora_sdxl_qk.py 400
+}
+more() {
+  ours sdxl_ours_gc --max_train_steps 100 --gradient_checkpointing
+  flops
+  bank
+}
+case ${PART:-vs} in
+vs) vs ;;
+more) more; theirs sdxl_diffusers_default train_dreambooth_lora_sdxl.py 100 ;;
+all) vs; more ;;  # the order of importance: what a time limit cuts is the last
 esac
