@@ -2,6 +2,7 @@
 # Old code against this checkout on one GPU, interleaved old/new/old/new, random-weight SD1.5, bf16, 512 px:
 #   the training step alone (profile_step.py: a bank of 30 subjects eager, one subject CUDA-graphed, 10 steps each),
 #   then the train command with its defaults for one subject (whole process, it/s, peak memory).
+# REPEATS (default 2) step measurements and RUNS (default 2) command runs of each, interleaved.
 # Set up beside the checkout (both ignored by git), then carry .whl and .devdata; results land in $OUT:
 #   git archive <old commit> dreambooth_singlora eval prompts scripts | tar -x -C .devdata/old
 #   cp -r <dreambooth dataset>/dog .devdata/dreambooth/
@@ -19,12 +20,12 @@ step() {  # old|new SUBJECTS I
   PYTHONPATH=/tmp/site:$(root "$1") python3 "$(script "$1")" --model $M --subjects "$2" --steps 10 --variants $v $v \
     --output "$OUT/step_$2_$1_$3.json" 2>&1 | grep -E "^(default|channels|Error|Traceback)" | sed "s/^/$1 $2 subjects: /"
 }
-for i in 1 2; do step old 30 $i; step new 30 $i; done
-for i in 1 2; do step old 1 $i; step new 1 $i; done
+for i in $(seq ${REPEATS:-2}); do step old 30 $i; step new 30 $i; done
+for i in $(seq ${REPEATS:-2}); do step old 1 $i; step new 1 $i; done
 ARGS="--pretrained_model_name_or_path $M --subject dog --dataset_dir .devdata/dreambooth --mixed_precision bf16 --report_to none"
 PYTHONPATH=/tmp/site:$PWD python3 -m dreambooth_singlora.train_dreambooth $ARGS --output_dir /tmp/warm --max_train_steps 5 \
   2>&1 | grep -iE "error"
-for i in 1 2; do for w in old new; do
+for i in $(seq ${RUNS:-2}); do for w in old new; do
   PYTHONPATH=/tmp/site:$(root $w) /usr/bin/time -f "%e" -o /tmp/wall python3 -m dreambooth_singlora.train_dreambooth $ARGS \
     --output_dir /tmp/run_${w}_$i > /tmp/log_${w}_$i 2>&1
   python3 -c "import json; d=json.load(open('/tmp/run_${w}_$i/train_stats.json')); d['whole_process_s']=float(open('/tmp/wall').read().split()[-1])
