@@ -156,6 +156,20 @@ def test_sdxl_time_ids_follow_the_crop(pipelines):
         random.Random(7), torch.Generator(), 2)[1] == {}
 
 
+def test_sdxl_vae_loaded_in_fp16_encodes_in_fp32(pipelines):
+    """SDXL's VAE overflows in fp16: a base loaded in fp16 encodes the photos with its VAE cast to fp32 (exactly
+    what an fp32 copy of the fp16 weights gives) and keeps it in fp16 after; SD 2.x's encodes in fp16."""
+    import copy
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    xl = Base.load(str(pipelines["sdxl"]), dtype="fp16")
+    mean, std = xl.latent_dist(x)
+    ref = copy.deepcopy(xl.vae).to(torch.float32).encode(x).latent_dist
+    assert mean.dtype == torch.float32 and torch.equal(mean, ref.mean) and torch.equal(std, ref.std)
+    assert xl.vae.dtype == torch.float16
+    assert Base.load(str(pipelines["sd2"]), dtype="fp16").latent_dist(x)[0].dtype == torch.float16
+
+
 # --------------------------------------------------------------------------- generate, export, evaluate
 
 @pytest.fixture(scope="module")
