@@ -370,3 +370,22 @@ def test_a_second_stop_of_a_trainer_sends_sigterm(tmp_path):
     assert q.load(job.id).status == "running"
     q.stop(job.id)  # asked again: SIGTERM
     assert q.wait(job.id, 20).status == "stopped"
+
+
+def test_a_single_file_base_model_needs_its_base_config(tmp_path, tiny_pipeline, dataset_dir):
+    ws = tmp_path / "ws"
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")  # the form only checks that it exists; the trainer reads it
+    with pytest.raises(UserError, match="a single .safetensors file needs a base config"):
+        forms.new_train(ws, train_form(ws, tiny_pipeline, photos_in(ws, dataset_dir), base_model=str(single)))
+    with pytest.raises(UserError, match="base config .*no-config does not exist"):
+        forms.new_train(ws, train_form(ws, tiny_pipeline, photos_in(ws, dataset_dir), base_model=str(single),
+                                       base_config=str(tmp_path / "no-config")))
+    argv, settings = forms.new_train(ws, train_form(ws, tiny_pipeline, photos_in(ws, dataset_dir),
+                                                    base_model=str(single), base_config=str(tiny_pipeline)))
+    assert argv[argv.index("--base_config") + 1] == str(Path(tiny_pipeline).resolve())
+    assert argv[argv.index("--pretrained_model_name_or_path") + 1] == str(single.resolve())
+    from dreambooth_singlora.config import train_parser
+
+    train_parser().parse_args(argv[4:])
+    assert app.UI(ws).family(str(single), str(tiny_pipeline)) == "Model family: **sd1**"

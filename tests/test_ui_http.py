@@ -68,7 +68,8 @@ def served(tmp_path_factory, tiny_pipeline, dataset_dir):
 
 def start_train(client, tiny_pipeline, photos, run="dog-http", steps=2):
     return client.predict(run, "", "", [handle_file(str(p)) for p in photos], "dog", "sks", str(tiny_pipeline),
-                          "singlora", 4, steps, 1e-4, False, 32, "a sks dog", "none", "none", api_name="/start_train")
+                          "singlora", 4, steps, 1e-4, False, 32, "a sks dog", "none", "none", "",
+                          api_name="/start_train")
 
 
 def test_train_generate_export_over_http(served, tiny_pipeline, dataset_dir):

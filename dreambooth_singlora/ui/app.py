@@ -124,10 +124,10 @@ class UI:
 
         return get_subject(subject).class_name if subject else ""
 
-    def family(self, model) -> str:
+    def family(self, model, base_config="") -> str:
         from .forms import family_of
 
-        return f"Model family: **{family_of(model)}**"
+        return f"Model family: **{family_of(model, base_config)}**"
 
     def preset_note(self, preset) -> str:
         from .forms import PRESET_NOTES, preset_flags
@@ -142,15 +142,17 @@ class UI:
         return f"Preset {preset}: {note}"
 
     def start_train(self, run, subject, dataset_dir, photos, noun, token, base_model, method, rank, steps, lr,
-                    prior, resolution, validation_prompt, preset, report_to="tensorboard") -> tuple[str, str]:
+                    prior, resolution, validation_prompt, preset, report_to="tensorboard",
+                    base_config="") -> tuple[str, str]:
         """Check the form, lay out the run, queue the training job: (message, job id or '')."""
         from .forms import new_train
 
         try:
             argv, settings = new_train(self.workspace, dict(
                 run=run, subject=subject, dataset_dir=dataset_dir, photos=photos, noun=noun, token=token,
-                base_model=base_model, method=method, rank=rank, steps=steps, learning_rate=lr, prior=prior,
-                resolution=resolution, validation_prompt=validation_prompt, preset=preset, report_to=report_to))
+                base_model=base_model, base_config=base_config, method=method, rank=rank, steps=steps,
+                learning_rate=lr, prior=prior, resolution=resolution, validation_prompt=validation_prompt,
+                preset=preset, report_to=report_to))
         except UserError as e:
             return f"Refused: {e}", ""
         finally:
@@ -409,8 +411,10 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                         prompt_md = gr.Markdown(ui.prompt_preview("", "dog", "sks"))
                         base = gr.Textbox(label="Base model (hub id, local folder or .safetensors file)",
                                           value=default_base, elem_id="train-base")
+                        base_cfg = gr.Textbox(label="Base config (only for a single .safetensors file: a diffusers "
+                                              "folder or hub id of the same family)", elem_id="train-base-config")
                         family_md = gr.Markdown(ui.family(default_base) if default_base else "Model family: -",
-                                        elem_id="train-family")
+                                                elem_id="train-family")
                     with gr.Column():
                         with gr.Row():
                             method = gr.Dropdown(list(METHODS), value="singlora", label="Method")
@@ -433,8 +437,9 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                     comp.change(ui.prompt_preview, [subject, noun, token], prompt_md, api_visibility="private")
                 subject.change(lambda s: ui.class_noun(s) or gr.skip(), subject, noun, api_visibility="private")
                 # on leaving the box (not each keystroke: a hub id may be looked up)
-                base.blur(ui.family, base, family_md, api_name="family")
-                base.submit(ui.family, base, family_md, api_visibility="private")
+                base.blur(ui.family, [base, base_cfg], family_md, api_name="family")
+                base.submit(ui.family, [base, base_cfg], family_md, api_visibility="private")
+                base_cfg.blur(ui.family, [base, base_cfg], family_md, api_visibility="private")
                 preset.change(ui.preset_note, preset, preset_md, api_visibility="private")
 
             # 2. Live run
@@ -543,7 +548,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
             return msg, dd(ui.job_choices("train"), job_id), gr.Tabs(selected="live"), None
 
         start.click(on_start, [run, subject, dataset, photos, noun, token, base, method, rank, steps, lr, prior,
-                               resolution, validation, preset, report_to], [train_msg, live_job, tabs, photos],
+                               resolution, validation, preset, report_to, base_cfg],
+                    [train_msg, live_job, tabs, photos],
                     api_name="start_train")
 
         def on_live(job_id):

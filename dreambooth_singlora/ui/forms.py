@@ -59,9 +59,10 @@ def preset_flags(name: str) -> dict:
     return flags
 
 
-def family_of(model: str) -> str:
-    """The base model's family ('sd1', 'sd2', 'sdxl'), or 'unknown (why)' when it cannot be told yet."""
-    model = str(model or "").strip()
+def family_of(model: str, base_config: str = "") -> str:
+    """The base model's family ('sd1', 'sd2', 'sdxl'), or 'unknown (why)' when it cannot be told yet. A single
+    .safetensors file is told by its `base_config` (a diffusers folder or hub id of the same family)."""
+    model, base_config = str(model or "").strip(), str(base_config or "").strip()
     if not model:
         return "unknown (no base model given)"
     try:
@@ -69,7 +70,7 @@ def family_of(model: str) -> str:
     except ImportError:
         return "unknown"
     try:
-        fam = detect_family(model)
+        fam = detect_family(model, base_config=base_config or None)
     except Exception as e:  # noqa: BLE001 - a family is a hint in the form, never an error
         return f"unknown ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     return getattr(fam, "name", str(fam))
@@ -82,12 +83,12 @@ def instance_prompt(token: str, noun: str) -> str:
     return f"a photo of {token} {noun}"
 
 
-def base_model(workspace, text: str) -> str:
+def base_model(workspace, text: str, what: str = "base model") -> str:
     """A hub id as it is, else a local folder or single .safetensors file that must exist."""
     text = str(text or "").strip()
     if is_hub_id(text):
         return text
-    return existing_reference(text, "base model", workspace)
+    return existing_reference(text, what, workspace)
 
 
 # ---------------------------------------------------------------- photos
@@ -160,7 +161,8 @@ def read_run(workspace, run: str) -> dict:
 
 def new_train(workspace, form: dict) -> tuple[list, dict]:
     """Check the train form and lay out the run folder: (the command, the run's settings). The form's keys: run,
-    subject ('' for uploaded photos), dataset_dir, photos (uploaded files), noun, token, base_model, method, rank,
+    subject ('' for uploaded photos), dataset_dir, photos (uploaded files), noun, token, base_model, base_config
+    (for a single .safetensors file), method, rank,
     steps, learning_rate, prior, resolution, validation_prompt, preset, report_to, extra (flags a test adds)."""
     ws = Path(workspace).resolve()
     run = check_name(form.get("run") or "", "run name")
@@ -182,6 +184,12 @@ def new_train(workspace, form: dict) -> tuple[list, dict]:
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     model = base_model(ws, form.get("base_model") or "")
+    base_config = str(form.get("base_config") or "").strip()
+    if model.endswith(".safetensors") and Path(model).is_file() and not base_config:
+        raise UserError("a single .safetensors file needs a base config: a diffusers folder or hub id of the same "
+                        "family (its configs, tokenizers and scheduler go with the file's weights)")
+    if base_config:
+        base_config = base_model(ws, base_config, "base config")
     numbers = {}
     for key, kind, lo in (("rank", int, 1), ("steps", int, 1), ("resolution", int, 8), ("learning_rate", float, 0)):
         try:
@@ -214,6 +222,8 @@ def new_train(workspace, form: dict) -> tuple[list, dict]:
                "--output_dir", adapter, "--method", method, "--rank", numbers["rank"],
                "--max_train_steps", numbers["steps"], "--learning_rate", numbers["learning_rate"],
                "--resolution", numbers["resolution"], "--report_to", form.get("report_to") or "tensorboard")
+    if base_config:
+        argv += ["--base_config", base_config]
     if form.get("prior"):
         argv.append("--with_prior_preservation")
     if validation:
@@ -225,7 +235,8 @@ def new_train(workspace, form: dict) -> tuple[list, dict]:
             argv.append(str(value))
     argv += [str(a) for a in form.get("extra") or []]
     settings = {"run": run, "subject": subject, "label": label, "noun": noun, "token": token, "prompt": prompt,
-                "base_model": model, "method": method, **numbers, "prior": bool(form.get("prior")),
+                "base_model": model, "base_config": base_config, "method": method, **numbers,
+                "prior": bool(form.get("prior")),
                 "validation_prompt": validation[0] if validation else "", "preset": form.get("preset") or "none",
                 "preset_flags": flags, "created": time.time(), "adapter": "adapter", "argv": argv}
     write_json_atomic(rdir / "run.json", settings)
