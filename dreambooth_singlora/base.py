@@ -185,7 +185,7 @@ class Base:
         family = detect_family(src, revision, base_config)
         device, dtype = torch.device(device or "cpu"), torch_dtype(dtype, device)
         if single_file(src):
-            return cls._load_single_file(family, src, base_config, dtype, device, vae)
+            return cls._load_single_file(family, src, base_config, dtype, device, vae, revision)
         kw = {"revision": revision}
         weights = {"variant": variant, "torch_dtype": dtype, **kw}  # read straight into the compute dtype
         encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
@@ -208,9 +208,11 @@ class Base:
         return cls(family, src, tokenizers, text_encoders, vae_model, unet, scheduler_config)
 
     @classmethod
-    def _load_single_file(cls, family: Family, src: str, base_config: str, dtype, device, vae: str | None) -> "Base":
+    def _load_single_file(cls, family: Family, src: str, base_config: str, dtype, device, vae: str | None,
+                          revision: str | None = None) -> "Base":
         """The parts of the family's pipeline loaded by diffusers' from_single_file from the original-layout file
-        `src`, with the configs, tokenizers and scheduler of the diffusers folder (or hub id) `base_config`."""
+        `src`, with the configs, tokenizers and scheduler of the diffusers folder (or hub id, at `revision`)
+        `base_config`."""
         import diffusers
         from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -227,8 +229,8 @@ class Base:
                 extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
             pipe = getattr(diffusers, family.pipeline).from_single_file(
                 src, config=base_config, local_files_only=Path(base_config).expanduser().is_dir(), torch_dtype=dtype,
-                **extra)
-            scheduler_config = dict(DDPMScheduler.load_config(base_config, subfolder="scheduler"))
+                revision=revision, **extra)
+            scheduler_config = dict(DDPMScheduler.load_config(base_config, subfolder="scheduler", revision=revision))
         except Exception as e:  # noqa: BLE001 - diffusers' conversion raises many types for a file of another model
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load the single-file checkpoint {src} as {family.label} (configs of "
