@@ -13,13 +13,11 @@ numbers.
 import json
 import random
 import signal
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import dreambooth_singlora.train_dreambooth as T
 from dreambooth_singlora import load_adapter, merge_adapter
@@ -67,8 +65,8 @@ def runs(pipelines, dataset_dir, tmp_path_factory):
 
         def spy(self, latents, noise, t):  # what group_losses asked for, checked against the scheduler's own
             out = real(self, latents, noise, t)
-            targets.append((self.prediction_type, torch.equal(out, self.noise_scheduler.get_velocity(latents, noise, t)),
-                            torch.equal(out, noise)))
+            v = self.noise_scheduler.get_velocity(latents, noise, t)
+            targets.append((self.prediction_type, torch.equal(out, v), torch.equal(out, noise)))
             return out
 
         with float64(), pytest.MonkeyPatch.context() as mp:
