@@ -277,6 +277,10 @@ def test_a_single_file_loads_the_folders_weights(family, tiny_pipeline, pipeline
         assert same_weights(a, b)
     assert one.scheduler_config == folder.scheduler_config and one.prediction_type == folder.prediction_type
     assert [t("a dog").input_ids for t in one.tokenizers] == [t("a dog").input_ids for t in folder.tokenizers]
+    if family == "sdxl":  # another VAE (--pretrained_vae_model_name_or_path) replaces the file's
+        other = Base.load(path, base_config=src, vae=str(pipelines["sd2"] / "vae"))
+        assert same_weights(other.vae, Base.load(str(pipelines["sd2"])).vae) and not same_weights(other.vae, one.vae)
+        assert same_weights(other.unet, one.unet)
 
 
 def test_a_single_file_trains_as_its_folder_and_generates_from_the_adapter_alone(single_file, tiny_pipeline,
@@ -296,9 +300,13 @@ def test_a_single_file_trains_as_its_folder_and_generates_from_the_adapter_alone
     assert rel_diff(a, weights(tmp_path / "file" / "checkpoints" / "checkpoint-2")) > 1e6 * FP64_TOL  # it trained
     meta = json.loads((tmp_path / "file" / "adapter_config.json").read_text())
     assert (meta["base_model"], meta["run"]["base_config"]) == (str(single_file), str(tiny_pipeline))
-    main(["--adapter", str(tmp_path / "file"), "--prompt", "a photo of sks dog", "--num_images_per_prompt", "1",
-          "--num_inference_steps", "2", "--height", "32", "--width", "32", "--output_dir", str(tmp_path / "img")])
+    small = ["--prompt", "a photo of sks dog", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+             "--height", "32", "--width", "32"]
+    main(["--adapter", str(tmp_path / "file"), *small, "--output_dir", str(tmp_path / "img")])
     assert len(list((tmp_path / "img").glob("*/0.png"))) == 1  # the adapter's file and --base_config, recorded
+    main(["--pretrained_model_name_or_path", str(single_file), "--base_config", str(tiny_pipeline), *small,
+          "--output_dir", str(tmp_path / "base")])  # the file alone, no adapter
+    assert len(list((tmp_path / "base").glob("*/0.png"))) == 1
 
 
 def test_a_single_file_without_base_config_is_refused_at_once(single_file, dataset_dir, tmp_path, capsys):
