@@ -15,8 +15,8 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD OUT=${OUT:-/tmp/out} M=/tmp/b/sdxl-random
-python3 -c "from dreambooth_singlora.testing import build_sdxl_pipeline as b; import torch; b('$M', device='cuda', dtype=torch.float16)" \
-  2>&1 | tail -1
+[ -f $M/model_index.json ] || python3 -c "from dreambooth_singlora.testing import build_sdxl_pipeline as b; import torch
+b('$M', device='cuda', dtype=torch.float16)" 2>&1 | tail -1
 watch_gpu() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
 peak() { sort -n "$1" | tail -1; }
 ours() {  # NAME ARGS...
@@ -88,5 +88,7 @@ more() {
 case ${PART:-vs} in
 vs) vs ;;
 more) more; theirs sdxl_diffusers_default train_dreambooth_lora_sdxl.py 100 ;;
-all) vs; more ;;  # the order of importance: what a time limit cuts is the last
+all) vs; more ;;
+theirs) theirs sdxl_diffusers_qk_${STEPS:-400} train_dreambooth_lora_sdxl_qk.py ${STEPS:-400} ;;
+ours) ours sdxl_ours_100 --max_train_steps 100; ours sdxl_ours_gc_50 --max_train_steps 50 --gradient_checkpointing; flops ;;  # the order of importance: what a time limit cuts is the last
 esac
