@@ -186,13 +186,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "and diffusers; diffusers loads only in diffusers (the UIs silently ignore it)")
     parser.add_argument("--output", "--output_dir", required=True, dest="output",
                         help="the .safetensors file to write")
+    parser.add_argument("--events", default=None,
+                        help="write the job's events (started, finished / failed) to this file as JSON lines")
     return parser
 
 
 @cli_entry
 def main(argv=None):
+    from .events import job
+
     args = build_parser().parse_args(argv)
-    path = export_lora(args.adapter, args.format, args.output)
+    with job("export", args.events) as events:
+        events.emit("started", config={"adapter": args.adapter, "format": args.format, "output": args.output})
+        path = export_lora(args.adapter, args.format, args.output)
+        events.emit("finished", outputs=[str(path)])
     print(f"wrote {path} ({args.format} LoRA)")
 
 

@@ -195,3 +195,18 @@ def test_a_stale_stop_file_is_cleared_when_a_run_starts(tmp_path):
     assert stop.requested() and stop.reason().startswith("stop file")
     stop.clear_files()
     assert not stop.requested()
+
+
+def test_export_reports_its_file_or_its_error(tmp_path, uninterrupted, capsys):
+    from dreambooth_singlora.export import main
+
+    main(["--adapter", str(uninterrupted), "--output", str(tmp_path / "dog.safetensors"), "--events",
+          str(tmp_path / "e.jsonl")])
+    events = read_events(tmp_path / "e.jsonl")
+    assert [e["event"] for e in events] == ["started", "finished"] and events[1]["outputs"] == [
+        str(tmp_path / "dog.safetensors")] and (tmp_path / "dog.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        main(["--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "x.safetensors"), "--events",
+              str(tmp_path / "f.jsonl")])
+    failed = read_events(tmp_path / "f.jsonl")[-1]
+    assert failed["event"] == "failed" and failed["error"] == capsys.readouterr().err.strip().splitlines()[-1]
