@@ -449,12 +449,20 @@ def render_all(args, runs, subjects, events=None) -> None:
             if eval_main(render_argv(args, run, todo)):
                 raise SystemExit(f"[render] {run.name} failed")
             continue
-        n = max(1, min(len(args.gpus), len(todo)))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--gpu_ids", ",".join(map(str, args.gpus[:n])),
-               "-m", "dreambooth_singlora.eval", *render_argv(args, run, todo)]
-        subprocess.run(cmd, check=True)
+        rc = subprocess.run(render_command(args, run, todo)).returncode
+        if rc != 0:
+            raise SystemExit(f"[render] {run.name} failed (exit {rc}); fix it and rerun: rendered subjects are "
+                             "kept and the rerun renders the rest")
     _progress(events, len(runs), len(runs), "render")
+
+
+def render_command(args, run: Run, todo: list[str]) -> list[str]:
+    """`accelerate launch` of `eval render` for the subjects `todo` of `run`, one process per GPU (at most one
+    per subject)."""
+    n = max(1, min(len(args.gpus), len(todo)))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--gpu_ids", ",".join(map(str, args.gpus[:n])),
+            "-m", "dreambooth_singlora.eval", *render_argv(args, run, todo)]
 
 
 def _progress(events, done: int, total: int, stage: str) -> None:

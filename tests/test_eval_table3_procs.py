@@ -1,12 +1,14 @@
 """The Table 3 driver and its trainer processes, with fake trainers (tiny python scripts that sleep, fail or
 ignore SIGTERM): a failed trainer stops the others (SIGTERM, SIGKILL after the grace period) and the driver
-waits for them and closes their logs before it exits; a run folder held by a live process is refused, a
-stale lock taken over."""
+waits for them and closes their logs before it exits; a failed render launch ends with one line; a run folder
+held by a live process is refused, a stale lock taken over (by one of two takers at once), and an unreadable
+lock is held until it is old."""
 
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from dreambooth_singlora.errors import UserError
+from dreambooth_singlora.eval import lock as L
 from dreambooth_singlora.eval import table3 as T
 from dreambooth_singlora.eval.lock import LOCK_NAME, FolderLock, alive
 
@@ -95,3 +98,68 @@ def test_run_trainer_records_its_pid_and_reports_failure(tmp_path):
         with pytest.raises(SystemExit, match="exit 3"):
             T.run_trainer([sys.executable, "-c", "import sys; sys.exit(3)"], dict(os.environ))
         assert len(json.loads((tmp_path / "r" / LOCK_NAME).read_text())["pids"]) == 2
+
+
+def test_a_failed_render_launch_is_one_line(tmp_path, monkeypatch):
+    launched = []
+
+    def command(args, run, todo):
+        launched.append(todo)
+        return [sys.executable, "-c", "import sys; sys.exit(4)"]
+    monkeypatch.setattr(T, "render_command", command)
+    args = SimpleNamespace(work_dir=tmp_path / "work", gpus=[0, 1], max_prompts=1, num_images_per_prompt=1)
+    run = T.Run("lora_r8", "lora", 8, 0, "lora_r8")
+    with pytest.raises(SystemExit, match=r"^\[render\] lora_r8 failed \(exit 4\); .*rendered subjects are kept"):
+        T.render_all(args, [run], ["dog", "cat"])
+    assert launched == [["dog", "cat"]]
+
+
+def test_an_unreadable_lock_is_held_until_it_is_old(tmp_path, caplog):
+    """An empty lock (what an older version left between creating and writing it) is not stale at once."""
+    lock = tmp_path / LOCK_NAME
+    lock.write_bytes(b"")
+    with pytest.raises(UserError, match="unreadable and 0 s old"):
+        with FolderLock(tmp_path):
+            pass
+    assert lock.read_bytes() == b""  # left in place
+    old = time.time() - L.UNREADABLE_STALE_S - 1
+    os.utime(lock, (old, old))
+    caplog.set_level("WARNING")
+    with FolderLock(tmp_path):
+        assert json.loads(lock.read_text())["pids"] == [os.getpid()]
+    assert "taking over the stale lock" in caplog.text and not lock.exists()
+
+
+def test_two_takers_of_one_stale_lock_one_wins(tmp_path, monkeypatch):
+    """Both read the dead holder before either acts (the barrier, and a slow liveness check to widen the window):
+    exactly one takes the folder, the other is refused because the winner holds it now."""
+    real_alive = L.alive
+
+    def slow_alive(pid):
+        time.sleep(0.05)
+        return real_alive(pid)
+    monkeypatch.setattr(L, "alive", slow_alive)
+    lock = tmp_path / LOCK_NAME
+    for _ in range(5):
+        lock.write_text(json.dumps({"pids": [999_999_999]}))
+        barrier = threading.Barrier(2)
+        results = []
+
+        def take():
+            taker = FolderLock(tmp_path)
+            barrier.wait()
+            try:
+                taker._take()  # the file protocol (FolderLock's own nesting would let a second thread in)
+                results.append("took")
+            except UserError as e:
+                results.append(str(e))
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 2 and results.count("took") == 1, results
+        assert f"in use by process {os.getpid()}" in [r for r in results if r != "took"][0]
+        assert json.loads(lock.read_text())["pids"] == [os.getpid()]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no file left aside
+        lock.unlink()
