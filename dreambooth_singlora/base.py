@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .config import SCHEDULERS
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import check_base_model
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _read_json(src: str, name: str, revision: str | None) -> dict:
         try:
             file = Path(hf_hub_download(src, name, revision=revision))
         except Exception as e:  # noqa: BLE001 - the hub client raises many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"cannot load base model {src!r}: {name}: {first}") from None
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -199,7 +199,7 @@ class Base:
             unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
             scheduler_config = dict(DDPMScheduler.load_config(src, subfolder="scheduler", **kw))
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"cannot load base model {src!r}: {first} (give a hub id or a local diffusers folder "
                             f"with {', '.join(('unet', 'vae', 'scheduler') + family.text_encoders)}/ and "
                             "their tokenizers)") from None
@@ -232,7 +232,7 @@ class Base:
                 revision=revision, **extra)
             scheduler_config = dict(DDPMScheduler.load_config(base_config, subfolder="scheduler", revision=revision))
         except Exception as e:  # noqa: BLE001 - diffusers' conversion raises many types for a file of another model
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"cannot load the single-file checkpoint {src} as {family.label} (configs of "
                             f"{base_config}): {first} (is --base_config a diffusers folder of the file's family?)"
                             ) from None

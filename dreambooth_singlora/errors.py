@@ -16,6 +16,13 @@ class UserError(ValueError):
     """Bad input from the user: the message says what is wrong and what would be right."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none (for one-line errors that
+    quote a library's)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 #: OS errors that come from the machine (disk, permissions, paths), reported as one line like bad input
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
                       errno.EEXIST, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", errno.ENOSPC)}

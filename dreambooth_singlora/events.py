@@ -183,10 +183,11 @@ class Tracker:
 
 def one_line(error: BaseException) -> str:
     """The one line a failed job reports: the UserError's message, or the exception's type and first line."""
-    from .errors import UserError
+    from .errors import UserError, first_line
 
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"error: {text}" if isinstance(error, UserError) else f"{type(error).__name__}: {text}".rstrip(": ")
+    text = first_line(error)
+    return f"error: {text}" if isinstance(error, UserError) else \
+        (text if text == type(error).__name__ else f"{type(error).__name__}: {text}")
 
 
 @contextmanager
@@ -200,8 +201,10 @@ def job(name: str, events_file=None, consumers=()) -> Iterator[Events]:
     try:
         yield events
     except SystemExit as e:
-        if e.code not in (0, None):
-            events.emit("failed", error=f"exit status {e.code}")
+        if e.code in (0, None):
+            events.emit("finished")
+        else:
+            events.emit("failed", error=e.code if isinstance(e.code, str) else f"exit status {e.code}")
         raise
     except BaseException as e:
         events.emit("failed", error="interrupted" if isinstance(e, KeyboardInterrupt) else one_line(e))
@@ -212,15 +215,20 @@ def job(name: str, events_file=None, consumers=()) -> Iterator[Events]:
         events.close()
 
 
-def follow(path, poll: float = 0.2, timeout: float | None = None) -> Iterator[dict]:
-    """The events of `path` as another process writes them, up to and including the job's end (finished, failed
-    or stopped): what a UI or a script reads to follow a live run. Waits for the file to appear."""
+def follow(path, poll: float = 0.2, timeout: float | None = None, from_end: bool = False) -> Iterator[dict]:
+    """The events of `path` as another process writes them, up to and including the end (finished, failed or
+    stopped) of the last job in it: what a UI or a script reads to follow a live run. A file that a resumed run
+    appended to holds several jobs: an end that more lines follow is passed on, not stopped at. `from_end`: only
+    what is written from now on (a run about to be started again on the same file). Waits for the file."""
     path, start, buf = Path(path), time.monotonic(), ""
     while not path.exists():
         if timeout is not None and time.monotonic() - start > timeout:
             return
         time.sleep(poll)
     with open(path, encoding="utf-8") as f:
+        if from_end:
+            f.seek(0, os.SEEK_END)
+        ended = False
         while True:
             chunk = f.readline()
             if chunk:
@@ -229,8 +237,9 @@ def follow(path, poll: float = 0.2, timeout: float | None = None) -> Iterator[di
                     continue  # a line still being written
                 event, buf = json.loads(buf), ""
                 yield event
-                if event["event"] in ENDS:
-                    return
+                ended = event["event"] in ENDS
+            elif ended:
+                return  # the last job's end, nothing after it
             elif timeout is not None and time.monotonic() - start > timeout:
                 return
             else:
@@ -250,12 +259,21 @@ class StopRequest:
     """A request from outside to stop a run at its next step boundary: SIGINT or SIGTERM (while `watching`), or one
     of the stop files existing. A second SIGINT interrupts at once, as Ctrl-C always did."""
 
-    def __init__(self, files=()):
+    def __init__(self, files=(), since: float | None = None):
         self.files = [Path(f) for f in files if f]
         self.signalled = None
+        self.since = time.time() if since is None else since  # when the run's process started
 
     def clear_files(self) -> None:
-        """Remove stale stop files (from an earlier stop): a new run of the same command goes on."""
+        """Remove stale stop files, made before this run's process started (an earlier stop): a new run of the same
+        command goes on; a stop requested while this run was starting still stops it."""
+        for f in self.files:
+            with suppress(FileNotFoundError):
+                if f.stat().st_mtime < self.since:
+                    f.unlink()
+
+    def consume(self) -> None:
+        """Remove the stop files once obeyed (the stop is done; they would stop the next run)."""
         for f in self.files:
             with suppress(FileNotFoundError):
                 f.unlink()

@@ -14,7 +14,7 @@ import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
@@ -127,6 +127,6 @@ def check_base_model(src: str) -> None:
     except HfHubHTTPError:
         return  # the hub answered (busy, rate-limited, ...): the download itself will retry or say what is wrong
     except Exception as e:  # connection refused, DNS, proxy, TLS, timeout: requests' or httpx's types
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = first_line(e)[:200]
         raise UserError(f"no network to the model hub ({hub}: {reason}) and {src} is not in the local cache: "
                         f"{how}") from None

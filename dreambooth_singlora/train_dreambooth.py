@@ -474,7 +474,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
     `events`: an events.Events to report to (default: cfg.events as JSON lines, if given)."""
     with job("train", cfg.events) as own:
         events = events or own
-        stop = StopRequest([cfg.stop_file, Path(cfg.output_dir) / STOP_NAME])
+        stop = StopRequest([cfg.stop_file, Path(cfg.output_dir) / STOP_NAME], since=time.time() - since_start())
         try:
             with stop.watching():
                 return _train(cfg, events, stop)
@@ -650,6 +650,8 @@ def end_stopped(cfg, accelerator, group: list[Member], adapters, bar, stop: Stop
     found = list_checkpoints(checkpoint_root(cfg.output_dir), [m.name for m in group])
     events.emit("stopped", step=step, checkpoint=str(found[-1]) if found else None, reason=stop.reason(),
                 resume="run the same command again to resume from this checkpoint")
+    if accelerator.is_main_process:
+        stop.consume()
     bar.close()
     adapters.close()
     raise Stopped

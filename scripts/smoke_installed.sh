@@ -67,6 +67,24 @@ assert s["scored"]["images"] == 25 and s["summary"]["all"]["dino"]["n_images"] =
 print("ok:", s["scored"])
 PY
 
+step "a fidelity curve over 2 checkpoints of a run with a held-out photo (eval curve)"
+dreambooth-singlora train --pretrained_model_name_or_path tiny-sd --subject dog --dataset_dir "$DATA" \
+    --output_dir run --max_train_steps 2 --checkpointing_steps 1 --checkpoints_total_limit 0 --resolution 32 \
+    --mixed_precision no --report_to none --holdout 1 --events run.jsonl
+dreambooth-singlora eval curve --run run --output curve --dataset_dir "$DATA" --subjects dog --max_prompts 1 \
+    --num_images_per_prompt 1 --num_inference_steps 2 --height 32 --width 32 --clip_checkpoint clip \
+    --dino_checkpoint dino --no_progress
+test -s curve/curve.csv -a -s curve/curve.png -a -s curve/curve.html
+tail -1 run.jsonl | grep -q '"event": "finished"'
+
+step "the Table 3 command and the web UI answer from the wheel (the UI without its [ui] extra: one line)"
+dreambooth-singlora eval table3 --help > /dev/null
+dreambooth-singlora ui --help > /dev/null
+if python -c "import gradio" 2>/dev/null; then :; else
+  code=0; dreambooth-singlora ui --workspace ui-ws > ui.out 2>&1 || code=$?
+  [ "$code" -eq 2 ] && grep -q "\[ui\]" ui.out || { echo "SMOKE: ui without gradio: exit $code: $(cat ui.out)" >&2; exit 1; }
+fi
+
 STEP=done
 echo "SMOKE: passed (work folder $WORK)"
 rm -rf "$WORK"

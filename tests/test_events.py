@@ -189,12 +189,42 @@ def test_a_reader_never_sees_half_a_line(tmp_path):
     writer.close()
 
 
-def test_a_stale_stop_file_is_cleared_when_a_run_starts(tmp_path):
-    stop = StopRequest([tmp_path / "STOP"])
+def test_a_stale_stop_file_is_cleared_when_a_run_starts_but_not_one_made_while_it_starts(tmp_path):
+    import time
+
     (tmp_path / "STOP").touch()
+    os.utime(tmp_path / "STOP", (time.time() - 60, time.time() - 60))  # left by an earlier stop
+    stop = StopRequest([tmp_path / "STOP"], since=time.time() - 5)  # this run's process started 5 s ago
     assert stop.requested() and stop.reason().startswith("stop file")
     stop.clear_files()
     assert not stop.requested()
+    (tmp_path / "STOP").touch()  # asked for while the run loads its models: obeyed, not cleared
+    stop.clear_files()
+    assert stop.requested()
+    stop.consume()
+    assert not stop.requested() and not (tmp_path / "STOP").exists()
+
+
+def test_follow_reads_on_past_an_earlier_jobs_end(tmp_path):
+    """A resumed run appends to the same file: a reader goes on to the last job's end."""
+    path = tmp_path / "e.jsonl"
+    lines = [{"event": "started"}, {"event": "stopped", "step": 3}, {"event": "started"}, {"event": "step", "step": 4},
+             {"event": "finished"}]
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert [e["event"] for e in follow(path, timeout=5)] == [e["event"] for e in lines]
+    assert list(follow(path, timeout=0.5, from_end=True)) == []  # only what comes after
+
+
+def test_an_exit_with_status_0_ends_the_stream_with_finished(tmp_path):
+    with pytest.raises(SystemExit):
+        with job("x", tmp_path / "e.jsonl"):
+            raise SystemExit(0)
+    with pytest.raises(SystemExit):
+        with job("y", tmp_path / "f.jsonl"):
+            raise SystemExit("error: something")
+    assert read_events(tmp_path / "e.jsonl")[-1]["event"] == "finished"
+    assert read_events(tmp_path / "f.jsonl")[-1] == {**read_events(tmp_path / "f.jsonl")[-1], "event": "failed",
+                                                     "error": "error: something"}
 
 
 def test_export_reports_its_file_or_its_error(tmp_path, uninterrupted, capsys):
