@@ -119,12 +119,13 @@ def test_uploads_that_are_not_good_photos_are_refused_and_nothing_is_kept(tmp_pa
              (lambda: [*photos_in(ws, dataset_dir, 2), bad("tiny.png")], "tiny.png is 20x20 px"),
              (lambda: [*photos_in(ws, dataset_dir, 2), bad("big.png")], "big.png is 25.0 MiB")]
     for files, message in cases:
-        msg, job = ui.start_train("r", "", "", files(), "dog", "sks", tiny_pipeline, "singlora", 4, 2, 1e-4, False,
+        given = files()
+        msg, job = ui.start_train("r", "", "", given, "dog", "sks", tiny_pipeline, "singlora", 4, 2, 1e-4, False,
                                   32, "", "none", "none")
         assert msg.startswith("Refused: ") and message in msg and job == "", msg
         assert not (ws / "runs" / "r").exists()  # no half-made run folder
         assert not (ws / ".staging").exists() or not any((ws / ".staging").iterdir())
-        assert not any(up.iterdir())  # Gradio's copies of the uploads are deleted once read, refused or not
+        assert all(Path(f).is_file() for f in given)  # a refused form keeps the uploads: the page still shows them
     assert ui.queue.jobs() == []
 
 
@@ -389,3 +390,168 @@ def test_a_single_file_base_model_needs_its_base_config(tmp_path, tiny_pipeline,
 
     train_parser().parse_args(argv[4:])
     assert app.UI(ws).family(str(single), str(tiny_pipeline)) == "Model family: **sd1**"
+
+
+# ---------------------------------------------------------------- races and ends (review fixes)
+def test_two_starts_of_one_run_name_keep_the_first_run(tmp_path, tiny_pipeline, dataset_dir, monkeypatch):
+    """A double click on Start: both calls get past the name check together (a barrier right after it); the run
+    folder goes to one of them, whole, and the other is refused in one line without touching it."""
+    import threading
+
+    ws = tmp_path / "ws"
+    ui = app.UI(ws)
+    uploads = []
+    for k in range(2):  # each click hands its own upload copies
+        files = photos_in(ws, dataset_dir)
+        uploads.append([shutil.copy(f, f"{f}.{k}.jpg") for f in files])
+    barrier, real_run_dir = threading.Barrier(2, timeout=20), forms.run_dir
+
+    def run_dir(workspace, run):
+        out = real_run_dir(workspace, run)
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(forms, "run_dir", run_dir)
+    results = [None, None]
+
+    def start(k):
+        try:
+            results[k] = ui.start_train("r1", "", "", uploads[k], "dog", "sks", tiny_pipeline, "singlora", 4, 2,
+                                        1e-4, False, 32, "", "none", "none")
+        except BaseException as e:  # noqa: BLE001 - an exception is a wrong answer here: it is recorded
+            results[k] = (f"raised {type(e).__name__}: {e}", "")
+
+    threads = [threading.Thread(target=start, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [r for r in results if r[1]]
+    lost = [r for r in results if not r[1]]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert lost[0][0] == ("Refused: run 'r1' already exists: choose another name (or resume it from the Live run "
+                          "tab)"), results
+    rdir = ws / "runs" / "r1"
+    assert json.loads((rdir / "run.json").read_text())["run"] == "r1"
+    assert sorted(p.name for p in (rdir / "photos" / "dog").iterdir()) == ["00.png", "01.png", "02.png"]
+    assert [j.id for j in ui.queue.jobs()] == [won[0][1]]
+
+
+def test_a_refused_start_keeps_the_uploads_for_the_corrected_start(tmp_path, tiny_pipeline, dataset_dir):
+    ws = tmp_path / "ws"
+    ui = app.UI(ws)
+    files = photos_in(ws, dataset_dir)
+    form = ["r1", "", "", files, "dog", "sks", tiny_pipeline, "singlora", 4, "x", 1e-4, False, 32, "", "none", "none"]
+    msg, job_id = ui.start_train(*form)
+    assert (msg, job_id) == ("Refused: steps 'x' is not a number", "")
+    assert all(Path(f).is_file() for f in files) and not (ws / "runs" / "r1").exists()
+    form[9] = 2  # the person fixes the steps; the File box still holds the same uploads
+    msg, job_id = ui.start_train(*form)
+    assert job_id and msg.startswith("Queued training of run r1"), msg
+    assert len(list((ws / "runs" / "r1" / "photos" / "dog").iterdir())) == 3
+    assert not any(Path(f).exists() for f in files)  # dropped once the run holds its copies
+
+
+def test_a_trainer_killed_after_a_stop_request_failed(tmp_path):
+    """A Stop asked for, then the process dies by SIGKILL (the OOM killer) before its stop: not a clean stop."""
+    import os
+    import signal
+
+    q = Queue(tmp_path / "ws")
+    code = "import time; print('loading', 'the base model', flush=True); time.sleep(60)"  # not its own argv's text
+    job = q.submit("train", [sys.executable, "-c", code])
+    job.stop_file = True  # as the trainer's: Stop writes the stop file, which this process never reads
+    q.save(job)
+    q.tick()
+    end = time.monotonic() + 30
+    while "loading the base model" not in q.log_path(job).read_text():
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    assert q.stop(job.id).stop_requested
+    os.kill(q.load(job.id).pid, signal.SIGKILL)
+    done = q.wait(job.id, 20)
+    assert (done.status, done.returncode) == ("failed", -signal.SIGKILL)
+    assert done.error == f"loading the base model (exit status {-signal.SIGKILL})"
+
+
+def test_views_of_a_job_of_another_kind_answer_with_a_status_line(tmp_path):
+    ui = app.UI(tmp_path / "ws")
+    job = ui.queue.submit("train", SLEEP, run="r", outputs={"adapter": "runs/r/adapter"})
+    assert ui.generate_view(job.id) == dict(
+        status=f"job {job.id} is a train job: it made no images; choose a generation job", gallery=[], zip=None)
+    assert ui.eval_view(job.id) == dict(
+        status=f"job {job.id} is a train job: it wrote no report; choose a scoring job", summary=[], per_prompt=[],
+        grids=[])
+
+
+def test_two_viewers_of_a_finished_generation_both_get_the_whole_zip(tmp_path, monkeypatch):
+    """Two timer ticks build the download at the same moment (a barrier once each has opened its archive file):
+    each gets the whole zip."""
+    import threading
+    import zipfile
+
+    ui = app.UI(tmp_path / "ws")
+    folder = ui.workspace / "runs" / "r" / "images" / "set1" / "dog"
+    (folder / "a-dog").mkdir(parents=True)
+    for k in range(3):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(folder / "a-dog" / f"{k}.png")
+    job = ui.queue.submit("generate", SLEEP, run="r", outputs={"images": "runs/r/images/set1/dog"})
+    job.status = "finished"
+    ui.queue.save(job)
+    barrier, real = threading.Barrier(2, timeout=20), zipfile.ZipFile.__init__
+
+    def opened(self, *a, **kw):
+        real(self, *a, **kw)
+        barrier.wait()
+
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", opened)
+    views = [None, None]
+
+    def view(k):
+        try:
+            views[k] = ui.generate_view(job.id)
+        except BaseException as e:  # noqa: BLE001 - recorded: an exception is the wrong answer
+            views[k] = e
+
+    threads = [threading.Thread(target=view, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    monkeypatch.undo()
+    assert all(isinstance(v, dict) for v in views), views
+    z = Path(views[0]["zip"])
+    assert views[1]["zip"] == str(z)
+    with zipfile.ZipFile(z) as zf:
+        assert sorted(zf.namelist()) == ["a-dog/", "a-dog/0.png", "a-dog/1.png", "a-dog/2.png"]
+    assert [p.name for p in z.parent.iterdir()] == ["set1.zip"]  # no part file left behind
+
+
+def test_a_refused_claim_closes_its_lock_file(tmp_path, monkeypatch):
+    import builtins
+
+    q = Queue(tmp_path / "ws").start()
+    opened, real_open = [], builtins.open
+
+    def spy(*a, **kw):
+        f = real_open(*a, **kw)
+        opened.append(f)
+        return f
+
+    try:
+        second = Queue(tmp_path / "ws")
+        monkeypatch.setattr(builtins, "open", spy)
+        with pytest.raises(UserError, match=rf"another web UI \(pid {__import__('os').getpid()}\)"):
+            second.claim()
+        monkeypatch.undo()
+        assert opened and all(f.closed for f in opened)
+    finally:
+        q.close()
+
+
+def test_the_forms_lists_and_limits_are_the_clis(tmp_path):
+    from dreambooth_singlora import config
+
+    assert forms.METHODS is config.METHODS and forms.SCHEDULERS is config.SCHEDULERS
+    s = app.launch_settings(app.build_parser().parse_args(["--workspace", str(tmp_path / "ws")]))
+    assert s["max_file_size"] == forms.MAX_PHOTO_BYTES

@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import threading
 import time
 from pathlib import Path
 
 from ..errors import UserError, cli_entry
+from ..prompts import IDENTIFIER
 from .jobs import Job, Queue
 from .paths import check_name, inside
-
-MAX_UPLOAD = "25mb"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +84,8 @@ def read_auth(pairs, auth_file) -> list[tuple[str, str]]:
 
 def launch_settings(args) -> dict:
     """Everything launch() gets, checked: the host against the logins, the workspace as the only served folder."""
+    from .forms import MAX_PHOTO_BYTES
+
     auth = read_auth(args.auth, args.auth_file)
     if not is_loopback(args.host) and not auth:
         raise UserError(f"--host {args.host} would let other machines reach the UI: give --auth USER:PASSWORD or "
@@ -92,7 +94,7 @@ def launch_settings(args) -> dict:
     blocked = [str(Path(args.auth_file).resolve())] if args.auth_file else []
     blocked += [str(ws / "jobs"), str(ws / ".ui.lock")]  # command lines and the lock: never served
     return dict(server_name=args.host, server_port=args.port, auth=auth or None, share=False,
-                allowed_paths=[str(ws)], blocked_paths=blocked, max_file_size=MAX_UPLOAD, ssr_mode=False,
+                allowed_paths=[str(ws)], blocked_paths=blocked, max_file_size=MAX_PHOTO_BYTES, ssr_mode=False,
                 show_error=True, quiet=True, footer_links=[])
 
 
@@ -114,7 +116,8 @@ class UI:
 
         try:
             noun = (noun or "").strip() or (get_subject(subject).class_name if subject else "")
-            return f"Instance prompt: **{instance_prompt(token or 'sks', noun)}**  (class prompt: a photo of {noun})"
+            prompt = instance_prompt(token or IDENTIFIER, noun)
+            return f"Instance prompt: **{prompt}**  (class prompt: a photo of {noun})"
         except UserError as e:
             return f"Instance prompt: - ({e})"
 
@@ -144,7 +147,9 @@ class UI:
     def start_train(self, run, subject, dataset_dir, photos, noun, token, base_model, method, rank, steps, lr,
                     prior, resolution, validation_prompt, preset, report_to="tensorboard",
                     base_config="") -> tuple[str, str]:
-        """Check the form, lay out the run, queue the training job: (message, job id or '')."""
+        """Check the form, lay out the run, queue the training job: (message, job id or ''). The uploads are
+        deleted once the run holds its copies; a refused form keeps them (the page still shows them), so the
+        corrected Start reads them again."""
         from .forms import new_train
 
         try:
@@ -155,14 +160,14 @@ class UI:
                 preset=preset, report_to=report_to))
         except UserError as e:
             return f"Refused: {e}", ""
-        finally:
-            self._drop_uploads(photos)
+        self._drop_uploads(photos)
         job = self.queue.submit("train", argv, run=settings["run"], title=f"train {settings['run']}",
                                 outputs={"adapter": f"runs/{settings['run']}/adapter"})
         return f"Queued training of run {settings['run']} ({settings['prompt']}) as job {job.id}", job.id
 
     def _drop_uploads(self, photos) -> None:
-        """Gradio's copies of the uploads (inside the workspace's .gradio folder): deleted once read."""
+        """Gradio's copies of the uploads (inside the workspace's .gradio folder): deleted once copied into a run
+        (Gradio's cache clean-up removes those of a refused form after a day)."""
         from .forms import upload_path
 
         upload_root = self.workspace / ".gradio"
@@ -271,9 +276,11 @@ class UI:
 
         try:
             job = self._job(job_id)
-        except UserError as e:
+            if "images" not in job.outputs:
+                raise UserError(f"job {job.id} is a {job.kind} job: it made no images; choose a generation job")
+            folder = inside(self.workspace, job.outputs.get("images", ""), "image folder")
+        except UserError as e:  # no such job, or a job of another kind (it has no image folder)
             return dict(status=str(e), gallery=[], zip=None)
-        folder = inside(self.workspace, job.outputs.get("images", ""), "image folder")
         z = None
         if job.status == "finished" and folder.is_dir():
             z = folder.parents[2] / "downloads" / f"{folder.parent.name}.zip"  # runs/<run>/downloads/<set>.zip
@@ -281,8 +288,12 @@ class UI:
                 z.parent.mkdir(parents=True, exist_ok=True)
                 import shutil
 
-                tmp = shutil.make_archive(str(z.with_suffix("")) + ".part", "zip", folder)
-                os.replace(tmp, z)
+                # every page's timer asks at once: each call writes its own file, then renames it whole onto z
+                part = f"{z.with_suffix('')}.part-{os.getpid()}-{threading.get_ident()}"
+                try:
+                    os.replace(shutil.make_archive(part, "zip", folder), z)
+                finally:
+                    Path(part + ".zip").unlink(missing_ok=True)
             z = str(z)
         return dict(status=status_line(job, progress(self.queue, job)), gallery=gallery(folder), zip=z)
 
@@ -334,9 +345,12 @@ class UI:
 
         try:
             job = self._job(job_id)
-        except UserError as e:
+            if "report" not in job.outputs:
+                raise UserError(f"job {job.id} is a {job.kind} job: it wrote no report; choose a scoring job")
+            out = inside(self.workspace, job.outputs.get("report", ""), "report folder")
+            images = inside(self.workspace, job.outputs.get("images", ""), "image folder")
+        except UserError as e:  # no such job, or a job of another kind (it has no report)
             return dict(status=str(e), summary=[], per_prompt=[], grids=[])
-        out = inside(self.workspace, job.outputs.get("report", ""), "report folder")
 
         def table(name):
             f = out / name
@@ -346,7 +360,6 @@ class UI:
                 return list(csv.reader(fh))
 
         grids = []
-        images = inside(self.workspace, job.outputs.get("images", ""), "image folder")
         for sheet in sorted(images.glob("*/contact_sheet.png")):
             grids.append((str(sheet), f"{sheet.parent.name}: one row per prompt"))
         if (out / "report.png").is_file():
@@ -407,8 +420,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                                                  value=default_dataset, elem_id="train-dataset")
                         with gr.Row():
                             noun = gr.Textbox(label="Class noun", value="dog", elem_id="train-noun")
-                            token = gr.Textbox(label="Rare token", value="sks", elem_id="train-token")
-                        prompt_md = gr.Markdown(ui.prompt_preview("", "dog", "sks"))
+                            token = gr.Textbox(label="Rare token", value=IDENTIFIER, elem_id="train-token")
+                        prompt_md = gr.Markdown(ui.prompt_preview("", "dog", IDENTIFIER))
                         base = gr.Textbox(label="Base model (hub id, local folder or .safetensors file)",
                                           value=default_base, elem_id="train-base")
                         base_cfg = gr.Textbox(label="Base config (only for a single .safetensors file: a diffusers "

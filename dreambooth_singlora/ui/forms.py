@@ -22,15 +22,15 @@ import uuid
 from contextlib import suppress
 from pathlib import Path
 
+from ..config import METHODS, SCHEDULERS  # the trainer's methods; the samplers (SCHEDULERS' keys)
 from ..errors import UserError
 from ..fileio import write_json_atomic
+from ..prompts import IDENTIFIER
 from .jobs import cli
 from .paths import check_name, existing_reference, inside, is_hub_id
 
-METHODS = ("singlora", "lora", "loraplus", "dora")
-SCHEDULERS = ("ddim", "pndm", "dpm++", "euler", "euler_a", "lms", "unipc", "ddpm")
 MIN_PHOTOS, MAX_PHOTOS = 3, 20
-MAX_PHOTO_BYTES = 25 * 2**20   # one upload; Gradio's own limit (launch max_file_size) is the same
+MAX_PHOTO_BYTES = 25 * 2**20   # one upload; also Gradio's limit (app.launch_settings passes it as max_file_size)
 MIN_PHOTO_SIDE = 64            # pixels: smaller is a thumbnail, not a training photo
 
 #: GPU-memory presets: the trainer flags each sets. They rest on the defaults' 2.58 GB measured for one subject
@@ -79,7 +79,7 @@ def family_of(model: str, base_config: str = "") -> str:
 def instance_prompt(token: str, noun: str) -> str:
     token, noun = (token or "").strip(), (noun or "").strip()
     if not token or not noun or any(len(w.split()) != 1 for w in (token,)):
-        raise UserError("give a rare token (one word, e.g. sks) and a class noun (e.g. dog)")
+        raise UserError(f"give a rare token (one word, e.g. {IDENTIFIER}) and a class noun (e.g. dog)")
     return f"a photo of {token} {noun}"
 
 
@@ -167,8 +167,23 @@ def new_train(workspace, form: dict) -> tuple[list, dict]:
     ws = Path(workspace).resolve()
     run = check_name(form.get("run") or "", "run name")
     rdir = run_dir(ws, run)
-    if rdir.exists():
-        raise UserError(f"run {run!r} already exists: choose another name (or resume it from the Live run tab)")
+    # the run folder is claimed by one mkdir: of two Starts of one name (a double click) only one gets it, and
+    # what is cleaned up on a refusal below is this call's own folder, never another's
+    rdir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rdir.mkdir()
+    except FileExistsError:
+        raise UserError(f"run {run!r} already exists: choose another name (or resume it from the Live run tab)"
+                        ) from None
+    try:
+        return _lay_out_train(ws, rdir, run, form)
+    except BaseException:
+        shutil.rmtree(rdir, ignore_errors=True)
+        raise
+
+
+def _lay_out_train(ws: Path, rdir: Path, run: str, form: dict) -> tuple[list, dict]:
+    """new_train's checks and layout inside the run folder it claimed (empty; removed by it if this raises)."""
     from ..prompts import get_subject
 
     subject = (form.get("subject") or "").strip()
@@ -177,7 +192,7 @@ def new_train(workspace, form: dict) -> tuple[list, dict]:
         noun = (form.get("noun") or "").strip() or s.class_name
     else:
         noun = (form.get("noun") or "").strip()
-    token = (form.get("token") or "sks").strip()
+    token = (form.get("token") or IDENTIFIER).strip()
     prompt = instance_prompt(token, noun)
     label = subject or check_name(noun.replace(" ", "_"), "class noun")
     method = form.get("method") or "singlora"
@@ -207,15 +222,11 @@ def new_train(workspace, form: dict) -> tuple[list, dict]:
 
     staging = ws / ".staging"
     photos_dir = rdir / "photos" / label
-    try:
-        if subject and not form.get("photos"):
-            data = existing_reference(form.get("dataset_dir") or "", "dataset folder", ws)
-            copy_subject_photos(data, subject, photos_dir, staging)
-        else:
-            ingest_photos(form.get("photos"), photos_dir, staging)
-    except BaseException:
-        shutil.rmtree(rdir, ignore_errors=True)
-        raise
+    if subject and not form.get("photos"):
+        data = existing_reference(form.get("dataset_dir") or "", "dataset folder", ws)
+        copy_subject_photos(data, subject, photos_dir, staging)
+    else:
+        ingest_photos(form.get("photos"), photos_dir, staging)
     adapter = rdir / "adapter"
     argv = cli("train", "--pretrained_model_name_or_path", model, "--instance_data_dir", photos_dir,
                "--instance_prompt", prompt, "--class_prompt", f"a photo of {noun}", "--identifier", token,

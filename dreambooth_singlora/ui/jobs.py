@@ -221,7 +221,10 @@ class Queue:
         if ends:
             job.status = ends[-1]["event"]
             job.error = ends[-1].get("error", "") if job.status == "failed" else ""
-        elif job.stop_requested:
+        elif job.stop_requested and job.returncode in (0, -signal.SIGTERM, None):
+            # it ended by the stop (a clean exit, or the SIGTERM a second Stop sends); None: a restarted UI found
+            # the process and cannot read its exit status. Any other end (SIGKILL, the OOM killer, a crash while
+            # loading) is a failure, with the log's last line, even after a Stop.
             job.status = "stopped"
         elif job.returncode == 0:
             job.status = "finished"
@@ -286,7 +289,9 @@ class Queue:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            raise UserError(f"another web UI (pid {f.read().strip() or '?'}) serves the workspace {self.workspace}: "
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"another web UI (pid {holder}) serves the workspace {self.workspace}: "
                             "stop it, or give another --workspace") from None
         f.truncate(0)
         f.write(str(os.getpid()))
