@@ -233,7 +233,7 @@ class TrainConfig(SingLoRAConfig):
         "subject at a time, each with every single-subject feature: DDP, CUDA graphs, fp16, 8-bit Adam, DoRA)")
     dataset_dir: Optional[str] = _opt(
         None, "the DreamBooth dataset folder (<dataset_dir>/<subject>/*.jpg), used with --subject / --subjects")
-    identifier: str = _opt("sks", "the rare token that names the subject")
+    identifier: str = _opt(IDENTIFIER, "the rare token that names the subject")
     instance_data_dir: Optional[str] = _opt(None, "folder of the subject's photos")
     instance_prompt: Optional[str] = _opt(None, "prompt of the subject's photos, e.g. 'a photo of sks dog'")
     class_data_dir: Optional[str] = _opt(

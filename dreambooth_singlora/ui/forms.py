@@ -23,7 +23,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from ..config import METHODS, SCHEDULERS  # the trainer's methods; the samplers (SCHEDULERS' keys)
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fileio import write_json_atomic
 from ..prompts import IDENTIFIER
 from .jobs import cli
@@ -72,7 +72,7 @@ def family_of(model: str, base_config: str = "") -> str:
     try:
         fam = detect_family(model, base_config=base_config or None)
     except Exception as e:  # noqa: BLE001 - a family is a hint in the form, never an error
-        return f"unknown ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return f"unknown ({first_line(e)})"
     return getattr(fam, "name", str(fam))
 
 
