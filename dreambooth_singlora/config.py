@@ -282,7 +282,8 @@ class TrainConfig(SingLoRAConfig):
         "if there is none; subjects whose adapter is already finished are skipped)")
     overwrite: bool = _opt(
         False, "start over: ignore and delete the checkpoints in --output_dir and train every subject again")
-    validation_prompt: Optional[str] = _opt(None, "prompt for validation image grids (default: none)")
+    validation_prompt: Optional[List[str]] = _opt(
+        None, "prompt(s) of the validation image grids, a row of --num_validation_images each (default: none)")
     num_validation_images: int = _opt(4, "images per validation")
     validation_steps: int = _opt(100, "validate every N steps")
     fused_adam: bool = _opt(True, "fused AdamW kernel on CUDA (one launch for all adapter tensors)")
@@ -349,6 +350,9 @@ class TrainConfig(SingLoRAConfig):
                 raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog') or --subject")
             if self.with_prior_preservation and not self.class_data_dir:
                 self.class_data_dir = str(Path(self.output_dir) / "class_images")
+        if isinstance(self.validation_prompt, str):  # the Python API's single prompt
+            self.validation_prompt = [self.validation_prompt]
+        self.validation_prompt = list(self.validation_prompt) if self.validation_prompt else None
         if self.mixed_precision == "fp32":
             self.mixed_precision = "no"  # accelerate's word for it
         if self.holdout < 0:

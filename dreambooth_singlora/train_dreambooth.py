@@ -853,8 +853,9 @@ def device_stats() -> dict:
 
 @torch.no_grad()
 def validate(cfg: TrainConfig, accelerator, base: Base, unet, step: int) -> list[str]:
-    """Render --validation_prompt with the current adapter through the renderer (image k with seed + k) into
-    validation/step-<step>/, a grid beside it, and tensorboard images; returns the written paths."""
+    """Render each --validation_prompt with the current adapter through the renderer (image k with seed + k) into
+    validation/step-<step>/ (k.png for one prompt, <prompt index>-k.png for several), a grid beside it (a row per
+    prompt), and tensorboard images; returns the written paths."""
     import numpy as np
     from PIL import Image
 
@@ -865,14 +866,17 @@ def validate(cfg: TrainConfig, accelerator, base: Base, unet, step: int) -> list
     gen_cfg = GenerateConfig(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, seed=cfg.seed,
                              num_inference_steps=25, height=cfg.resolution, width=cfg.resolution,
                              batch_size=cfg.num_validation_images, skip_existing=False, output_dir=str(folder))
-    jobs = [Job(cfg.validation_prompt, cfg.seed + k, folder / f"step-{step:05d}" / f"{k}.png", {})
-            for k in range(cfg.num_validation_images)]
+    prompts, n = cfg.validation_prompt, cfg.num_validation_images
+    name = (lambda i, k: f"{k}.png") if len(prompts) == 1 else (lambda i, k: f"{i}-{k}.png")
+    jobs = [Job(p, cfg.seed + k, folder / f"step-{step:05d}" / name(i, k), {})
+            for i, p in enumerate(prompts) for k in range(n)]
     unet.eval()
     with accelerator.autocast():
         render(base.pipeline(unet, scheduler="dpm++"), gen_cfg, jobs, show=False)
     images = [Image.open(j.path).convert("RGB") for j in jobs]
-    grid = image_grid(images, cols=4, captions=[f"seed {j.seed}" for j in jobs],
-                      title=f"step {step}: {cfg.validation_prompt}")
+    grid = image_grid(images, cols=n if len(prompts) > 1 else 4, captions=[f"seed {j.seed}" for j in jobs],
+                      title=f"step {step}" + (f": {prompts[0]}" if len(prompts) == 1 else ""),
+                      row_titles=prompts if len(prompts) > 1 else None)
     with atomic_path(folder / f"step-{step:05d}.png") as tmp:
         grid.save(tmp, format="PNG")
     for tracker in accelerator.trackers:

@@ -559,3 +559,23 @@ def test_a_recorded_run_is_this_run_only_if_equal(tmp_path):
     assert run_differs(cfg, member, {**ours, "a_later_setting": None}) == "a_later_setting"
     assert run_differs(cfg, member, {k: v for k, v in ours.items() if k != "class_prompt"}) == "class_prompt"
     assert run_differs(cfg, member, None) == "subject"
+
+
+def test_several_validation_prompts_render_a_row_each(tiny_pipeline, dataset_dir, tmp_path):
+    """--validation_prompt takes several prompts (the UI's one a line): each renders num_validation_images with the
+    same seeds, a row of the grid each; a single string from the Python API is one prompt."""
+    from PIL import Image
+
+    assert TrainConfig(pretrained_model_name_or_path="x", instance_data_dir="d", instance_prompt="a sks dog",
+                       validation_prompt="a sks dog").validation_prompt == ["a sks dog"]
+    prompts = ["a photo of sks dog", "a sks dog on the beach"]
+    cfg = cfg_for(tiny_pipeline, dataset_dir, tmp_path, max_train_steps=2, checkpointing_steps=2,
+                  validation_prompt=prompts, validation_steps=2, num_validation_images=2)
+    train(cfg)
+    step = tmp_path / "validation" / "step-00002"
+    assert sorted(p.name for p in step.iterdir()) == ["0-0.png", "0-1.png", "1-0.png", "1-1.png"]
+    for i, prompt in enumerate(prompts):
+        for k in range(2):
+            with Image.open(step / f"{i}-{k}.png") as im:
+                assert im.text["prompt"] == prompt and im.text["seed"] == str(cfg.seed + k)
+    assert (tmp_path / "validation" / "step-00002.png").stat().st_size > 0

@@ -438,7 +438,7 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                         with gr.Row():
                             resolution = gr.Number(512, label="Resolution", precision=0, elem_id="train-resolution")
                             prior = gr.Checkbox(False, label="Prior preservation")
-                        validation = gr.Textbox(label="Validation prompt (one line; empty = none)", lines=1,
+                        validation = gr.Textbox(label="Validation prompts (one a line; empty = none)", lines=2,
                                                 elem_id="train-validation")
                         preset = gr.Radio(list(PRESETS), value="none", label="GPU-memory preset")
                         preset_md = gr.Markdown(ui.preset_note("none"))

@@ -216,8 +216,6 @@ def _lay_out_train(ws: Path, rdir: Path, run: str, form: dict) -> tuple[list, di
     if numbers["resolution"] % 8:
         raise UserError(f"resolution {numbers['resolution']} is not a multiple of 8")
     validation = [p.strip() for p in (form.get("validation_prompt") or "").splitlines() if p.strip()]
-    if len(validation) > 1:
-        raise UserError("the trainer renders one validation prompt: give one line")
     flags = preset_flags(form.get("preset") or "none")
 
     staging = ws / ".staging"
@@ -239,7 +237,7 @@ def _lay_out_train(ws: Path, rdir: Path, run: str, form: dict) -> tuple[list, di
         argv.append("--with_prior_preservation")
     if validation:
         every = max(1, min(100, numbers["steps"]))
-        argv += ["--validation_prompt", validation[0], "--validation_steps", str(every)]
+        argv += ["--validation_prompt", *validation, "--validation_steps", str(every)]
     for key, value in flags.items():
         argv.append(f"--{key}" if value is True else f"--no-{key}" if value is False else f"--{key}")
         if not isinstance(value, bool):
@@ -248,7 +246,7 @@ def _lay_out_train(ws: Path, rdir: Path, run: str, form: dict) -> tuple[list, di
     settings = {"run": run, "subject": subject, "label": label, "noun": noun, "token": token, "prompt": prompt,
                 "base_model": model, "base_config": base_config, "method": method, **numbers,
                 "prior": bool(form.get("prior")),
-                "validation_prompt": validation[0] if validation else "", "preset": form.get("preset") or "none",
+                "validation_prompt": "\n".join(validation), "preset": form.get("preset") or "none",
                 "preset_flags": flags, "created": time.time(), "adapter": "adapter", "argv": argv}
     write_json_atomic(rdir / "run.json", settings)
     return argv, settings
