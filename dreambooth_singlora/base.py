@@ -175,14 +175,14 @@ class Base:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, src: str, *, revision: str | None = None, variant: str | None = None, dtype=None, device=None,
-             vae: str | None = None, base_config: str | None = None) -> "Base":
+             vae: str | None = None, base_config: str | None = None, family: Family | None = None) -> "Base":
         """The base model at `src` (hub id, local diffusers folder, or a single .safetensors file with
         `base_config`), frozen, on `device` in `dtype`; `vae` a replacement VAE (hub id or folder, e.g. an
-        fp16-safe SDXL VAE)."""
+        fp16-safe SDXL VAE); `family`: what `detect_family` already said of `src` (not asked again)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        family = detect_family(src, revision, base_config)
+        family = family or detect_family(src, revision, base_config)
         device, dtype = torch.device(device or "cpu"), torch_dtype(dtype, device)
         if single_file(src):
             return cls._load_single_file(family, src, base_config, dtype, device, vae, revision)
@@ -251,6 +251,11 @@ class Base:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ the family's defaults
+    def adapter_record(self) -> dict:
+        """What an adapter trained on this base records of it (its config's family and prediction_type): what
+        generate checks an adapter against, and the export's base-model metadata."""
+        return {"family": self.family.name, "prediction_type": self.prediction_type}
+
     @property
     def default_resolution(self) -> int:
         return resolution_of(self.unet.config, self.vae_config)

@@ -64,7 +64,7 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
         raise UserError(f"adapter {adapter} was trained on a {trained_on} base ({meta.get('base_model')}), but "
                         f"{src} is {family.name} ({family.label}): give a {trained_on} base with "
                         "--pretrained_model_name_or_path")
-    base = Base.load(src, dtype=torch_dtype(dtype, device), device=device, base_config=base_config)
+    base = Base.load(src, dtype=torch_dtype(dtype, device), device=device, base_config=base_config, family=family)
     pipe = base.pipeline(scheduler=scheduler)
     if adapter:
         place_adapter(pipe.unet, adapter, adapter_scale=adapter_scale, merge=merge, use_xformers=use_xformers)

@@ -232,7 +232,6 @@ class LatentCache:
 
 def ensure_class_images(cfg: TrainConfig, member: Member, accelerator, base: Base) -> None:
     """Generate the class images prior preservation needs with the base model, once; reuse them after."""
-    from .config import GenerateConfig
     from .data import list_images
     from .generate import Job, render
 
@@ -244,14 +243,21 @@ def ensure_class_images(cfg: TrainConfig, member: Member, accelerator, base: Bas
     if missing <= 0:
         return
     logger.info("generating %d class images for %r in %s", missing, member.class_prompt, folder)
-    gen_cfg = GenerateConfig(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, seed=0,
-                             num_inference_steps=25, height=cfg.resolution, width=cfg.resolution,
-                             batch_size=cfg.sample_batch_size, skip_existing=False, output_dir=str(folder))
     with accelerator.split_between_processes(list(range(start, start + missing))) as mine:
-        render(base.pipeline(scheduler="dpm++"), gen_cfg, [Job(member.class_prompt, cfg.seed * 100_003 + j,
-                                              folder / f"class-{j:05d}.png", {}) for j in mine],
+        render(base.pipeline(scheduler="dpm++"), render_config(cfg, folder, cfg.sample_batch_size),
+               [Job(member.class_prompt, cfg.seed * 100_003 + j, folder / f"class-{j:05d}.png", {}) for j in mine],
                desc="class images", show=accelerator.is_main_process)
     accelerator.wait_for_everyone()
+
+
+def render_config(cfg: TrainConfig, folder: Path, batch_size: int):
+    """How the trainer renders (class images, validation): the base model's own size, 25 steps, every image
+    rendered again; each job carries its own seed."""
+    from .config import GenerateConfig
+
+    return GenerateConfig(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, num_inference_steps=25,
+                          height=cfg.resolution, width=cfg.resolution, batch_size=batch_size, skip_existing=False,
+                          output_dir=str(folder))
 
 
 def batch_key(*numbers: int) -> int:
@@ -374,10 +380,10 @@ class OneAdapter:
     """A group of one subject: the plain adapter on the UNet (PEFT's layers for the baselines), DDP and
     CUDA graphs as accelerate and the GPU allow; its checkpoint holds the adapter itself."""
 
-    def __init__(self, cfg, accelerator, unet, bare, params, data: TrainData, dtype, family: str):
+    def __init__(self, cfg, accelerator, unet, bare, params, data: TrainData, dtype, record: dict):
         for p in params:
             p.requires_grad_(True)  # a bank of an earlier group froze them
-        self.cfg, self.accelerator, self.bare, self.params, self.family = cfg, accelerator, bare, params, family
+        self.cfg, self.accelerator, self.bare, self.params, self.record = cfg, accelerator, bare, params, record
         self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
             and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
         if self.graphed:
@@ -400,7 +406,7 @@ class OneAdapter:
         return [bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())]
 
     def save_weights(self, folder: Path) -> None:
-        save_adapter(self.bare, folder, base_model=self.cfg.pretrained_model_name_or_path, extra={"family": self.family})
+        save_adapter(self.bare, folder, base_model=self.cfg.pretrained_model_name_or_path, extra=self.record)
 
     def load_weights(self, folder: Path) -> None:
         load_adapter_state_dict(self.bare, read_adapter(folder)[1])
@@ -559,7 +565,8 @@ def train_group(cfg, accelerator, base: Base, unet, params, init, group: list[Me
     bare, names, root = accelerator.unwrap_model(unet), [m.name for m in group], Path(cfg.output_dir)
     load_adapter_state_dict(bare, init)
     per = per_subject(cfg)
-    adapters = OneAdapter(cfg, accelerator, unet, bare, params, datas[0], dtype, base.family.name) if len(group) == 1 \
+    adapters = OneAdapter(cfg, accelerator, unet, bare, params, datas[0], dtype, base.adapter_record()) \
+        if len(group) == 1 \
         else AdapterBank(cfg, unet, bare, len(group), per, dtype, datas[0])
     optimizer, lr_scheduler = make_optimizer_and_schedule(cfg, accelerator, bare)
 
@@ -707,8 +714,7 @@ def write_results(cfg, base: Base, accelerator, group: list[Member], adapters, h
         adapters.stage(i)
         set_step(adapters.bare, step)
         save_adapter(adapters.bare, m.output_dir, base_model=cfg.pretrained_model_name_or_path,
-                     extra={"run": run_of(cfg, m), "family": base.family.name, "prediction_type": base.prediction_type,
-                            "holdout": m.holdout})
+                     extra={"run": run_of(cfg, m), **base.adapter_record(), "holdout": m.holdout})
         plot_loss(histories[m.name], m.output_dir / "loss_curve.png", m.name)
         write_text_atomic(m.output_dir / "README.md", model_card(cfg, base.family, m, step, n_params,
                                                                  stats["loop_seconds"]))
@@ -859,13 +865,10 @@ def validate(cfg: TrainConfig, accelerator, base: Base, unet, step: int) -> list
     import numpy as np
     from PIL import Image
 
-    from .config import GenerateConfig
     from .generate import Job, render
 
     folder = Path(cfg.output_dir) / "validation"
-    gen_cfg = GenerateConfig(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, seed=cfg.seed,
-                             num_inference_steps=25, height=cfg.resolution, width=cfg.resolution,
-                             batch_size=cfg.num_validation_images, skip_existing=False, output_dir=str(folder))
+    gen_cfg = render_config(cfg, folder, cfg.num_validation_images)
     prompts, n = cfg.validation_prompt, cfg.num_validation_images
     name = (lambda i, k: f"{k}.png") if len(prompts) == 1 else (lambda i, k: f"{i}-{k}.png")
     jobs = [Job(p, cfg.seed + k, folder / f"step-{step:05d}" / name(i, k), {})
