@@ -16,6 +16,8 @@ the trainer's batched group. Each variant times a forward + backward + fused Ada
     one_adapter     with --subjects > 1: every sample through one plain SingLoRA adapter, no bank (the
                     same gradients' path through the UNet without the routing): the floor a bank stands on
     sdpa_<backend>  attention forced to one SDPA backend (flash, efficient, cudnn, math)
+    checkpointing   --gradient_checkpointing (trainer.enable_checkpointing); one subject stays CUDA-graphed
+    eager           with --subjects 1: no CUDA graphs (as --no-cuda_graphs)
     compile         torch.compile of Denoise (the first step carries the compile; run the script twice
                     with one TORCHINDUCTOR_CACHE_DIR to see what a warm cache saves)
 
@@ -83,7 +85,7 @@ def main(argv=None):
     from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
     from dreambooth_singlora.adapter import trainable_parameters
     from dreambooth_singlora.bank import add_bank, bank_parameters
-    from dreambooth_singlora.train_dreambooth import Denoise, graph_unet
+    from dreambooth_singlora.train_dreambooth import Denoise, enable_checkpointing, graph_unet
 
     dt, n, dev = torch.bfloat16, args.subjects, args.device
 
@@ -113,11 +115,12 @@ def main(argv=None):
         cond["text_embeds"] = torch.randn(n, pooled, device=dev, dtype=dt)
         cond["time_ids"] = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * n, device=dev, dtype=dt)
     out: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
-                 "subjects": n, "path": "bank, eager" if n > 1 else "one adapter, CUDA graphs", "variants": {}}
-    graphs, one, one_opt = n == 1 and dev == "cuda", None, None
+                 "subjects": n, "path": "bank, eager" if n > 1 else "one adapter", "variants": {}}
+    one, one_opt = None, None
     for variant in args.variants:
         parts = set(variant.split("+")) - {"default"}
-        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile", "one_adapter", "checkpointing")
+        unknown = {x for x in parts if x not in ("channels_last", "autocast", "compile", "one_adapter", "checkpointing",
+                                                 "eager")
                    and not x.startswith("sdpa_")}
         if unknown:
             p.error(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
@@ -131,9 +134,13 @@ def main(argv=None):
             one_opt = torch.optim.AdamW(trainable_parameters(one), lr=1e-4, fused=dev == "cuda")
         model, optimizer = (one, one_opt) if "one_adapter" in parts else (unet, opt)
         model.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)
-        if "checkpointing" in parts:  # --gradient_checkpointing (no CUDA graphs then, as in the trainer)
-            model.enable_gradient_checkpointing()
-            graphs = False
+        if "checkpointing" in parts:  # --gradient_checkpointing, as the trainer sets it (graphed too)
+            enable_checkpointing(model)
+        else:
+            model.disable_gradient_checkpointing()
+        graphs = n == 1 and dev == "cuda" and "eager" not in parts
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with attention:
             if "compile" in parts:
@@ -155,15 +162,16 @@ def main(argv=None):
             key = variant if variant not in out["variants"] else f"{variant} ({len(out['variants']) + 1})"  # a repeat
             out["variants"][key] = {"first_step_s": round(first, 3), "median_s": round(med, 5),
                                         "min_s": round(min(s), 5), "max_s": round(max(s), 5),
-                                        "steps_per_s": round(1 / med, 2), "samples_per_s": round(n / med, 1)}
+                                        "steps_per_s": round(1 / med, 2), "samples_per_s": round(n / med, 1),
+                                        "cuda_graphs": graphs, "peak_gpu_memory_gb": round(
+                                            torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None}
             if len(out["variants"]) == 1:
                 out["kernels"] = top_kernels(step, dev)
         print(variant, json.dumps(out["variants"][key]), flush=True)
         del denoise
-    out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
+        with open(args.output, "w") as fh:  # after every variant: what a later crash or time limit cuts is kept
+            json.dump(out, fh, indent=2)
     print(json.dumps(out["kernels"], indent=1), flush=True)
-    with open(args.output, "w") as fh:
-        json.dump(out, fh, indent=2)
 
 
 if __name__ == "__main__":

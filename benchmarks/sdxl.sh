@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # SDXL at 1024 px on one GPU: full-size SDXL-base architecture with random weights (testing.build_sdxl_pipeline),
 # batch 1, bf16, rank 8 on to_q/to_k, beside diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py.
-#   PART=vs    this tool (400 steps, its defaults) and diffusers' script restricted to to_q/to_k (400 steps)
-#   PART=all   vs, then more without diffusers' default targets
-#   PART=more  this tool with --gradient_checkpointing (the 12 GB fit), diffusers' script on its default targets,
-#              the UNet's FLOPs per sample (torch.utils.flop_counter), a dense bf16 matmul's rate, and several
-#              subjects in one batch (1, 4, 8, 16: the training step alone, benchmarks/profile_step.py)
+#   PART=vs     this tool with --gradient_checkpointing (100 steps: the 12 GB fit) and with its defaults (400 steps),
+#               diffusers' script restricted to to_q/to_k (400 steps), then check_graphed_checkpointing.py
+#   PART=more   several subjects in one batch (1, 4, 8, 16: the training step alone, benchmarks/profile_step.py),
+#               this tool again (400 steps, the baseline of this call) and diffusers' script on its default targets
+#               (STEPS, 200 by default: its it/s is its bar's)
+#   PART=flops  the UNet's FLOPs per sample (torch.utils.flop_counter) and a dense bf16 matmul's rate
+#   PART=theirs diffusers' script on to_q/to_k alone, STEPS steps
 # Set up (ignored by git), then carry .whl and .devdata:
 #   .devdata/dreambooth/<subject>/ photos; .devdata/anchors/train_dreambooth_lora_sdxl.py (unchanged) and
 #   train_dreambooth_lora_sdxl_qk.py (its unet_target_modules line set to ["to_k", "to_q"]).
@@ -69,26 +71,31 @@ d = {"unet_forward_tflop_per_sample": fwd / 1e12, "unet_forward_backward_to_inpu
 print(json.dumps(d)); json.dump(d, open(os.environ["OUT"] + "/sdxl_flops.json", "w"), indent=1)
 PY
 }
-bank() {
+bank() {  # the training step alone; one subject also eager (the trainer's path before checkpointing was graphed)
   for n in 1 4 8 16; do
-    python3 benchmarks/profile_step.py --model $M --subjects $n --steps 5 --variants checkpointing \
-      --output $OUT/sdxl_bank_$n.json 2>&1 | grep -E "^(checkpointing|Error|Traceback|torch.OutOfMemory)" | sed "s/^/$n subjects: /"
+    case $n in 1) v="default checkpointing checkpointing+eager" ;; 16) v="checkpointing" ;; *) v="default checkpointing" ;; esac
+    python3 benchmarks/profile_step.py --model $M --subjects $n --steps 5 --variants $v \
+      --output $OUT/sdxl_bank_$n.json 2>&1 | grep -E "^(default|checkpointing|Error|Traceback|torch.OutOfMemory)" | sed "s/^/$n subjects: /"
   done
 }
-vs() {
-  ours sdxl_ours_warmup --max_train_steps 5 > /dev/null
+check() {  # graphed checkpointing gives the eager one's adapter (tiny SD1.5 and SDXL, fp32)
+  python3 benchmarks/check_graphed_checkpointing.py --dataset_dir .devdata/dreambooth \
+    --output $OUT/check_graphed_checkpointing.json 2>&1 | grep -E "^(sd15|sdxl) " 
+}
+vs() {  # the first run also warms the machine's caches
+  ours sdxl_ours_gc --max_train_steps 100 --gradient_checkpointing
   ours sdxl_ours --max_train_steps 400
   theirs sdxl_diffusers_qk train_dreambooth_lora_sdxl_qk.py 400
+  check
 }
 more() {
-  ours sdxl_ours_gc --max_train_steps 100 --gradient_checkpointing
-  flops
   bank
+  ours sdxl_ours_b --max_train_steps 400
+  theirs sdxl_diffusers_default train_dreambooth_lora_sdxl.py ${STEPS:-200}
 }
 case ${PART:-vs} in
 vs) vs ;;
-more) more; theirs sdxl_diffusers_default train_dreambooth_lora_sdxl.py 100 ;;
-all) vs; more ;;
+more) more ;;
+flops) flops ;;
 theirs) theirs sdxl_diffusers_qk_${STEPS:-400} train_dreambooth_lora_sdxl_qk.py ${STEPS:-400} ;;
-ours) ours sdxl_ours_100 --max_train_steps 100; ours sdxl_ours_gc_50 --max_train_steps 50 --gradient_checkpointing; flops ;;  # the order of importance: what a time limit cuts is the last
 esac

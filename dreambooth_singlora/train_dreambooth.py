@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
@@ -361,6 +362,25 @@ class Denoise(torch.nn.Module):
             return self.unet(noisy, t, return_dict=False, **kwargs)[0]
 
 
+def draws_random(unet) -> bool:
+    """Whether the UNet's training forward draws random numbers (a dropout with p > 0; SD's UNets have none)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in unet.modules())
+
+
+def enable_checkpointing(unet) -> None:
+    """--gradient_checkpointing: diffusers' block checkpointing (non-reentrant), which saves and restores the
+    RNG state around each block only where a dropout draws from it. Saving it reads the CUDA generator, which a
+    CUDA graph's capture refuses; without it the checkpointed UNet is captured like the plain one (one subject on
+    one GPU), and the forward recomputed in the backward replays inside the backward's graph."""
+    keep_rng = draws_random(unet)
+
+    def checkpointed(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                 preserve_rng_state=keep_rng)
+
+    unet.enable_gradient_checkpointing(checkpointed)
+
+
 def graph_unet(unet, batch, dtype, autocast: bool = False):
     """The UNet's forward and backward captured as CUDA graphs (shapes are static in DreamBooth).
 
@@ -385,7 +405,7 @@ class OneAdapter:
             p.requires_grad_(True)  # a bank of an earlier group froze them
         self.cfg, self.accelerator, self.bare, self.params, self.record = cfg, accelerator, bare, params, record
         self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
-            and not cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 1
+            and cfg.gradient_accumulation_steps == 1 and not (cfg.gradient_checkpointing and draws_random(unet))
         if self.graphed:
             if cfg.channels_last:  # measured faster here, slower in a bank (docs/BENCHMARKS.md)
                 bare.to(memory_format=torch.channels_last)
@@ -524,7 +544,7 @@ def _train(cfg: TrainConfig, events, stop: StopRequest) -> Path:
         base.free_encoders()
     add_adapter(base.unet, cfg.adapter_config(), use_xformers=cfg.enable_xformers_memory_efficient_attention)
     if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        enable_checkpointing(base.unet)
     params = trainable_parameters(base.unet)
     init = {k: v.detach().clone() for k, v in adapter_state_dict(base.unet).items()}  # every subject's start
     unet = prepare_unet(accelerator, base.unet)

@@ -87,6 +87,40 @@ def test_gradients_reach_the_adapter_and_nothing_else(method, tiny_unet):
             assert p.grad is None, name
 
 
+def test_gradient_checkpointing_gives_the_same_gradients_without_reading_the_rng(tiny_unet, monkeypatch):
+    """--gradient_checkpointing recomputes each block in the backward: the same gradients (float64, so the
+    recomputation's rounding is far below the tolerance), and, with no dropout in the UNet, no RNG state saved
+    (saving it reads the CUDA generator, which a CUDA graph's capture refuses: the graphed one-subject path)."""
+    import torch.utils.checkpoint
+
+    from dreambooth_singlora.train_dreambooth import draws_random, enable_checkpointing
+
+    unet = tiny_unet.double()
+    add_adapter(unet, SingLoRAConfig(rank=4, ramp_steps=0))
+    perturb(unet)
+
+    def grads():
+        for p in trainable_parameters(unet):
+            p.grad = None
+        forward(unet, True, torch.float64).square().mean().backward()
+        return [p.grad.clone() for p in trainable_parameters(unet)]
+
+    plain = grads()
+    enable_checkpointing(unet)
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+
+    def read_rng():
+        raise AssertionError("the checkpoint saved the RNG state")
+
+    monkeypatch.setattr(torch, "get_rng_state", read_rng)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(b, a)
+    assert calls and not draws_random(unet)
+    unet.down_blocks[0].dropout = torch.nn.Dropout(0.1)  # a fine-tune with dropout: its draws are replayed
+    assert draws_random(unet)
+
+
 PRECISIONS = [  # (case, UNet weights dtype, autocast dtype or None, tolerance against fp32)
     ("bf16-autocast", torch.float32, torch.bfloat16, 0.1),
     ("fp16-autocast", torch.float32, torch.float16, 0.02),
