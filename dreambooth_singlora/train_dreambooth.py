@@ -42,7 +42,7 @@ from .adapter import (add_adapter, adapter_state_dict, load_adapter_state_dict, 
                       trainable_parameters)
 from .bank import (BANKED, add_bank, bank_parameters, bank_state_dict, clip_grad_norm_per_row_, remove_bank,
                    row_to_staging)
-from .base import Base, default_resolution, detect_family
+from .base import Base, Family, default_resolution, detect_family
 from .checkpoint import (BANK_NAME, checkpoint_root, find_checkpoint, list_checkpoints, load_checkpoint, read_state,
                          remove_checkpoints, save_checkpoint)
 from .config import TrainConfig, from_args, train_parser
@@ -73,9 +73,9 @@ class Member:
     holdout: list = field(default_factory=list)  # names of the photos kept out of training (--holdout), never read
 
 
-def plan_members(cfg: TrainConfig) -> list[Member]:
-    """Every subject of the run, each input checked and each photo read: bad input fails here, in a second,
-    before any model loads."""
+def plan_members(cfg: TrainConfig) -> tuple[Family, list[Member]]:
+    """The base's family and every subject of the run, each input checked and each photo read: bad input fails
+    here, in a second, before any model loads."""
     from .prompts import get_subject, slugify
 
     check_writable(cfg.output_dir)
@@ -83,7 +83,7 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
         check_writable(Path(cfg.output_dir) / "logs")
     if cfg.with_prior_preservation and cfg.class_data_dir:
         check_writable(cfg.class_data_dir)
-    detect_family(cfg.pretrained_model_name_or_path, cfg.revision, cfg.base_config)  # a base it cannot train: refused
+    family = detect_family(cfg.pretrained_model_name_or_path, cfg.revision, cfg.base_config)  # else refused here
     if cfg.subjects is None:
         if cfg.subject and cfg.dataset_dir and Path(cfg.instance_data_dir) != Path(cfg.dataset_dir) / cfg.subject:
             logger.warning("training on the photos in %s with subject %s's prompt %r (--instance_data_dir wins "
@@ -107,7 +107,7 @@ def plan_members(cfg: TrainConfig) -> list[Member]:
         images, paths = load_images(folder, "instance", exclude=held)
         members.append(Member(name, images, *prompts_and_classes, out, [[p.name, p.stat().st_size] for p in paths],
                               held))
-    return members
+    return family, members
 
 
 def held_out(folder, k: int, seed: int) -> list[str]:
@@ -509,7 +509,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
 
 
 def _train(cfg: TrainConfig, events, stop: StopRequest) -> Path:
-    members = plan_members(cfg)  # every input checked before any model loads
+    family, members = plan_members(cfg)  # every input checked before any model loads
     if cfg.resolution is None:
         cfg.resolution = default_resolution(cfg.pretrained_model_name_or_path, cfg.revision, cfg.base_config)
     if cfg.resume_from_checkpoint not in (None, "latest") and len(members) > 1 and \
@@ -532,7 +532,7 @@ def _train(cfg: TrainConfig, events, stop: StopRequest) -> Path:
     phases = {"inputs_checked": since_start()}  # seconds from process start, for the benchmarks
     base = Base.load(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant, dtype=dtype,
                      device=accelerator.device, vae=cfg.pretrained_vae_model_name_or_path,
-                     base_config=cfg.base_config) if todo else None
+                     base_config=cfg.base_config, family=family) if todo else None
     events.emit("started", config=cfg.to_dict(), family=base.family.name if base else None,
                 subjects=[m.name for m in todo], skipped=[m.name for m in members if m not in todo])
     if not todo:

@@ -364,6 +364,20 @@ def test_unusable_base_model_fails_at_once(model, message, tiny_pipeline, datase
     assert e.value.code == 2 and message in line and ("--pretrained_model_name_or_path" in line or "cannot" in line)
 
 
+def test_a_run_reads_the_base_family_once(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
+    """The family is read once, before any photo (for a hub id each read is a request): Base.load is handed it."""
+    import dreambooth_singlora.base as base_module
+    import dreambooth_singlora.train_dreambooth as trainer
+
+    calls, real = [], base_module.detect_family
+    counted = lambda *a, **k: calls.append(a[0]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(base_module, "detect_family", counted)
+    monkeypatch.setattr(trainer, "detect_family", counted)
+    with fresh_accelerate_state():
+        train(cfg_for(tiny_pipeline, dataset_dir, tmp_path, max_train_steps=1, checkpointing_steps=1))
+    assert calls == [str(tiny_pipeline)]
+
+
 # --------------------------------------------------------------------------- optimizer state, checkpoints
 
 def test_loraplus_keeps_weight_decay_and_ratio(tiny_unet, tiny_pipeline, dataset_dir, tmp_path):
