@@ -17,27 +17,21 @@ batch dimension of every tensor; AdamW is elementwise, so the seeds stay indepen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
-from dreambooth_singlora.singlora import init_A_, ramp, singlora_matmul  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_common import torch_threads  # noqa: E402
+from synthetic_common import Adapters as BatchedAdapters  # noqa: E402
+from synthetic_common import (ROOT, Method, check_positive, grid_and_legend, machine, parse_config,  # noqa: E402
+                              pyplot, run_and_print, save_figure, save_results, seed_range, with_threads)
+from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
+from dreambooth_singlora.singlora import singlora_matmul  # noqa: E402
 
 METHODS = ("lora", "singlora")
 TARGETS = ("general", "psd")
@@ -79,9 +73,8 @@ class Config:
 
     def __post_init__(self):
         self.lrs, self.targets = tuple(float(x) for x in self.lrs), tuple(self.targets)
-        for name in ("seeds", "steps", "dim", "rank", "tokens", "threads", "train_sequences", "batch_size", "eval_sequences", "eval_every"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        check_positive(self, ("seeds", "steps", "dim", "rank", "tokens", "threads", "train_sequences", "batch_size",
+                              "eval_sequences", "eval_every"))
         if self.seed_offset < 0:
             raise UserError(f"--seed_offset must be >= 0, got {self.seed_offset}")
         if 2 * self.rank > self.dim:
@@ -152,38 +145,30 @@ def frozen_outputs(P: dict, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Adapters:
-    """Trainable adapters of one method on q and k for all seeds at once (seed = dim 0 of every parameter)."""
+    """Trainable adapters of one method on q and k for all seeds at once (seed = dim 0 of every parameter).
+
+    The parameters, their init (LoRA: B = 0, PEFT's A; SingLoRA: the project's init_A_('width')) and the
+    ramp u(t) are synthetic_common.Adapters' with one run per seed; here they act on minibatches of
+    sequences, (S, B, n, d).
+    """
 
     def __init__(self, method: str, cfg: Config, seeds: list[int]):
         self.method, self.d = method, cfg.dim
-        S, d = len(seeds), cfg.dim
         self.rank = cfg.rank if method == "lora" else 2 * cfg.rank
         self.scale = 1.0  # alpha / r with alpha = r: the project's default for both methods
-        self.params: dict[str, list[torch.Tensor]] = {}
-        for proj in ("q", "k"):
-            if method == "lora":
-                A = torch.empty(S, self.rank, d)  # (S, r, d_in)
-                B = torch.zeros(S, d, self.rank)  # (S, d_out, r), zero: the adapted layer starts at the base
-                for i, seed in enumerate(seeds):
-                    with torch.random.fork_rng():
-                        torch.manual_seed(7919 * seed + (proj == "k"))
-                        bound = 1.0 / math.sqrt(d)  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, d_in)
-                        A[i].uniform_(-bound, bound)
-                self.params[proj] = [A.requires_grad_(), B.requires_grad_()]
-            else:
-                A = torch.empty(S, d, self.rank)  # (S, max(d_in, d_out), r)
-                for i, seed in enumerate(seeds):
-                    with torch.random.fork_rng():  # the project's init draws from the global generator
-                        torch.manual_seed(7919 * seed + (proj == "k"))
-                        init_A_(A[i], d_in=d, init="width")
-                self.params[proj] = [A.requires_grad_()]
+        self.batched = BatchedAdapters(Method(method, method, self.rank, ramp_steps=cfg.ramp_steps), cfg.dim, seeds)
+        self.params = self.batched.params  # {"q": [A, B] or [A], "k": ...}, (S, ...) each
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for ps in self.params.values() for p in ps]
 
     def count_per_seed(self) -> dict[str, int]:
         """Trainable entries of one seed's adapters, per projection, read from the tensors."""
-        return {proj: sum(p[0].numel() for p in ps) for proj, ps in self.params.items()}
+        return self.batched.count_per_run()
+
+    def u(self, step: int) -> float:
+        """The ramp factor u(t) after `step` optimizer steps (1 for LoRA)."""
+        return self.batched.u(step)
 
     def delta(self, proj: str, X: torch.Tensor, u: float) -> torch.Tensor:
         """The adapter's output for input X (S, B, n, d) -> (S, B, n, d)."""
@@ -215,9 +200,8 @@ def train(cfg: Config, method: str, lr: float, P: dict, seeds: list[int]) -> dic
     curve_steps, curve = [], []
 
     def evaluate(step: int) -> None:
-        u = ramp(step, cfg.ramp_steps) if method == "singlora" else 1.0
         with torch.no_grad():
-            curve.append(kl_per_seed(logp_ev, ad.logp(P["X_eval"], q0_ev, k0_ev, u)))
+            curve.append(kl_per_seed(logp_ev, ad.logp(P["X_eval"], q0_ev, k0_ev, ad.u(step))))
         curve_steps.append(step)
 
     for step in range(cfg.steps):
@@ -227,8 +211,7 @@ def train(cfg: Config, method: str, lr: float, P: dict, seeds: list[int]) -> dic
         idx = torch.stack([torch.randint(cfg.train_sequences, (cfg.batch_size,), generator=g) for g in draws])
         X, q0, k0, logp_target = (t[rows, idx] for t in (P["X_train"], q0_tr, k0_tr, logp_tr))
         # forward: u(t) counts the optimizer steps taken so far
-        u = ramp(step, cfg.ramp_steps) if method == "singlora" else 1.0
-        loss = kl_per_seed(logp_target, ad.logp(X, q0, k0, u))  # (S,)
+        loss = kl_per_seed(logp_target, ad.logp(X, q0, k0, ad.u(step)))  # (S,)
         # backward + step: the sum keeps each seed's gradient its own
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -288,11 +271,7 @@ def markdown_tables(res: dict) -> str:
 
 
 def make_plot(res: dict, curves: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     targets = list(res["targets"])
     colors = {"lora": "tab:blue", "singlora": "tab:red"}
     fig, axes = plt.subplots(len(targets), 2, figsize=(10, 3.6 * len(targets)), squeeze=False)
@@ -314,31 +293,19 @@ def make_plot(res: dict, curves: dict, path: str) -> None:
                  title=f"target '{target}': best lr per method (geo. mean, ±1 sd band)")
         ax_lr.set(xscale="log", yscale="log", xlabel="learning rate", ylabel=f"KL after {res['config']['steps']} steps",
                   title=f"target '{target}': final KL vs lr (median, bars 25-75%)")
-        for ax in (ax_c, ax_lr):
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+        grid_and_legend((ax_c, ax_lr), fontsize=8)
     fig.suptitle(f"LoRA vs SingLoRA, equal parameters ({res['params_per_seed']['lora']} each), "
                  f"d={res['config']['dim']}, {res['config']['seeds']} seeds from {res['config']['seed_offset']}",
                  fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
+@with_threads
 def run(cfg: Config) -> dict:
     """The whole sweep: results dict (what --output holds); writes the JSON and the plot."""
-    with torch_threads(cfg.threads):
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> dict:
     t0 = time.time()
-    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
-    res = {"config": dataclasses.asdict(cfg), "targets": {},
-           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                       "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                       "torch": torch.__version__}}
+    seeds = seed_range(cfg)
+    res = {"config": dataclasses.asdict(cfg), "targets": {}, "machine": machine()}
     res["config"]["lrs"], res["config"]["targets"] = list(cfg.lrs), list(cfg.targets)
     curves: dict = {}
     for target in cfg.targets:
@@ -369,38 +336,15 @@ def _run(cfg: Config) -> dict:
     counts = {m: sum(res["targets"][cfg.targets[0]]["methods"][m]["params_per_seed"].values()) for m in METHODS}
     assert counts["lora"] == counts["singlora"] == 4 * cfg.rank * cfg.dim, counts
     res["params_per_seed"] = counts
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    if cfg.output:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-        with open(cfg.output, "w") as f:
-            json.dump(res, f, indent=1)
-    if cfg.plot:
-        make_plot(res, curves, cfg.plot)
-    return res
-
-
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kw = {"default": f.default, "help": f.metadata["help"]}
-        if isinstance(f.default, tuple):
-            kw.update(nargs="+", type=float if f.name == "lrs" else str)
-        else:
-            kw["type"] = type(f.default)
-        p.add_argument(f"--{f.name}", **kw)
-    return Config(**vars(p.parse_args(argv)))
+    return save_results(res, cfg, t0, lambda path: make_plot(res, curves, path))
 
 
 @cli_entry
 def main(argv=None) -> dict:
-    cfg = parse_args(argv)
+    cfg = parse_config(Config, argv, __doc__)
     print(f"LoRA r={cfg.rank} vs SingLoRA r={2 * cfg.rank} on q,k of a d={cfg.dim} attention layer; "
           f"{cfg.seeds} seeds x {len(cfg.lrs)} lrs x {cfg.steps} steps; SingLoRA ramp T={cfg.ramp_steps}", flush=True)
-    res = run(cfg)
-    print(f"\nTrainable parameters per seed: {res['params_per_seed']} ({res['wall_seconds']} s)\n")
-    print(markdown_tables(res))
-    return res
+    return run_and_print(run, cfg, markdown_tables, params_label="Trainable parameters per seed")
 
 
 if __name__ == "__main__":

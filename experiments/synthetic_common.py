@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import math
 import os
 import platform
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -295,3 +298,72 @@ def check_lrs(lrs) -> None:
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------- running a script, its JSON and figure
+
+
+def seed_range(cfg) -> list[int]:
+    """The seeds of a config: cfg.seeds of them from cfg.seed_offset."""
+    return list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
+
+
+def with_threads(run):
+    """Decorator for a script's run(cfg): torch uses cfg.threads CPU threads while it runs."""
+
+    @functools.wraps(run)
+    def threaded(cfg):
+        with torch_threads(cfg.threads):
+            return run(cfg)
+
+    return threaded
+
+
+def save_results(res: dict, cfg, t0: float, make_plot) -> dict:
+    """A run's end: res["wall_seconds"] since `t0`; res as JSON to cfg.output and make_plot(cfg.plot), where
+    each is set ('' = none). Returns res."""
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    if cfg.output:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+        with open(cfg.output, "w") as f:
+            json.dump(res, f, indent=1)
+    if cfg.plot:
+        make_plot(cfg.plot)
+    return res
+
+
+def run_and_print(run, cfg, tables, params_label: str = "") -> dict:
+    """A script's main after its banner: res = run(cfg); the wall time (after res["params_per_seed"], under
+    `params_label`, where given) and the Markdown tables(res) on stdout. Returns res."""
+    res = run(cfg)
+    params = f"{params_label}: {res['params_per_seed']} " if params_label else ""
+    print(f"\n{params}({res['wall_seconds']} s)\n")
+    print(tables(res))
+    return res
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported here: the scripts run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grid_and_legend(axes, fontsize: float) -> None:
+    """Every axis of `axes`: a light grid on major and minor ticks, and its legend."""
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=fontsize)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay `fig` out tightly, write it to `path` (its folder made) at 90 dpi, and close it."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -21,7 +21,6 @@ and the share of runs that diverge (final loss non-finite or above the starting 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -31,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_common import (ROOT, Method, check_lrs, check_positive, diverged, machine,  # noqa: E402
-                              parse_config, quartiles, r4, torch_threads, train)
+from synthetic_common import (ROOT, Method, check_lrs, check_positive, diverged, grid_and_legend,  # noqa: E402
+                              machine, parse_config, pyplot, quartiles, r4, run_and_print, save_figure,
+                              save_results, seed_range, train, with_threads)
 from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
 
 METHODS = ("lora", "loraplus", "singlora_width", "singlora_rank")
@@ -119,17 +119,13 @@ def slope(widths: list[int], best_lrs: list[float]) -> float:
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
 
 
+@with_threads
 def run(cfg: Config) -> dict:
     """The whole sweep; results dict (what --output holds); writes the JSON and the plot."""
-    with torch_threads(cfg.threads):
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> dict:
     from tqdm import tqdm
 
     t0 = time.time()
-    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
+    seeds = seed_range(cfg)
     lrs = list(cfg.lrs)
     res = {"config": dataclasses.asdict(cfg) | {"widths": list(cfg.widths), "lrs": lrs, "methods": list(cfg.methods)},
            "machine": machine(), "methods": {}}
@@ -146,14 +142,7 @@ def _run(cfg: Config) -> dict:
                                 "b_lr_ratio": m.b_lr_ratio, "ramp_steps": m.ramp_steps,
                                 "best_lr_exponent": r4(slope(list(cfg.widths), best)), "widths": per_width}
     bar.close()
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    if cfg.output:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-        with open(cfg.output, "w") as f:
-            json.dump(res, f, indent=1)
-    if cfg.plot:
-        make_plot(res, cfg.plot)
-    return res
+    return save_results(res, cfg, t0, lambda path: make_plot(res, path))
 
 
 def markdown_table(res: dict) -> str:
@@ -176,11 +165,7 @@ def markdown_table(res: dict) -> str:
 
 def make_plot(res: dict, path: str) -> None:
     """Best learning rate against width (log-log), bars spanning each width's lr band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cfg = res["config"]
     colors = {"lora": "tab:blue", "loraplus": "tab:green", "singlora_width": "tab:red", "singlora_rank": "tab:purple"}
     shift = {"lora": 0.94, "loraplus": 0.98, "singlora_width": 1.02, "singlora_rank": 1.06}  # spread the markers
@@ -195,12 +180,8 @@ def make_plot(res: dict, path: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="width d", ylabel="best AdamW learning rate",
            title=f"best lr vs width; bars: lrs within {cfg['band']:g}x of the best loss\n"
                  f"{cfg['seeds']} seeds, {cfg['steps']} steps, LoRA r={cfg['rank']}, SingLoRA r={2 * cfg['rank']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    grid_and_legend([ax], fontsize=8)
+    save_figure(fig, path)
 
 
 @cli_entry
@@ -208,10 +189,7 @@ def main(argv=None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     print(f"lr x width: widths {list(cfg.widths)}, lrs {list(cfg.lrs)}, {cfg.seeds} seeds, {cfg.steps} steps, "
           f"methods {list(cfg.methods)}, ramp T={cfg.ramp_steps}", flush=True)
-    res = run(cfg)
-    print(f"\n({res['wall_seconds']} s)\n")
-    print(markdown_table(res))
-    return res
+    return run_and_print(run, cfg, markdown_table)
 
 
 if __name__ == "__main__":

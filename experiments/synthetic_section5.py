@@ -18,7 +18,6 @@ curves) and a learning-rate sweep (--lrs, on the first --sweep_seeds of them).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_common import (ROOT, Method, check_lrs, check_positive, diverged, machine,  # noqa: E402
-                              parse_config, quartiles, r4, torch_threads, train)
+from synthetic_common import (ROOT, Method, check_lrs, check_positive, diverged, grid_and_legend,  # noqa: E402
+                              machine, parse_config, pyplot, quartiles, r4, run_and_print, save_figure,
+                              save_results, seed_range, train, with_threads)
 from dreambooth_singlora.errors import UserError, cli_entry  # noqa: E402
 
 
@@ -98,17 +98,13 @@ def paired_wins(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [r4(x) for x in (a < b).float().mean(0)]
 
 
+@with_threads
 def run(cfg: Config) -> dict:
     """The fixed-lr run and the sweep; results dict (what --output holds); writes the JSON and plot."""
-    with torch_threads(cfg.threads):
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> dict:
     from tqdm import tqdm
 
     t0 = time.time()
-    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
+    seeds = seed_range(cfg)
     sweep_lrs = [lr for lr in cfg.lrs if lr != cfg.lr]  # the fixed lr's sweep point reuses its first seeds
     ms = methods(cfg)
     res = {"config": dataclasses.asdict(cfg) | {"lrs": list(cfg.lrs)}, "machine": machine(),
@@ -151,14 +147,7 @@ def _run(cfg: Config) -> dict:
     p = {n: sum(res["methods"][n]["params_per_seed"].values()) for n in names}
     assert p[lora] == p[eq_par] == 4 * cfg.rank * cfg.dim and p[eq_rank] == 2 * cfg.rank * cfg.dim, p
     res["params_per_seed"] = p
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    if cfg.output:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-        with open(cfg.output, "w") as f:
-            json.dump(res, f, indent=1)
-    if cfg.plot:
-        make_plot(res, cfg.plot)
-    return res
+    return save_results(res, cfg, t0, lambda path: make_plot(res, path))
 
 
 def fmt(s: dict) -> str:
@@ -206,11 +195,7 @@ def markdown_tables(res: dict) -> str:
 
 def make_plot(res: dict, path: str) -> None:
     """Figure-1 style: loss vs step at the fixed lr and at each best lr (median, IQR band); final loss vs lr."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cfg, steps = res["config"], res["steps"]
     colors = ["tab:blue", "tab:red", "tab:orange"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -234,15 +219,10 @@ def make_plot(res: dict, path: str) -> None:
         ax.set(xlabel="AdamW step", ylabel="||softmax(QK^T/sqrt d) - T||_F", yscale="log")
     axes[2].set(xscale="log", yscale="log", xlabel="learning rate", ylabel=f"loss after {cfg['steps']} steps",
                 title=f"final loss vs lr (median, bars 25-75%), {cfg['sweep_seeds']} seeds")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    grid_and_legend(axes, fontsize=7)
     fig.suptitle(f"Section-5 task: random target attention, d={cfg['dim']}, n={cfg['tokens']}, "
                  f"SingLoRA ramp T={cfg['ramp_steps']}", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @cli_entry
@@ -251,10 +231,7 @@ def main(argv=None) -> dict:
     print(f"section 5: d={cfg.dim}, n={cfg.tokens}; LoRA r={cfg.rank} vs SingLoRA r={2 * cfg.rank} and r={cfg.rank}; "
           f"lr {cfg.lr:g} on {cfg.seeds} seeds, sweep {list(cfg.lrs)} on {cfg.sweep_seeds}; {cfg.steps} steps; "
           f"ramp T={cfg.ramp_steps}", flush=True)
-    res = run(cfg)
-    print(f"\nParameters per seed: {res['params_per_seed']} ({res['wall_seconds']} s)\n")
-    print(markdown_tables(res))
-    return res
+    return run_and_print(run, cfg, markdown_tables, params_label="Parameters per seed")
 
 
 if __name__ == "__main__":
