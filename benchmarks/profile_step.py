@@ -16,7 +16,8 @@ the trainer's batched group. Each variant times a forward + backward + fused Ada
     one_adapter     with --subjects > 1: every sample through one plain SingLoRA adapter, no bank (the
                     same gradients' path through the UNet without the routing): the floor a bank stands on
     sdpa_<backend>  attention forced to one SDPA backend (flash, efficient, cudnn, math)
-    checkpointing   --gradient_checkpointing (trainer.enable_checkpointing); one subject stays CUDA-graphed
+    checkpointing   --gradient_checkpointing (enable_checkpointing); one subject stays CUDA-graphed here, which
+                    the trainer does not do yet (it runs a checkpointed UNet eagerly): what graphing it would give
     eager           with --subjects 1: no CUDA graphs (as --no-cuda_graphs)
     compile         torch.compile of Denoise (the first step carries the compile; run the script twice
                     with one TORCHINDUCTOR_CACHE_DIR to see what a warm cache saves)
@@ -87,6 +88,9 @@ def main(argv=None):
     from dreambooth_singlora.bank import add_bank, bank_parameters
     from dreambooth_singlora.train_dreambooth import Denoise, enable_checkpointing, graph_unet
 
+    from accelerate import PartialState
+
+    PartialState()  # the trainer's pieces log through accelerate's logger, which needs its state (the trainer has it)
     dt, n, dev = torch.bfloat16, args.subjects, args.device
 
     def adapted_unet():  # the frozen UNet with the plain SingLoRA adapter, past the ramp (u = 1)

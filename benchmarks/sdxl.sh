@@ -71,16 +71,16 @@ d = {"unet_forward_tflop_per_sample": fwd / 1e12, "unet_forward_backward_to_inpu
 print(json.dumps(d)); json.dump(d, open(os.environ["OUT"] + "/sdxl_flops.json", "w"), indent=1)
 PY
 }
-bank() {  # the training step alone; one subject also eager (the trainer's path before checkpointing was graphed)
+bank() {  # the training step alone; one subject checkpointed both graphed (not the trainer's path yet) and eager
   for n in 1 4 8 16; do
     case $n in 1) v="default checkpointing checkpointing+eager" ;; 16) v="checkpointing" ;; *) v="default checkpointing" ;; esac
     python3 benchmarks/profile_step.py --model $M --subjects $n --steps 5 --variants $v \
       --output $OUT/sdxl_bank_$n.json 2>&1 | grep -E "^(default|checkpointing|Error|Traceback|torch.OutOfMemory)" | sed "s/^/$n subjects: /"
   done
 }
-check() {  # graphed checkpointing gives the eager one's adapter (tiny SD1.5 and SDXL, fp32)
-  python3 benchmarks/check_graphed_checkpointing.py --dataset_dir .devdata/dreambooth \
-    --output $OUT/check_graphed_checkpointing.json 2>&1 | grep -E "^(sd15|sdxl) " 
+check() {  # can the checkpointed UNet be graphed, with the eager gradients? (tiny SD1.5 and SDXL, fp32)
+  python3 benchmarks/check_graphed_checkpointing.py --output $OUT/check_graphed_checkpointing.json 2>&1 \
+    | grep -E "^(sd15|sdxl) "
 }
 vs() {  # the first run also warms the machine's caches
   ours sdxl_ours_gc --max_train_steps 100 --gradient_checkpointing

@@ -368,10 +368,13 @@ def draws_random(unet) -> bool:
 
 
 def enable_checkpointing(unet) -> None:
-    """--gradient_checkpointing: diffusers' block checkpointing (non-reentrant), which saves and restores the
-    RNG state around each block only where a dropout draws from it. Saving it reads the CUDA generator, which a
-    CUDA graph's capture refuses; without it the checkpointed UNet is captured like the plain one (one subject on
-    one GPU), and the forward recomputed in the backward replays inside the backward's graph."""
+    """--gradient_checkpointing: diffusers' block checkpointing (non-reentrant), saving and restoring the RNG
+    state around each block only where a dropout draws from it. diffusers' default saves it always: work for
+    nothing in SD's UNets, and a read of the CUDA generator, which CUDA graph capture refused until
+    pytorch/pytorch#162505 (pytorch/pytorch#83148: checkpoint under make_graphed_callables). The trainer runs a
+    checkpointed UNet eagerly; graphing it is the next step, to be measured on a GPU first
+    (benchmarks/check_graphed_checkpointing.py compares its gradients with the eager ones,
+    benchmarks/profile_step.py's `checkpointing` variant times it against `checkpointing+eager`)."""
     keep_rng = draws_random(unet)
 
     def checkpointed(module, *args):
@@ -405,7 +408,7 @@ class OneAdapter:
             p.requires_grad_(True)  # a bank of an earlier group froze them
         self.cfg, self.accelerator, self.bare, self.params, self.record = cfg, accelerator, bare, params, record
         self.graphed = cfg.cuda_graphs and accelerator.device.type == "cuda" and accelerator.num_processes == 1 \
-            and cfg.gradient_accumulation_steps == 1 and not (cfg.gradient_checkpointing and draws_random(unet))
+            and cfg.gradient_accumulation_steps == 1 and not cfg.gradient_checkpointing  # see enable_checkpointing
         if self.graphed:
             if cfg.channels_last:  # measured faster here, slower in a bank (docs/BENCHMARKS.md)
                 bare.to(memory_format=torch.channels_last)
