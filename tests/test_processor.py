@@ -90,7 +90,7 @@ def test_gradients_reach_the_adapter_and_nothing_else(method, tiny_unet):
 def test_gradient_checkpointing_gives_the_same_gradients_without_reading_the_rng(tiny_unet, monkeypatch):
     """--gradient_checkpointing recomputes each block in the backward: the same gradients (float64, so the
     recomputation's rounding is far below the tolerance), and, with no dropout in the UNet, no RNG state saved
-    (saving it reads the CUDA generator, which a CUDA graph's capture refuses: the graphed one-subject path)."""
+    (work for nothing, and a read of the CUDA generator, which CUDA graph capture refused: pytorch/pytorch#83148)."""
     import torch.utils.checkpoint
 
     from dreambooth_singlora.train_dreambooth import draws_random, enable_checkpointing
