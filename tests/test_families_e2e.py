@@ -1,5 +1,6 @@
 """SD 2.x (v-prediction) and SDXL end to end on the tiny pipelines: every command (train, a SIGKILL and resume,
-several subjects in one batch, generate, export and diffusers' own loader, eval score), what follows each family
+several subjects in one batch, generate, export and diffusers' own loader, eval score; on SDXL also the PEFT
+baselines and prior preservation), what follows each family
 (SDXL's time ids, SD2's v target, the adapter's and model card's family, an adapter refused on the other family's
 base, the default resolution), and single-file checkpoints with --base_config.
 
@@ -166,6 +167,47 @@ def test_sdxl_vae_loaded_in_fp16_encodes_in_fp32(pipelines):
     assert mean.dtype == torch.float32 and torch.equal(mean, ref.mean) and torch.equal(std, ref.std)
     assert xl.vae.dtype == torch.float16
     assert Base.load(str(pipelines["sd2"]), dtype="fp16").latent_dist(x)[0].dtype == torch.float16
+
+
+def test_sdxl_peft_baselines_and_prior_preservation(pipelines, dataset_dir, tmp_path, monkeypatch):
+    """The PEFT baselines on SDXL's to_q and to_k of every attention module, self and cross (the cross-attention's
+    to_k takes the text width: not square): LoRA for two subjects in one batch (a bank of PEFT layers), and DoRA
+    for one subject with prior preservation, whose class images the SDXL pipeline renders."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_singlora.adapter import attention_modules
+
+    src, made, real = str(pipelines["sdxl"]), [], Base.pipeline
+
+    def pipeline(self, *a, **k):
+        pipe = real(self, *a, **k)
+        made.append(type(pipe).__name__)
+        return pipe
+
+    monkeypatch.setattr(Base, "pipeline", pipeline)
+    run = [*flags(src, dataset_dir), "--target_modules", "to_q", "to_k", "--max_train_steps", "2"]
+    T.main([*run, "--method", "lora", "--subjects", *SUBJECTS, "--output_dir", str(tmp_path / "lora")])
+    T.main([*run, "--method", "dora", "--subject", "dog", "--with_prior_preservation", "--num_class_images", "2",
+            "--sample_batch_size", "2", "--output_dir", str(tmp_path / "dora")])
+
+    attn = [name for name, _ in attention_modules(UNet2DConditionModel.from_pretrained(src, subfolder="unet"))]
+    modules = {f"{a}.{p}" for a in attn for p in ("to_q", "to_k")}
+    assert any(".attn2" in a for a in attn) and any(".attn1" in a for a in attn)
+    lora = {s: weights(tmp_path / "lora" / s) for s in SUBJECTS}
+    for s, w in lora.items():
+        meta = json.loads((tmp_path / "lora" / s / "adapter_config.json").read_text())
+        assert (meta["method"], meta["family"], meta["step"]) == ("lora", "sdxl", 2)
+        assert set(meta["shapes"]) == modules and len({tuple(v) for v in meta["shapes"].values()}) > 2
+        assert w.keys() == {f"{m}.lora_{x}.weight" for m in modules for x in "AB"}
+        assert all(w[k].abs().max() > 0 for k in w if "lora_B" in k)  # B starts at zero: trained
+    assert rel_diff(lora["dog"], lora["cat"]) > 1e-4  # two subjects, two adapters
+    dora = tmp_path / "dora"
+    meta = json.loads((dora / "adapter_config.json").read_text())
+    assert (meta["method"], meta["family"], meta["run"]["with_prior_preservation"]) == ("dora", "sdxl", True)
+    assert {k.rsplit(".lora_", 1)[0] for k in weights(dora)} == modules
+    assert any("magnitude" in k for k in weights(dora))
+    assert len(list((dora / "class_images").glob("*.png"))) == 2
+    assert made and set(made) == {"StableDiffusionXLPipeline"}
 
 
 # --------------------------------------------------------------------------- generate, export, evaluate
