@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from dataclasses import dataclass, field
 
 from . import __version__
+from .base import family_of_unet
 from .config import CONFIG_NAME, WEIGHTS_NAME, SingLoRAConfig
 from .errors import UserError
 from .fileio import atomic_path, write_json_atomic
@@ -279,11 +280,13 @@ def load_adapter_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
 def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json to `output_dir`, each atomically. The config (with the
     step the ramp ended at, so that generation is exact) is also in the safetensors metadata: the weights file alone
-    is self-describing."""
+    is self-describing. It names the UNet's family (generate refuses the adapter on another family's base); `extra`
+    adds to it (the trainer's: the base's prediction_type, the run's settings)."""
     config = _require_config(unet, " to save")
     if is_merged(unet):
         raise UserError("the adapter is merged into the weights; unmerge_adapter(unet) before saving")
-    meta = {**(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
+    family = {"family": family_of_unet(unet.config).name} if hasattr(unet, "config") else {}  # read by generate
+    meta = {**family, **(extra or {}), "format": FORMAT, "version": __version__, **SingLoRAConfig.to_dict(config),
             "step": adapter_state(unet).step, "base_model": base_model, "shapes": layer_shapes(unet)}
     meta["u"] = saved_u(meta)  # recorded for people to read; every reader derives u from the step
     tensors = {k: at_least_fp32(v.detach().cpu()).contiguous() for k, v in adapter_state_dict(unet).items()}

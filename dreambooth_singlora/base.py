@@ -128,9 +128,15 @@ def detect_family(src: str, revision: str | None = None, base_config: str | None
             raise UserError(f"{src} is an SDXL pipeline without its second text encoder ({', '.join(missing)} "
                             "missing in model_index.json): give the full SDXL folder")
         return FAMILIES["sdxl"]
-    # SD 2.x's UNet projects attention with linear layers (SD 1.x with 1x1 convolutions)
-    unet = _read_json(src, "unet/config.json", revision)
-    return FAMILIES["sd2" if unet.get("use_linear_projection") else "sd1"]
+    return family_of_unet(_read_json(src, "unet/config.json", revision))
+
+
+def family_of_unet(config) -> Family:
+    """The family of a UNet by its config (a dict, or a loaded UNet's config): SDXL's adds the pooled text embedding
+    and the time ids; SD 2.x's projects attention with linear layers, SD 1.x's with 1x1 convolutions."""
+    if config.get("addition_embed_type") == "text_time":
+        return FAMILIES["sdxl"]
+    return FAMILIES["sd2" if config.get("use_linear_projection") else "sd1"]
 
 
 def resolution_of(unet_config: dict, vae_config: dict) -> int:

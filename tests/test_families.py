@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dreambooth_singlora import SingLoRAConfig, add_adapter, merge_adapter, save_adapter, set_step
 from dreambooth_singlora.adapter import attention_modules
+from dreambooth_singlora.base import family_of_unet
 from dreambooth_singlora.errors import UserError
 from dreambooth_singlora.export import export_layout, export_lora, layers_per_block
 from dreambooth_singlora.testing import SD21_UNET_CONFIG, SDXL_TEXT2_CONFIG, SDXL_TEXT_CONFIG, SDXL_UNET_CONFIG
@@ -73,6 +74,8 @@ def test_full_size_sdxl_and_sd21_architectures():
     assert len(attn) == 140 and sum(name.endswith("attn1") for name, _ in attn) == 70
     assert cross_attention_keys(sdxl) == {(640, 2048), (1280, 2048)}
     assert sum(p.numel() for p in meta_unet(SD21_UNET_CONFIG).parameters()) == 865_910_724
+    # a UNet's family by its config alone (save_adapter records it): the full-size configs, loaded and as dicts
+    assert family_of_unet(sdxl.config).name == "sdxl" and family_of_unet(SD21_UNET_CONFIG).name == "sd2"
     with torch.device("meta"):
         te1 = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIG))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2_CONFIG))
