@@ -47,13 +47,16 @@ class Family:
     pooled: bool = False  # the last text encoder's pooled projection conditions the UNet (text_embeds)
     penultimate: bool = False  # the UNet reads the text encoders' penultimate hidden states
     upcast_vae: bool = False  # the VAE overflows in fp16: encode in fp32
+    example: str = ""  # the family's best-known base on the hub, for messages
 
 
 FAMILIES = {
-    "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", ("text_encoder",)),
-    "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", ("text_encoder",)),
+    "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", ("text_encoder",),
+                  example="runwayml/stable-diffusion-v1-5"),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", ("text_encoder",),
+                  example="stabilityai/stable-diffusion-2-1"),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"),
-                   pooled=True, penultimate=True, upcast_vae=True),
+                   pooled=True, penultimate=True, upcast_vae=True, example="stabilityai/stable-diffusion-xl-base-1.0"),
 }
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x and 2.x",
              "StableDiffusionXLPipeline": "Stable Diffusion XL"}

@@ -2,13 +2,14 @@
 
     dreambooth-singlora demo                 # writes runs/demo/
     dreambooth-singlora demo --output /tmp/d --steps 10
+    dreambooth-singlora demo --family sdxl   # the same on a tiny SDXL-shaped model (sd2: SD 2.x, v-prediction)
 
 It needs no weights and no network: it builds a tiny Stable-Diffusion-shaped pipeline and tiny CLIP and
 DINO encoders with RANDOM weights, then trains a SingLoRA adapter on three photos of the DreamBooth
 subject `dog` that ship with the package, generates the subject's 25 evaluation prompts, exports a
 kohya LoRA and scores the images. The images are noise and the scores mean nothing: the demo proves
 that the install works, not the method. With Stable Diffusion 1.5 the same steps are the README's
-quickstart (`--pretrained_model_name_or_path runwayml/stable-diffusion-v1-5`).
+quickstart (`--pretrained_model_name_or_path runwayml/stable-diffusion-v1-5`); with SDXL, its quickstart.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .base import FAMILIES
 from .config import command_parser
 from .errors import cli_entry
 
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command_parser("demo", __doc__)
     p.add_argument("--output", "--output_dir", default="runs/demo", dest="output", help="the demo's folder")
     p.add_argument("--steps", type=int, default=20, help="training steps")
+    p.add_argument("--family", choices=list(FAMILIES), default="sd1",
+                   help="the tiny model's family: " + ", ".join(f"{k} ({f.label})" for k, f in FAMILIES.items()))
     return p
 
 
@@ -33,7 +37,7 @@ def main(argv=None):
     from .eval.testing import save_tiny_clip, save_tiny_dino
     from .fileio import check_writable
     from .prompts import prompts_dir
-    from .testing import build_tiny_pipeline
+    from .testing import build_tiny
 
     args = build_parser().parse_args(argv)
     out = Path(args.output)
@@ -41,14 +45,15 @@ def main(argv=None):
     photos = prompts_dir() / "demo"
     print(f"demo in {out}: a tiny model with RANDOM weights - the images will be noise and the scores mean "
           "nothing; this checks the install, not the quality", flush=True)
-    model = out / "tiny-sd"
+    family = FAMILIES[args.family]
+    model = out / ("tiny-sd" if family.name == "sd1" else f"tiny-{family.name}")
     if not (model / "model_index.json").is_file():
-        build_tiny_pipeline(model)
+        build_tiny(family.name, model)
     clip, dino = out / "encoders" / "clip", out / "encoders" / "dino"
     if not (clip / "open_clip_config.json").is_file():
         save_tiny_clip(clip)
         save_tiny_dino(dino)
-    dog = out / "dog"
+    dog = out / ("dog" if family.name == "sd1" else f"dog-{family.name}")  # one demo folder, every family's run
     steps = [
         ["train", "--pretrained_model_name_or_path", str(model), "--subject", "dog", "--dataset_dir", str(photos),
          "--output_dir", str(dog / "adapter"), "--resolution", "32", "--max_train_steps", str(args.steps),
@@ -64,8 +69,8 @@ def main(argv=None):
         print("\n$ dreambooth-singlora " + " ".join(argv_), flush=True)
         cli.main(argv_)  # a failed step raises SystemExit(2) (cli_entry), which ends the demo with it
     print(f"\ndemo done: adapter, 100 images (contact_sheet.png), a kohya LoRA and scores in {dog}. "
-          "For real images, run the same commands with --pretrained_model_name_or_path "
-          "runwayml/stable-diffusion-v1-5 (or a local copy of it) and the DreamBooth dataset.")
+          f"For real images, run the same commands with --pretrained_model_name_or_path {family.example} "
+          "(or a local copy of it) and the DreamBooth dataset.")
 
 
 if __name__ == "__main__":

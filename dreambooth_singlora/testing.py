@@ -184,6 +184,11 @@ def build_tiny_sdxl_pipeline(out_dir, seed: int = 0) -> Path:
                        TINY_SDXL_TEXT2_CONFIG)
 
 
+def build_tiny(family: str, out_dir) -> Path:
+    """The tiny random-weight pipeline of a family (base.FAMILIES' names: sd1, sd2, sdxl); returns its folder."""
+    return {"sd1": build_tiny_pipeline, "sd2": build_tiny_sd2_pipeline, "sdxl": build_tiny_sdxl_pipeline}[family](out_dir)
+
+
 def build_sdxl_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:
     """The full SDXL-base-1.0 architecture (UNet of 2,567,463,684 parameters, VAE, CLIP ViT-L/14 and OpenCLIP
     ViT-bigG/14 text encoders) with random weights, saved in diffusers layout, for GPU benchmarks."""

@@ -51,15 +51,21 @@ def test_readme_quickstart_runs_in_order(tiny_pipeline, dataset_dir, tiny_eval_c
     assert scores["overall"]["all"]["n_images"] == 100 if "overall" in scores else scores
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("family, folder, kohya", [("sd1", "dog", "sd_v1"), ("sdxl", "dog-sdxl", "sdxl_base_v1-0")])
+def test_demo_end_to_end(family, folder, kohya, tmp_path, capsys):
+    from safetensors import safe_open
+
     from dreambooth_singlora.cli import main
 
-    main(["demo", "--output", str(tmp_path / "demo"), "--steps", "2"])
+    main(["demo", "--output", str(tmp_path / "demo"), "--steps", "2", "--family", family])
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "noise" in out
-    dog = tmp_path / "demo" / "dog"
-    assert json.loads((dog / "adapter" / "adapter_config.json").read_text())["step"] == 2
+    dog = tmp_path / "demo" / folder
+    meta = json.loads((dog / "adapter" / "adapter_config.json").read_text())
+    assert (meta["step"], meta["family"]) == (2, family)
     assert (dog / "images" / "dog" / "contact_sheet.png").is_file() and (dog / "dog_kohya.safetensors").is_file()
+    with safe_open(str(dog / "dog_kohya.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == kohya
     assert (dog / "eval" / "scores.json").is_file() and (dog / "eval" / "report.html").is_file()
 
 
