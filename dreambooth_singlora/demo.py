@@ -17,29 +17,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .base import FAMILIES
 from .config import command_parser
-from .errors import cli_entry
+from .errors import UserError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("demo", __doc__)
     p.add_argument("--output", "--output_dir", default="runs/demo", dest="output", help="the demo's folder")
     p.add_argument("--steps", type=int, default=20, help="training steps")
-    p.add_argument("--family", choices=list(FAMILIES), default="sd1",
-                   help="the tiny model's family: " + ", ".join(f"{k} ({f.label})" for k, f in FAMILIES.items()))
+    p.add_argument("--family", default="sd1", help="the tiny model's family: sd1 (Stable Diffusion 1.x), sd2 (2.x, "
+                   "v-prediction) or sdxl (XL)")  # names, not base.FAMILIES: --help imports no torch
     return p
 
 
 @cli_entry
 def main(argv=None):
     from . import cli
+    from .base import FAMILIES
     from .eval.testing import save_tiny_clip, save_tiny_dino
     from .fileio import check_writable
     from .prompts import prompts_dir
     from .testing import build_tiny
 
     args = build_parser().parse_args(argv)
+    if args.family not in FAMILIES:
+        raise UserError(f"unknown --family {args.family!r}: give one of {', '.join(FAMILIES)}")
     out = Path(args.output)
     check_writable(out)
     photos = prompts_dir() / "demo"

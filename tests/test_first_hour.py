@@ -69,6 +69,18 @@ def test_demo_end_to_end(family, folder, kohya, tmp_path, capsys):
     assert (dog / "eval" / "scores.json").is_file() and (dog / "eval" / "report.html").is_file()
 
 
+def test_demo_names_every_family_and_refuses_others(tmp_path, capsys):
+    from dreambooth_singlora.base import FAMILIES
+    from dreambooth_singlora.cli import main
+    from dreambooth_singlora.demo import build_parser
+
+    assert all(f"{k} (" in build_parser().format_help() for k in FAMILIES)  # its help lists them without torch
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--output", str(tmp_path / "demo"), "--family", "flux"])
+    assert e.value.code == 2 and "unknown --family 'flux': give one of sd1, sd2, sdxl" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before anything is written
+
+
 COMMANDS = ["train", "train-multi", "generate", "generate-many", "export", "eval", "demo"]
 
 
