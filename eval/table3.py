@@ -153,8 +153,8 @@ BASELINE = "lora_r8"  # the row every other row is compared with, subject by sub
 METRICS = ("dino", "dino_patch", "clip_i", "clip_t")
 LABELS = {"dino": "DINO (CLS)", "dino_patch": "DINO patch (diag.)", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 # The standard protocol's settings; a run that differs in any is flagged as not comparable with papers.
-PROTOCOL = dict(max_train_steps=400, resolution=512, num_inference_steps=50, guidance_scale=7.5,
-                num_images_per_prompt=4, prompts_per_subject=25, subjects=30)
+PROTOCOL = dict(family="sd1", max_train_steps=400, resolution=512, num_inference_steps=50,  # on SD 1.5
+                guidance_scale=7.5, num_images_per_prompt=4, prompts_per_subject=25, subjects=30)
 INSTANCE_PROMPT = "a photo of {identifier} {cls}"  # what the trainer uses for a DreamBooth subject
 DINO_SCALE_NOTE = ("The paper's DINO values (about 0.15) are not on the scale of the standard protocol "
                    "(about 0.67: DreamBooth on SD, 0.668, with CLS DINO as here); DINO patch (diag.) is the "
@@ -616,7 +616,7 @@ def provenance(args, runs, subjects) -> dict:
         "CLIP checkpoint": args.clip_checkpoint or "default: open_clip ('ViT-B-32', 'openai'), downloaded",
         "DINO checkpoint": args.dino_checkpoint or "default: timm vit_small_patch16_224.dino, downloaded",
     }
-    have = dict(max_train_steps=args.max_train_steps, resolution=args.resolution,
+    have = dict(family=args.family, max_train_steps=args.max_train_steps, resolution=args.resolution,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 num_images_per_prompt=args.num_images_per_prompt, prompts_per_subject=n_prompts,
                 subjects=len(subjects))
@@ -726,7 +726,8 @@ def add_common_arguments(p: argparse.ArgumentParser, work_dir: str) -> None:
                    help="training precision (frozen models; adapters stay fp32)")
     p.add_argument("--max_train_steps", type=int, default=400, help="optimizer steps at batch 1 (the paper's "
                    "400 'iterations')")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training resolution (default: the base's own: 512 for SD 1.5, 1024 for SDXL)")
     p.add_argument("--seed", type=int, default=0, help="the first seed (training and rendering)")
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -744,6 +745,16 @@ def add_common_arguments(p: argparse.ArgumentParser, work_dir: str) -> None:
     p.add_argument("--dino_patch_tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="score the patch-token DINO diagnostic beside the CLS DINO (default: on)")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra trainer flags (last)")
+
+
+def resolve_base(args) -> None:
+    """The base's family (args.family, recorded beside the protocol's) and, unless given, its own resolution
+    (args.resolution): read from its configs, before anything trains."""
+    from dreambooth_singlora.base import default_resolution, detect_family
+
+    args.family = detect_family(args.pretrained_model_name_or_path).name
+    if args.resolution is None:
+        args.resolution = default_resolution(args.pretrained_model_name_or_path)
 
 
 def resolve_subjects(args) -> list[str]:
@@ -801,6 +812,7 @@ def run_table3(args) -> int:
     if args.stop_grace < 0:
         raise UserError(f"--stop_grace must be >= 0 seconds, got {args.stop_grace}")
     args.row_specs = select_rows(args.rows, args.rows_file)
+    resolve_base(args)
     subjects = resolve_subjects(args)
     runs = seed_runs(args.row_specs, args.seeds, args.seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)

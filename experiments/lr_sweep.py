@@ -152,6 +152,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.rank < 1 or any(math.isnan(lr) for lr in args.learning_rates):
         raise UserError("--rank must be >= 1 and --learning_rates numbers")
+    t3.resolve_base(args)
     subjects = t3.resolve_subjects(args)
     runs = sweep_runs(args.methods, args.learning_rates, args.rank, args.seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,7 @@ def test_table_on_synthetic_scores():
 def test_provenance_says_when_a_run_is_not_the_protocol():
     mod = load_table3()
     args = SimpleNamespace(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", dataset_dir="data",
-                           max_train_steps=400, resolution=512, mixed_precision="bf16", train_args=[],
+                           family="sd1", max_train_steps=400, resolution=512, mixed_precision="bf16", train_args=[],
                            num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=4, max_prompts=None,
                            render_batch_size=16, compile=False, encoders=["clip", "dino"], dino_patch_tokens=True,
                            clip_checkpoint=None, dino_checkpoint=None, instance_prompt_template=None)
@@ -144,6 +144,22 @@ def test_provenance_says_when_a_run_is_not_the_protocol():
     toy = mod.provenance(args, runs, ["dog"])["differs from the protocol"]
     assert "max_train_steps 2 (protocol: 400)" in toy and "resolution 32 (protocol: 512)" in toy
     assert "subjects 1 (protocol: 30)" in toy
+    args.family = "sdxl"  # another family's base (Table 3 is SD 1.5's)
+    assert "family sdxl (protocol: sd1)" in mod.provenance(args, runs, ["dog"])["differs from the protocol"]
+
+
+def test_the_base_gives_the_family_and_the_default_resolution(tiny_sdxl_pipeline):
+    """Table 3 on another family's base: its family recorded (and flagged beside the protocol's, above), its own
+    resolution unless --resolution says otherwise."""
+    from dreambooth_singlora.base import default_resolution
+
+    mod = load_table3()
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_sdxl_pipeline), resolution=None)
+    mod.resolve_base(args)
+    assert args.family == "sdxl" and args.resolution == default_resolution(str(tiny_sdxl_pipeline))
+    args.resolution = 40
+    mod.resolve_base(args)
+    assert args.resolution == 40
 
 
 # ---------------------------------------------------------------------------------------------
