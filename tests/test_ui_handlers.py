@@ -322,6 +322,10 @@ def test_a_dreambooth_subject_from_the_dataset_folder(tmp_path, tiny_pipeline, d
     from dreambooth_singlora.config import train_parser
 
     train_parser().parse_args(argv[4:])  # the trainer's own parser takes the command the form built
+    assert argv[argv.index("--resolution") + 1] == "32"
+    argv, _ = forms.new_train(ws, train_form(ws, tiny_pipeline, [], subject="cat", noun="", dataset_dir=dataset_dir,
+                                             run="r2", resolution=None))
+    assert "--resolution" not in argv  # an empty field: the trainer takes the base's own (1024 for SDXL)
 
 
 def test_one_job_on_each_gpu_slot(tmp_path):

@@ -436,7 +436,8 @@ def build_app(ui: UI, default_base: str = "", default_dataset: str = ""):
                             steps = gr.Number(400, label="Steps", precision=0, elem_id="train-steps")
                             lr = gr.Number(1e-4, label="Learning rate")
                         with gr.Row():
-                            resolution = gr.Number(512, label="Resolution", precision=0, elem_id="train-resolution")
+                            resolution = gr.Number(None, label="Resolution (empty: the base's own)", precision=0,
+                                                   elem_id="train-resolution")
                             prior = gr.Checkbox(False, label="Prior preservation")
                         validation = gr.Textbox(label="Validation prompts (one a line; empty = none)", lines=2,
                                                 elem_id="train-validation")

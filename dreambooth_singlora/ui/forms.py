@@ -207,13 +207,16 @@ def _lay_out_train(ws: Path, rdir: Path, run: str, form: dict) -> tuple[list, di
         base_config = base_model(ws, base_config, "base config")
     numbers = {}
     for key, kind, lo in (("rank", int, 1), ("steps", int, 1), ("resolution", int, 8), ("learning_rate", float, 0)):
+        if key == "resolution" and form.get(key) in (None, ""):  # empty: the base's own (512, 768 or 1024)
+            numbers[key] = None
+            continue
         try:
             numbers[key] = kind(form.get(key))
         except (TypeError, ValueError):
             raise UserError(f"{key} {form.get(key)!r} is not a number") from None
         if numbers[key] < lo or (key == "learning_rate" and numbers[key] <= 0):
             raise UserError(f"{key} must be at least {lo}" if key != "learning_rate" else "learning rate must be > 0")
-    if numbers["resolution"] % 8:
+    if numbers["resolution"] and numbers["resolution"] % 8:
         raise UserError(f"resolution {numbers['resolution']} is not a multiple of 8")
     validation = [p.strip() for p in (form.get("validation_prompt") or "").splitlines() if p.strip()]
     flags = preset_flags(form.get("preset") or "none")
@@ -230,7 +233,9 @@ def _lay_out_train(ws: Path, rdir: Path, run: str, form: dict) -> tuple[list, di
                "--instance_prompt", prompt, "--class_prompt", f"a photo of {noun}", "--identifier", token,
                "--output_dir", adapter, "--method", method, "--rank", numbers["rank"],
                "--max_train_steps", numbers["steps"], "--learning_rate", numbers["learning_rate"],
-               "--resolution", numbers["resolution"], "--report_to", form.get("report_to") or "tensorboard")
+               "--report_to", form.get("report_to") or "tensorboard")
+    if numbers["resolution"]:
+        argv += ["--resolution", str(numbers["resolution"])]
     if base_config:
         argv += ["--base_config", base_config]
     if form.get("prior"):
