@@ -8,12 +8,14 @@
 #               (STEPS, 200 by default: its it/s is its bar's)
 #   PART=flops  the UNet's FLOPs per sample (torch.utils.flop_counter) and a dense bf16 matmul's rate
 #   PART=theirs diffusers' script on to_q/to_k alone, STEPS steps
+#   PART=ours   the 2026-12-07 pass: this tool 100 steps, checkpointed 50 steps, then the FLOPs
 # Set up (ignored by git), then carry .whl and .devdata:
 #   .devdata/dreambooth/<subject>/ photos; .devdata/anchors/train_dreambooth_lora_sdxl.py (unchanged) and
 #   train_dreambooth_lora_sdxl_qk.py (its unet_target_modules line set to ["to_k", "to_q"]).
 # Peak memory: torch's max_memory_allocated for this tool (train_stats.json) and, for both, the most the GPU
 # showed in use (nvidia-smi every 200 ms, which includes the CUDA context and the allocator's cache).
 set -u
+case ${PART:-vs} in vs|more|flops|theirs|ours) ;; *) echo "unknown PART=$PART: vs, more, flops, theirs or ours" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD OUT=${OUT:-/tmp/out} M=/tmp/b/sdxl-random
@@ -79,8 +81,9 @@ bank() {  # the training step alone; one subject checkpointed both graphed (not 
   done
 }
 check() {  # can the checkpointed UNet be graphed, with the eager gradients? (tiny SD1.5 and SDXL, fp32)
-  python3 benchmarks/check_graphed_checkpointing.py --output $OUT/check_graphed_checkpointing.json 2>&1 \
-    | grep -E "^(sd15|sdxl) "
+  python3 benchmarks/check_graphed_checkpointing.py --output $OUT/check_graphed_checkpointing.json \
+    > /tmp/log_check 2>&1 || tail -20 /tmp/log_check
+  grep -E "^(sd15|sdxl) " /tmp/log_check
 }
 vs() {  # the first run also warms the machine's caches
   ours sdxl_ours_gc --max_train_steps 100 --gradient_checkpointing
@@ -98,4 +101,5 @@ vs) vs ;;
 more) more ;;
 flops) flops ;;
 theirs) theirs sdxl_diffusers_qk_${STEPS:-400} train_dreambooth_lora_sdxl_qk.py ${STEPS:-400} ;;
+ours) ours sdxl_ours_100 --max_train_steps 100; ours sdxl_ours_gc_50 --max_train_steps 50 --gradient_checkpointing; flops ;;
 esac

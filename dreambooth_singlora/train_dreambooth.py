@@ -363,8 +363,9 @@ class Denoise(torch.nn.Module):
 
 
 def draws_random(unet) -> bool:
-    """Whether the UNet's training forward draws random numbers (a dropout with p > 0; SD's UNets have none)."""
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in unet.modules())
+    """Whether the UNet's training forward draws random numbers (a dropout of any kind with p > 0; SD's UNets have
+    none)."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in unet.modules())
 
 
 def enable_checkpointing(unet) -> None:
@@ -375,7 +376,8 @@ def enable_checkpointing(unet) -> None:
     through in the case checkpoint needs). The trainer runs a
     checkpointed UNet eagerly; graphing it is the next step, to be measured on a GPU first
     (benchmarks/check_graphed_checkpointing.py compares its gradients with the eager ones,
-    benchmarks/profile_step.py's `checkpointing` variant times it against `checkpointing+eager`)."""
+    benchmarks/profile_step.py's `checkpointing` variant times it against `checkpointing+eager`). The dropouts are
+    looked for once, here: a dropout added to the UNet afterwards is not seen."""
     keep_rng = draws_random(unet)
 
     def checkpointed(module, *args):

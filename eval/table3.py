@@ -599,6 +599,7 @@ def provenance(args, runs, subjects) -> dict:
     n_prompts = len(expected_prompts(subjects[0], args.max_prompts)) if subjects else 0
     prov = {
         "base model": args.pretrained_model_name_or_path,
+        "base family": args.family or "unknown",
         "dataset": str(args.dataset_dir),
         "subjects": f"{len(subjects)}: {' '.join(subjects)}",
         "training": f"{args.max_train_steps} optimizer steps at batch 1, {args.resolution} px, "
@@ -616,7 +617,7 @@ def provenance(args, runs, subjects) -> dict:
         "CLIP checkpoint": args.clip_checkpoint or "default: open_clip ('ViT-B-32', 'openai'), downloaded",
         "DINO checkpoint": args.dino_checkpoint or "default: timm vit_small_patch16_224.dino, downloaded",
     }
-    have = dict(family=args.family, max_train_steps=args.max_train_steps, resolution=args.resolution,
+    have = dict(family=args.family or "unknown", max_train_steps=args.max_train_steps, resolution=args.resolution,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 num_images_per_prompt=args.num_images_per_prompt, prompts_per_subject=n_prompts,
                 subjects=len(subjects))
@@ -749,12 +750,20 @@ def add_common_arguments(p: argparse.ArgumentParser, work_dir: str) -> None:
 
 def resolve_base(args) -> None:
     """The base's family (args.family, recorded beside the protocol's) and, unless given, its own resolution
-    (args.resolution): read from its configs, before anything trains."""
+    (args.resolution): read from its configs before anything trains or renders. A run that only scores needs no
+    base: both come from the first trained adapter's config (None where there is none)."""
     from dreambooth_singlora.base import default_resolution, detect_family
 
-    args.family = detect_family(args.pretrained_model_name_or_path).name
+    if {"train", "render"} & set(args.stages):
+        args.family = detect_family(args.pretrained_model_name_or_path).name
+        if args.resolution is None:
+            args.resolution = default_resolution(args.pretrained_model_name_or_path)
+        return
+    configs = sorted((Path(args.work_dir) / "adapters").glob("**/adapter_config.json"))
+    meta = json.loads(configs[0].read_text()) if configs else {}
+    args.family = meta.get("family", "sd1" if meta else None)  # adapters of 0.1 record none: they were SD 1.x's
     if args.resolution is None:
-        args.resolution = default_resolution(args.pretrained_model_name_or_path)
+        args.resolution = meta.get("run", {}).get("resolution")
 
 
 def resolve_subjects(args) -> list[str]:

@@ -9,6 +9,7 @@ tol = 2 * (n + 4) * eps * (max|b| + |c|). The synthetic scores are dyadic (multi
 seed means and differences are exact and the intervals are compared exactly.
 """
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,18 +149,28 @@ def test_provenance_says_when_a_run_is_not_the_protocol():
     assert "family sdxl (protocol: sd1)" in mod.provenance(args, runs, ["dog"])["differs from the protocol"]
 
 
-def test_the_base_gives_the_family_and_the_default_resolution(tiny_sdxl_pipeline):
+def test_the_base_gives_the_family_and_the_default_resolution(tiny_sdxl_pipeline, tmp_path):
     """Table 3 on another family's base: its family recorded (and flagged beside the protocol's, above), its own
     resolution unless --resolution says otherwise."""
     from dreambooth_singlora.base import default_resolution
 
     mod = load_table3()
-    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_sdxl_pipeline), resolution=None)
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_sdxl_pipeline), resolution=None, stages=["train"])
     mod.resolve_base(args)
     assert args.family == "sdxl" and args.resolution == default_resolution(str(tiny_sdxl_pipeline))
     args.resolution = 40
     mod.resolve_base(args)
     assert args.resolution == 40
+    # scoring alone needs no base: what the trained adapters recorded
+    score = SimpleNamespace(pretrained_model_name_or_path=str(tmp_path / "gone"), resolution=None, stages=["score"],
+                            work_dir=tmp_path)
+    mod.resolve_base(score)
+    assert (score.family, score.resolution) == (None, None)  # nothing trained: unknown
+    (tmp_path / "adapters" / "lora_r8" / "dog").mkdir(parents=True)
+    (tmp_path / "adapters" / "lora_r8" / "dog" / "adapter_config.json").write_text(
+        json.dumps({"family": "sdxl", "run": {"resolution": 1024}}))
+    mod.resolve_base(score)
+    assert (score.family, score.resolution) == ("sdxl", 1024)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,8 +162,7 @@ def test_two_processes_data_parallel_in_bf16(tiny_pipeline, dataset_dir, tmp_pat
     assert len(tensors) == 28 and all(torch.isfinite(v).all() for v in tensors.values())
 
 
-@pytest.mark.parametrize("fast_exit, how", [(True, "cli"), (True, "cProfile"), (False, "module")])  # the
-# dispatcher's path ends in the module's main: "cli" covers the fast exit of both
+@pytest.mark.parametrize("fast_exit, how", [(True, "module"), (True, "cli"), (True, "cProfile"), (False, "module")])
 def test_the_command_ends_its_process_once_every_file_is_written(fast_exit, how, tiny_pipeline, dataset_dir,
                                                                  tmp_path):
     """Run as a command (`python -m dreambooth_singlora.train_dreambooth`, or `dreambooth-singlora train`
@@ -366,7 +365,8 @@ def test_unusable_base_model_fails_at_once(model, message, tiny_pipeline, datase
 
 
 def test_a_run_reads_the_base_family_once(tiny_pipeline, dataset_dir, tmp_path, monkeypatch):
-    """The family is read once, before any photo (for a hub id each read is a request): Base.load is handed it."""
+    """detect_family runs once, before any photo (for a hub id each run asks the hub for model_index.json):
+    Base.load is handed what it found. (The default resolution still reads the UNet's and VAE's configs.)"""
     import dreambooth_singlora.base as base_module
     import dreambooth_singlora.train_dreambooth as trainer
 
