@@ -52,7 +52,7 @@ class Family:
 
 FAMILIES = {
     "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", ("text_encoder",),
-                  example="runwayml/stable-diffusion-v1-5"),
+                  example="stable-diffusion-v1-5/stable-diffusion-v1-5"),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", ("text_encoder",),
                   example="stabilityai/stable-diffusion-2-1"),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"),

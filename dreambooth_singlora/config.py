@@ -213,7 +213,7 @@ class TrainConfig(SingLoRAConfig):
     """Everything a DreamBooth run needs. Flag names follow diffusers' train_dreambooth_lora.py."""
 
     pretrained_model_name_or_path: Optional[str] = _opt(
-        None, "base model: a hub id (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, "
+        None, "base model: a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, "
         "stabilityai/stable-diffusion-xl-base-1.0) or a local diffusers folder; its family is read from its "
         "model_index.json. Or one original-layout .safetensors file, with --base_config")
     base_config: Optional[str] = _opt(None, BASE_CONFIG_HELP)

@@ -9,7 +9,7 @@ DINO encoders with RANDOM weights, then trains a SingLoRA adapter on three photo
 subject `dog` that ship with the package, generates the subject's 25 evaluation prompts, exports a
 kohya LoRA and scores the images. The images are noise and the scores mean nothing: the demo proves
 that the install works, not the method. With Stable Diffusion 1.5 the same steps are the README's
-quickstart (`--pretrained_model_name_or_path runwayml/stable-diffusion-v1-5`); with SDXL, its quickstart.
+quickstart (`--pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5`); with SDXL, its quickstart.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def check_base_model(src: str) -> None:
     if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
         if not path.expanduser().exists():
             raise UserError(f"base model folder {src} does not exist (give a local diffusers folder with "
-                            "model_index.json, unet/, vae/, ... or a hub id such as runwayml/stable-diffusion-v1-5)")
+                            "model_index.json, unet/, vae/, ... or a hub id such as "
+                            "stable-diffusion-v1-5/stable-diffusion-v1-5)")
         return
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError

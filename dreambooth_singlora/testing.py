@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-# SD1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), less the defaults.
+# SD1.5's UNet config (stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json), less the defaults.
 SD15_UNET_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -186,7 +186,8 @@ def build_tiny_sdxl_pipeline(out_dir, seed: int = 0) -> Path:
 
 def build_tiny(family: str, out_dir) -> Path:
     """The tiny random-weight pipeline of a family (base.FAMILIES' names: sd1, sd2, sdxl); returns its folder."""
-    return {"sd1": build_tiny_pipeline, "sd2": build_tiny_sd2_pipeline, "sdxl": build_tiny_sdxl_pipeline}[family](out_dir)
+    builders = {"sd1": build_tiny_pipeline, "sd2": build_tiny_sd2_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+    return builders[family](out_dir)
 
 
 def build_sdxl_pipeline(out_dir, device="cpu", dtype=torch.float16, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """DreamBooth fine-tuning of Stable Diffusion (1.x, 2.x, XL) with SingLoRA (or a LoRA / LoRA+ / DoRA baseline).
 
     accelerate launch -m dreambooth_singlora.train_dreambooth \\
-        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --subject dog --dataset_dir dreambooth/dataset --output_dir runs/dog/adapter
     ... --subjects dog cat2 backpack (or --subjects all) --output_dir runs/all    # one adapter each
     ... --instance_data_dir my_photos --instance_prompt "a photo of sks cat"     # your own photos

@@ -1,6 +1,6 @@
 """Reproduce the SingLoRA paper's Table 3 (DreamBooth on SD1.5): train, render, score, compare.
 
-    dreambooth-singlora eval table3 --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+    dreambooth-singlora eval table3 --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset_dir dreambooth/dataset --work_dir table3 --gpus 0 1 2 3 --seeds 3
     dreambooth-singlora eval table3 ... --rows lora_r8 singlora_r8 singlora_r8_noramp   # an ablation row
     dreambooth-singlora eval table3 ... --rows_file rows.json                           # rows of your own

@@ -1,6 +1,6 @@
 """Learning-rate sweep for DreamBooth: train every method at several learning rates, render, score, compare.
 
-    python experiments/lr_sweep.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+    python experiments/lr_sweep.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset_dir dreambooth/dataset --work_dir lr_sweep --methods singlora lora \\
         --learning_rates 3e-5 1e-4 3e-4 1e-3 --subjects dog cat backpack --gpus 0
 

@@ -113,14 +113,14 @@ def test_saved_config_records_the_run(make_unet, tmp_path):
     unet = make_unet()
     add_adapter(unet, SingLoRAConfig(rank=4, alpha=2.0, ramp_steps=20, init="rank"))
     set_step(unet, 5)
-    save_adapter(unet, tmp_path, base_model="runwayml/stable-diffusion-v1-5")
+    save_adapter(unet, tmp_path, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert {"method", "rank", "alpha", "init", "ramp_steps", "step", "u", "target_modules", "base_model",
             "version"} <= set(cfg)
     assert (cfg["method"], cfg["rank"], cfg["alpha"], cfg["init"], cfg["ramp_steps"]) == ("singlora", 4, 2.0, "rank", 20)
     assert (cfg["step"], cfg["u"]) == (5, 0.25)
     assert cfg["target_modules"] == ["to_q", "to_k"]
-    assert cfg["base_model"] == "runwayml/stable-diffusion-v1-5"
+    assert cfg["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     with safetensors.safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:  # the weights describe themselves
         assert json.loads(f.metadata()["dreambooth-singlora"]) == cfg
         assert len(list(f.keys())) == 2 * len(attention_modules(unet))

@@ -40,7 +40,7 @@ def test_readme_quickstart_runs_in_order(tiny_pipeline, dataset_dir, tiny_eval_c
         else:
             assert cmd[0] == "dreambooth-singlora"
             cmd = cmd[1:]
-        cmd = [{"runwayml/stable-diffusion-v1-5": str(tiny_pipeline), "dreambooth/dataset": dataset_dir,
+        cmd = [{"stable-diffusion-v1-5/stable-diffusion-v1-5": str(tiny_pipeline), "dreambooth/dataset": dataset_dir,
                 "bf16": "no"}.get(a, a) for a in cmd]
         main(cmd + tiny[cmd[0]])
     runs = tmp_path / "runs" / "dog"

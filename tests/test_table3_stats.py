@@ -130,8 +130,8 @@ def test_table_on_synthetic_scores():
 
 def test_provenance_says_when_a_run_is_not_the_protocol():
     mod = load_table3()
-    args = SimpleNamespace(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", dataset_dir="data",
-                           family="sd1", max_train_steps=400, resolution=512, mixed_precision="bf16", train_args=[],
+    args = SimpleNamespace(pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                           dataset_dir="data", family="sd1", max_train_steps=400, resolution=512, mixed_precision="bf16", train_args=[],
                            num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=4, max_prompts=None,
                            render_batch_size=16, compile=False, encoders=["clip", "dino"], dino_patch_tokens=True,
                            clip_checkpoint=None, dino_checkpoint=None, instance_prompt_template=None)
