@@ -162,7 +162,8 @@ def test_two_processes_data_parallel_in_bf16(tiny_pipeline, dataset_dir, tmp_pat
     assert len(tensors) == 28 and all(torch.isfinite(v).all() for v in tensors.values())
 
 
-@pytest.mark.parametrize("fast_exit, how", [(True, "module"), (True, "cli"), (True, "cProfile"), (False, "module")])
+@pytest.mark.parametrize("fast_exit, how", [(True, "cli"), (True, "cProfile"), (False, "module")])  # the module's
+# own `-m` path with the fast exit, what `accelerate launch -m` runs, is test_accelerate_launch_subprocess's
 def test_the_command_ends_its_process_once_every_file_is_written(fast_exit, how, tiny_pipeline, dataset_dir,
                                                                  tmp_path):
     """Run as a command (`python -m dreambooth_singlora.train_dreambooth`, or `dreambooth-singlora train`
