@@ -23,34 +23,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_step import adapted_unet, random_conditioning  # noqa: E402  (the step's own set-up)
 
 
 def check(model_dir, dev="cuda") -> dict:
-    from diffusers import UNet2DConditionModel
-
-    from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
     from dreambooth_singlora.adapter import trainable_parameters
     from dreambooth_singlora.train_dreambooth import Denoise, enable_checkpointing, graph_unet
 
     dt = torch.float32
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dt).to(dev)
-    unet.requires_grad_(False)
-    add_adapter(unet, SingLoRAConfig())
-    set_step(unet, 1000)
+    unet = adapted_unet(model_dir, dt, dev)
     params = trainable_parameters(unet)
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         for p in params:
             p.add_(0.1 * torch.randn(p.shape, generator=g, device=dev))
     enable_checkpointing(unet)
-    c, size = unet.config, unet.config.sample_size
+    size = unet.config.sample_size
 
     def inputs():
-        cond = {"encoder_hidden_states": torch.randn(1, 77, c.cross_attention_dim, generator=g, device=dev)}
-        if c.addition_embed_type == "text_time":
-            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-            cond["text_embeds"] = torch.randn(1, pooled, generator=g, device=dev)
-            cond["time_ids"] = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]], device=dev, dtype=dt)
+        cond = random_conditioning(unet.config, 1, dev, dt, generator=g)
         return torch.randn(1, 4, size, size, generator=g, device=dev), torch.randint(0, 1000, (1,), device=dev), cond
 
     def grads(denoise, x, t, cond):

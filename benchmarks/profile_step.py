@@ -43,6 +43,32 @@ def sync():
         torch.cuda.synchronize()
 
 
+def adapted_unet(model: str, dtype, device):
+    """The frozen UNet of the diffusers folder `model` with the plain SingLoRA adapter, past the ramp (u = 1)."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
+
+    net = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+    net.requires_grad_(False)
+    add_adapter(net, SingLoRAConfig())
+    set_step(net, 1000)
+    return net
+
+
+def random_conditioning(config, n: int, device, dtype, generator=None) -> dict:
+    """Random conditioning of `n` samples as the trainer passes it (base.Base.encode_prompt): the text states and,
+    for SDXL, the pooled text embedding and the time ids of an uncropped image at the UNet's own size."""
+    cond = {"encoder_hidden_states": torch.randn(n, 77, config.cross_attention_dim, generator=generator,
+                                                 device=device).to(dtype)}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        px = config.sample_size * 8
+        cond["text_embeds"] = torch.randn(n, pooled, generator=generator, device=device).to(dtype)
+        cond["time_ids"] = torch.tensor([[px, px, 0, 0, px, px]] * n, device=device, dtype=dtype)
+    return cond
+
+
 def timed(step, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -80,10 +106,8 @@ def main(argv=None):
     p.add_argument("--output", default="step_profile.json")
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny model")
     args = p.parse_args(argv)
-    from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from dreambooth_singlora import SingLoRAConfig, add_adapter, set_step
     from dreambooth_singlora.adapter import trainable_parameters
     from dreambooth_singlora.bank import add_bank, bank_parameters
     from dreambooth_singlora.train_dreambooth import Denoise, enable_checkpointing, graph_unet
@@ -93,14 +117,7 @@ def main(argv=None):
     PartialState()  # the trainer's pieces log through accelerate's logger, which needs its state (the trainer has it)
     dt, n, dev = torch.bfloat16, args.subjects, args.device
 
-    def adapted_unet():  # the frozen UNet with the plain SingLoRA adapter, past the ramp (u = 1)
-        net = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dt).to(dev)
-        net.requires_grad_(False)
-        add_adapter(net, SingLoRAConfig())
-        set_step(net, 1000)
-        return net
-
-    unet = adapted_unet()
+    unet = adapted_unet(args.model, dt, dev)
     if n > 1:
         routing = add_bank(unet, n)
         routing.route(torch.arange(n, device=dev))
@@ -112,12 +129,7 @@ def main(argv=None):
     size = unet.config.sample_size  # 64 latents: 512 px
     x = torch.randn(n, 4, size, size, device=dev, dtype=dt)
     ts = torch.randint(0, 1000, (n,), device=dev)
-    emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
-    cond = {"encoder_hidden_states": emb}  # the conditioning as the trainer passes it (base.Base.encode_prompt)
-    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and the time ids
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        cond["text_embeds"] = torch.randn(n, pooled, device=dev, dtype=dt)
-        cond["time_ids"] = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * n, device=dev, dtype=dt)
+    cond = random_conditioning(unet.config, n, dev, dt)
     out: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
                  "subjects": n, "path": "bank, eager" if n > 1 else "one adapter", "variants": {}}
     one, one_opt = None, None
@@ -134,7 +146,7 @@ def main(argv=None):
                                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]) \
             if backend else contextlib.nullcontext()
         if "one_adapter" in parts and one is None:
-            one = adapted_unet()
+            one = adapted_unet(args.model, dt, dev)
             one_opt = torch.optim.AdamW(trainable_parameters(one), lr=1e-4, fused=dev == "cuda")
         model, optimizer = (one, one_opt) if "one_adapter" in parts else (unet, opt)
         model.to(memory_format=torch.channels_last if "channels_last" in parts else torch.contiguous_format)

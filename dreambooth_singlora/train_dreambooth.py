@@ -369,15 +369,14 @@ def draws_random(unet) -> bool:
 
 
 def enable_checkpointing(unet) -> None:
-    """--gradient_checkpointing: diffusers' block checkpointing (non-reentrant), saving and restoring the RNG
-    state around each block only where a dropout draws from it. diffusers' default saves it always: work for
-    nothing in SD's UNets, and a read of the CUDA generator, which CUDA graph capture refused
-    (pytorch/pytorch#83148: checkpoint under make_graphed_callables; pytorch/pytorch#162505 lets newer releases
-    through in the case checkpoint needs). The trainer runs a
-    checkpointed UNet eagerly; graphing it is the next step, to be measured on a GPU first
-    (benchmarks/check_graphed_checkpointing.py compares its gradients with the eager ones,
-    benchmarks/profile_step.py's `checkpointing` variant times it against `checkpointing+eager`). The dropouts are
-    looked for once, here: a dropout added to the UNet afterwards is not seen."""
+    """--gradient_checkpointing: diffusers' block checkpointing (non-reentrant), saving and restoring the RNG state
+    around each block only where a dropout draws from it. diffusers' default saves it always: work for nothing in SD's
+    UNets, and a read of the CUDA generator, which CUDA graph capture refused (pytorch/pytorch#83148: checkpoint under
+    make_graphed_callables; pytorch/pytorch#162505 lets newer releases through in the case checkpoint needs). The
+    trainer runs a checkpointed UNet eagerly; graphing it is the next step, to be measured on a GPU first
+    (benchmarks/check_graphed_checkpointing.py compares its gradients with the eager ones, benchmarks/profile_step.py's
+    `checkpointing` variant times it against `checkpointing+eager`). The dropouts are looked for once, here: a dropout
+    added to the UNet afterwards is not seen."""
     keep_rng = draws_random(unet)
 
     def checkpointed(module, *args):
