@@ -277,6 +277,11 @@ def load_adapter_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
             own[k].copy_(v)
 
 
+def adapter_family(meta: dict) -> str:
+    """The family an adapter's config says it was trained on (adapters of 0.1 record none: they were SD 1.x's)."""
+    return meta.get("family") or "sd1"
+
+
 def save_adapter(unet, output_dir, *, base_model: str | None = None, extra: dict | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json to `output_dir`, each atomically. The config (with the
     step the ramp ended at, so that generation is exact) is also in the safetensors metadata: the weights file alone

@@ -132,7 +132,7 @@ def to_standard_lora(adapter, fmt: str) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of the adapter at `adapter` as a standard LoRA in layout `fmt`."""
     import torch
 
-    from .adapter import read_adapter
+    from .adapter import adapter_family, read_adapter
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     meta, tensors = read_adapter(adapter)
@@ -142,7 +142,7 @@ def to_standard_lora(adapter, fmt: str) -> tuple[dict, dict[str, str]]:
     if dora and fmt == "kohya":
         raise UserError("DoRA has no exact kohya equivalent (its magnitude vectors rescale W0); "
                         "use --format diffusers, which diffusers loads with DoRA intact")
-    layout = export_layout(meta.get("family"))
+    layout = export_layout(adapter_family(meta))
     pairs = lora_pairs(meta, tensors)
     names = layout.names(pairs) if fmt == "kohya" else {}
     out: dict = {}

@@ -29,8 +29,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from .adapter import (WEIGHTS_NAME, adapter_state, adapter_state_dict, add_adapter, get_config, load_adapter,
-                      load_adapter_state_dict, merge_adapter, read_adapter, remove_adapter, set_strength)
+from .adapter import (WEIGHTS_NAME, adapter_family, adapter_state, adapter_state_dict, add_adapter, get_config,
+                      load_adapter, load_adapter_state_dict, merge_adapter, read_adapter, remove_adapter, set_strength)
 from .bank import BANKED, add_bank, staging_to_row
 from .base import Base, detect_family, torch_dtype
 from .config import GenerateConfig, from_args, generate_many_parser, generate_parser, many_config
@@ -59,8 +59,8 @@ def load_pipeline(adapter=None, base_model=None, *, device=None, dtype=None, mer
         raise UserError(f"adapter {adapter} records no base model: give --pretrained_model_name_or_path")
     device = torch.device(device) if device else PartialState().device
     use_cpu_threads(device)
-    trained_on, family = meta.get("family", "sd1"), detect_family(src, base_config=base_config)  # before any weights
-    if adapter and trained_on != family.name:  # (adapters of 0.1, which record none, were SD 1.x's)
+    trained_on, family = adapter_family(meta), detect_family(src, base_config=base_config)  # before any weights
+    if adapter and trained_on != family.name:
         raise UserError(f"adapter {adapter} was trained on a {trained_on} base ({meta.get('base_model')}), but "
                         f"{src} is {family.name} ({family.label}): give a {trained_on} base with "
                         "--pretrained_model_name_or_path")

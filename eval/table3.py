@@ -752,6 +752,7 @@ def resolve_base(args) -> None:
     """The base's family (args.family, recorded beside the protocol's) and, unless given, its own resolution
     (args.resolution): read from its configs before anything trains or renders. A run that only scores needs no
     base: both come from the first trained adapter's config (None where there is none)."""
+    from dreambooth_singlora.adapter import adapter_family
     from dreambooth_singlora.base import default_resolution, detect_family
 
     if {"train", "render"} & set(args.stages):
@@ -761,7 +762,7 @@ def resolve_base(args) -> None:
         return
     configs = sorted((Path(args.work_dir) / "adapters").glob("**/adapter_config.json"))
     meta = json.loads(configs[0].read_text()) if configs else {}
-    args.family = meta.get("family", "sd1" if meta else None)  # adapters of 0.1 record none: they were SD 1.x's
+    args.family = adapter_family(meta) if meta else None
     if args.resolution is None:
         args.resolution = meta.get("run", {}).get("resolution")
 
